@@ -1,0 +1,108 @@
+"""CRATE layers with the module tree (and so the state_dict keys) of the official release.
+
+Encoder layer:  z_half = z + MSSA(LN1(z));   z_next = ISTA(LN2(z_half))
+Decoder layer:  y = LN1(z) W_dec^T;          z_next = y - MSSA'(LN2(y))
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import ista_step, mssa_attention
+from .ops.backend import _check_name
+
+
+class _BackendMixin:
+    """Holds the operator backend of one layer (``None``: the process-wide default)."""
+
+    backend: str | None = None
+
+    def set_backend(self, backend: str | None) -> None:
+        self.backend = None if backend is None else _check_name(backend)
+
+
+class MSSA(_BackendMixin, nn.Module):
+    """Multi-head subspace self-attention: w = x U (shared q = k = v), softmax(w w^T / sqrt(p)) w, then to_out."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        inner = heads * dim_head
+        self.qkv = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> w (B, H, N, p), the shared query/key/value."""
+        b, n, _ = x.shape
+        return self.qkv(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        out = mssa_attention(self.project(x), self.scale, backend=self.backend)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+
+class ISTA(_BackendMixin, nn.Module):
+    """One ISTA step relu(x + eta (x D - x D^T D) - eta lambda) with dictionary D = ``weight`` (d x d)."""
+
+    def __init__(self, dim: int, step_size: float = 0.1, lambd: float = 0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.weight)
+        self.step_size, self.lambd = step_size, lambd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ista_step(x, self.weight, self.step_size, self.lambd, backend=self.backend)
+
+
+class LinearNoBias(nn.Module):
+    """The decoder's bias-free d x d map x W^T (kept out of nn.Linear so the xavier init skips it)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class EncoderBlock(nn.Module):
+    """Compression (MSSA, residual) then sparsification (ISTA, no residual)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, step_size: float, lambd: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [nn.ModuleList([PreNorm(dim, MSSA(dim, heads, dim_head)), PreNorm(dim, ISTA(dim, step_size, lambd))])]
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        attn, ista = self.layers[0]
+        z = z + attn(z)
+        return ista(z)
+
+
+class DecoderBlock(nn.Module):
+    """Undo sparsification (a linear map), then undo compression (y - MSSA'(LN(y)))."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [nn.ModuleList([PreNorm(dim, LinearNoBias(dim)), PreNorm(dim, MSSA(dim, heads, dim_head))])]
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        linear, attn = self.layers[0]
+        y = linear(z)
+        return y - attn(y)

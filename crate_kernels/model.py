@@ -1,0 +1,276 @@
+"""CRATE-MAE, a drop-in for the official release (same forward, same state_dict keys, same numbers).
+
+forward(imgs, mask_ratio=0.75, noise=None) -> (loss, pred, mask):
+  patch embed -> random masking (mask tokens ENTER the encoder, raster order restored) -> [CLS]
+  -> + fixed sin-cos table -> L encoder layers -> norm -> L decoder layers -> decoder_norm
+  -> decoder_pred, [CLS] dropped -> pred (B, N, patch^2 * 3); loss = mean squared error on masked patches.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .layers import DecoderBlock, EncoderBlock, _BackendMixin
+from .ops.backend import _check_name
+from .pos_embed import resize_table, sincos_2d_table
+
+__all__ = [
+    "CRATEMAE", "crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large", "CONFIGS",
+    "load_checkpoint", "clean_state_dict",
+]
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, d, patch, stride patch) -> (B, N, d) tokens in raster order."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+
+class CRATEMAE(nn.Module):
+    """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        decoder_embed_dim: int | None = None,
+        decoder_depth: int | None = None,
+        decoder_num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        norm_layer=None,
+        norm_pix_loss: bool = False,
+        step_size: float = 0.1,
+        lambd: float = 0.5,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        del mlp_ratio, norm_layer  # accepted for signature compatibility with MAE; CRATE has no MLP
+        decoder_embed_dim = embed_dim if decoder_embed_dim is None else decoder_embed_dim
+        if decoder_embed_dim != embed_dim:
+            raise ValueError(
+                f"decoder_embed_dim must equal embed_dim in CRATE-MAE (got {decoder_embed_dim} and {embed_dim})"
+            )
+        decoder_depth = depth if decoder_depth is None else decoder_depth
+        decoder_num_heads = num_heads if decoder_num_heads is None else decoder_num_heads
+        for name, heads in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
+            if embed_dim % heads:
+                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by {name} ({heads})")
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+
+        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)  # unused, as released
+        self.blocks = nn.ModuleList(
+            [EncoderBlock(embed_dim, num_heads, embed_dim // num_heads, step_size, lambd) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(embed_dim, embed_dim)  # unused, as released
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [DecoderBlock(embed_dim, decoder_num_heads, embed_dim // decoder_num_heads) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size ** 2 * in_chans)
+        self._init_weights()
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------ set-up
+    def _init_weights(self) -> None:
+        grid = self.patch_embed.grid_size
+        table = sincos_2d_table(self.pos_embed.shape[-1], grid[0], grid[1])
+        self.pos_embed.data.copy_(table)
+        self.decoder_pos_embed.data.copy_(table)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend: str | None) -> "CRATEMAE":
+        """Operator backend for every layer (``None``: the process-wide default, see crate_kernels.ops)."""
+        self.backend = None if backend is None else _check_name(backend)
+        for m in self.modules():
+            if isinstance(m, _BackendMixin):
+                m.set_backend(backend)
+        return self
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    # ------------------------------------------------------------------ patches
+    def _check_imgs(self, imgs: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
+            shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
+            raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {shape}")
+        b, c, h, w = imgs.shape
+        p = self.patch_size
+        if c != self.in_chans:
+            raise ValueError(f"imgs must have {self.in_chans} channels, got {c} (shape {tuple(imgs.shape)})")
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(f"imgs height and width must be positive multiples of the patch size {p}, got {h}x{w}")
+        return h // p, w // p
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), per-patch layout (p, q, c)."""
+        gh, gw = self._check_imgs(imgs)
+        p, c = self.patch_size, imgs.shape[1]
+        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W); ``grid`` (rows, cols) defaults to a square grid."""
+        p, c = self.patch_size, self.in_chans
+        if grid is None:
+            side = int(round(x.shape[1] ** 0.5))
+            if side * side != x.shape[1]:
+                raise ValueError(f"unpatchify needs grid=(rows, cols) for a non-square count of {x.shape[1]} patches")
+            grid = (side, side)
+        gh, gw = grid
+        if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != p * p * c:
+            raise ValueError(f"x must have shape (B, {gh * gw}, {p * p * c}), got {tuple(x.shape)}")
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+
+    def _table(self, grid: tuple[int, int]) -> torch.Tensor:
+        return resize_table(self.decoder_pos_embed, self.patch_embed.grid_size, grid)
+
+    # ------------------------------------------------------------------ model
+    def random_masking(self, batch: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device):
+        """MAE's per-sample shuffle; returns mask (B, N) with 1 = masked, in raster order."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+        if noise is None:
+            noise = torch.rand(batch, num_patches, device=device)
+        elif tuple(noise.shape) != (batch, num_patches):
+            raise ValueError(f"noise must have shape (B, N) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
+        len_keep = int(num_patches * (1 - mask_ratio))
+        ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+        return (ids_restore >= len_keep).to(torch.float32)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        """-> latent (B, 1 + N, d) after ``norm``, mask (B, N)."""
+        grid = self._check_imgs(imgs)
+        x = self.patch_embed(imgs)
+        b, n, d = x.shape
+        mask = self.random_masking(b, n, mask_ratio, noise, x.device)
+        x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        x = x + self._table(grid).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask
+
+    def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + N, d) -> pred (B, N, p*p*C)."""
+        x = latent
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over masked patches (per-patch normalised if norm_pix_loss)."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        latent, mask = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder output (B, 1 + N, d) after ``norm``, any size divisible by the patch; [:, 0] is [CLS]."""
+        grid = self._check_imgs(imgs)
+        x = self.patch_embed(imgs)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + self._table(grid).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+CONFIGS = {
+    "crate_mae_tiny": dict(embed_dim=384, depth=12, num_heads=6),
+    "crate_mae_small": dict(embed_dim=576, depth=12, num_heads=12),
+    "crate_mae_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "crate_mae_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _factory(name: str):
+    def build(**kwargs) -> CRATEMAE:
+        return CRATEMAE(**{**CONFIGS[name], **kwargs})
+
+    build.__name__ = name
+    cfg = CONFIGS[name]
+    build.__doc__ = f"CRATE-MAE with d={cfg['embed_dim']}, {cfg['num_heads']} heads, {cfg['depth']}+{cfg['depth']} layers."
+    return build
+
+
+crate_mae_tiny = _factory("crate_mae_tiny")
+crate_mae_small = _factory("crate_mae_small")
+crate_mae_base = _factory("crate_mae_base")
+crate_mae_large = _factory("crate_mae_large")
+
+
+def clean_state_dict(checkpoint: Mapping) -> dict:
+    """Unwrap {'model': state_dict, ...} and strip DDP's 'module.' prefixes."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise TypeError("checkpoint must be a state_dict or a dict holding one under 'model'")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_checkpoint(model: CRATEMAE, checkpoint, strict: bool = True):
+    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model``.
+
+    Shape mismatches are reported by tensor name before anything is copied.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = clean_state_dict(checkpoint)
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise ValueError("checkpoint does not fit this model (other size?); mismatched tensors:\n  " + "\n  ".join(mismatched))
+    return model.load_state_dict(state, strict=strict)

@@ -1,0 +1,78 @@
+"""Backend selection shared by every operator.
+
+A backend names an implementation of the same function:
+
+    reference  the release's eager math, autograd through it (ground truth)
+    torch      the fused algorithm in plain PyTorch with a hand-written backward
+    triton     Triton kernels forward and backward
+    cuda       Triton forward, CUDA-extension backward
+    auto       the fastest correct one for the tensor's device (default)
+
+The process-wide default comes from ``set_backend`` or the environment variable
+``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+_ENV_VAR = "CRATE_KERNELS_BACKEND"
+_default_backend: str | None = None
+
+
+def _check_name(name: str, argument: str = "backend") -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend; ``None`` restores the environment/``auto`` default."""
+    global _default_backend
+    _default_backend = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The process-wide default backend (``set_backend``, else ``$CRATE_KERNELS_BACKEND``, else ``auto``)."""
+    if _default_backend is not None:
+        return _default_backend
+    return _check_name(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _require_triton(tensor: torch.Tensor, backend: str) -> None:
+    if not triton_available():
+        raise RuntimeError(f"backend {backend!r} needs the 'triton' package, which is not installed")
+    if not tensor.is_cuda and not triton_interpreting():
+        raise RuntimeError(
+            f"backend {backend!r} runs Triton kernels, which need CUDA tensors (got device {tensor.device}); "
+            "on CPU set TRITON_INTERPRET=1 before importing crate_kernels, or use backend 'torch'"
+        )
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, ...]) -> str:
+    """Turn ``backend`` (or the default) into a concrete backend that this operator implements.
+
+    ``has`` lists the concrete backends the operator provides. ``auto`` picks ``triton`` for CUDA
+    tensors when the operator has it, else ``torch``. An explicit choice that cannot run raises.
+    """
+    name = _check_name(get_backend() if backend is None else backend)
+    if name == "auto":
+        if tensor.is_cuda and "triton" in has and triton_available():
+            return "triton"
+        return "torch"
+    if name not in has:
+        raise NotImplementedError(f"backend {name!r} is not implemented for this operator (available: {has})")
+    if name in ("triton", "cuda"):
+        _require_triton(tensor, name)
+    return name

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="crate_kernels",
+    version="0.1.0",
+    description="Fast, faithful CRATE-MAE: fused Triton/CUDA operators, drop-in model, training and analysis",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["crate_kernels", "crate_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+    },
+)
