@@ -12,8 +12,14 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
+        "pyyaml>=5.1",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "scikit-image>=0.20",  # ships the natural photographs of the default training set
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1"],
+        "tensorboard": ["tensorboard>=2.10"],
     },
 )

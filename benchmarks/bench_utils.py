@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmark suites (imported by the benchmark files, which pytest puts on sys.path)."""
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (this suite measures GPU kernels)")
+
+
+def synchronize():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn):
+    """Run ``fn()`` and return (unique, total) bytes that autograd saved for backward, plus fn's result.
+
+    ``unique`` counts each storage once (what memory really holds); ``total`` counts every saved reference.
+    """
+    storages, total = {}, 0
+
+    def pack(t):
+        nonlocal total
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        key = (t.untyped_storage().data_ptr(), t.device)
+        storages[key] = max(storages.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), total, result
+
+
+def peak_memory(fn):
+    """Peak CUDA memory allocated during ``fn()`` above what was allocated before (bytes); None on CPU."""
+    if not CUDA:
+        fn()
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def crate_mae_train_flops(embed_dim: int, depth: int, batch: int, img_size: int = 224, patch: int = 16) -> float:
+    """FLOPs of one training step (forward + backward = 3x forward) of the fused algorithm.
+
+    Per layer and token: 2 d^2 per d x d product; attention 4 n d per token (w w^T and P w).
+    Encoder layer: qkv, to_out, ISTA (one product with M) = 3 products + attention; decoder layer:
+    linear, qkv, to_out = 3 products + attention. Patch embedding and prediction head: 2 N d (3 p^2) each.
+    The d x d work of M = W - W^T W (2 d^3 per encoder layer) is added once per step.
+    """
+    n_patches = (img_size // patch) ** 2
+    n = n_patches + 1
+    d = embed_dim
+    per_layer = batch * n * (3 * 2 * d * d + 4 * n * d)
+    forward = 2 * depth * per_layer + 2 * 2 * batch * n_patches * d * 3 * patch * patch + depth * 2 * d ** 3
+    return 3.0 * forward

@@ -1,0 +1,187 @@
+"""Operator layer: the fused `torch` backend against float64 reference math, gradcheck, bad inputs."""
+import pytest
+import torch
+
+from crate_kernels import ops
+from crate_kernels.ops.ista import ISTAFunction, pack_mask, unpack_mask
+from crate_kernels.ops.mssa import MSSAFunction
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def mssa_ref64(w, scale, dout):
+    w64 = w.detach().double().requires_grad_(True)
+    out = ops.mssa_reference(w64, scale)
+    out.backward(dout.double())
+    return out.detach(), w64.grad
+
+
+def ista_ref64(x, weight, eta, lambd, dout):
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    out = ops.ista_reference(x64, w64, eta, lambd)
+    out.backward(dout.double())
+    return out.detach(), x64.grad, w64.grad
+
+
+# ------------------------------------------------------------------ MSSA
+@pytest.mark.parametrize("n", [1, 17, 50, 197])
+@pytest.mark.parametrize("p", [48, 64])
+def test_mssa_torch_matches_float64_reference(n, p):
+    w = torch.randn(2, 3, n, p) * 1.5
+    dout = torch.randn(2, 3, n, p)
+    scale = p ** -0.5
+    ref_out, ref_dw = mssa_ref64(w, scale, dout)
+    for backend in ("torch", "reference"):
+        wt = w.clone().requires_grad_(True)
+        out = ops.mssa_attention(wt, backend=backend)
+        out.backward(dout)
+        assert out.dtype == torch.float32 and out.shape == w.shape
+        assert rel_err(out, ref_out) < 1e-5, backend
+        assert rel_err(wt.grad, ref_dw) < 1e-5, backend
+
+
+def test_mssa_noncontiguous_and_custom_scale():
+    base = torch.randn(2, 19, 3, 32)  # (B, N, H, p) viewed as (B, H, N, p), as the model does
+    w = base.transpose(1, 2).requires_grad_(True)
+    assert not w.is_contiguous()
+    dout = torch.randn(2, 3, 19, 32)
+    ref_out, ref_dw = mssa_ref64(w, 0.3, dout)
+    out = ops.mssa_attention(w, scale=0.3, backend="torch")
+    out.backward(dout)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(w.grad, ref_dw) < 1e-5
+
+
+def test_mssa_gradcheck_float64():
+    w = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: MSSAFunction.apply(t, 0.4, "torch"), (w,))
+
+
+def test_mssa_saves_no_square_matrix():
+    n, p = 50, 16
+    w = torch.randn(2, 2, n, p, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        ops.mssa_attention(w, backend="torch")
+    assert shapes and all(s[-2:] != (n, n) for s in shapes), shapes
+
+
+# ------------------------------------------------------------------ ISTA
+@pytest.mark.parametrize("rows,d,lambd,eta", [(1, 32, 0.5, 0.1), (17, 48, 0.1, 1.0), (197, 64, 0.0, 0.1), (50, 96, 0.5, 1.0)])
+def test_ista_torch_matches_float64_reference(rows, d, lambd, eta):
+    x = torch.randn(rows, d)
+    weight = torch.empty(d, d)
+    torch.nn.init.kaiming_uniform_(weight)
+    dout = torch.randn(rows, d)
+    ref_out, ref_dx, ref_dw = ista_ref64(x, weight, eta, lambd, dout)
+    xt, wt = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = ops.ista_step(xt, wt, eta, lambd, backend="torch")
+    out.backward(dout)
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(xt.grad, ref_dx) < 1e-5
+    assert rel_err(wt.grad, ref_dw) < 1e-5
+
+
+def test_ista_3d_noncontiguous_and_partial_grads():
+    d = 40  # not a multiple of 8: exercises the padded bit mask
+    x = torch.randn(4, 9, d).transpose(0, 1)
+    weight = torch.randn(d, d) * 0.2
+    dout = torch.randn(9, 4, d)
+    ref_out, ref_dx, ref_dw = ista_ref64(x, weight, 0.1, 0.5, dout)
+    xt = x.clone().requires_grad_(True)
+    out = ops.ista_step(xt, weight, backend="torch")  # weight needs no grad
+    out.backward(dout)
+    assert out.shape == x.shape
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(xt.grad, ref_dx) < 1e-5
+    wt = weight.clone().requires_grad_(True)
+    ops.ista_step(x, wt, backend="torch").backward(dout)  # x needs no grad
+    assert rel_err(wt.grad, ref_dw) < 1e-5
+
+
+def test_ista_gradcheck_float64():
+    x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    w = (0.3 * torch.randn(12, 12, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ISTAFunction.apply(a, b, 0.5, 0.1, "torch"), (x, w))
+
+
+def test_pack_mask_round_trip():
+    mask = torch.rand(13, 37) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (13, 5)
+    assert torch.equal(unpack_mask(packed, 37), mask)
+    assert packed[0, 0].item() == sum(int(mask[0, j]) << j for j in range(8))
+
+
+def test_ista_saves_bits_not_a_full_mask():
+    rows, d = 64, 32
+    x = torch.randn(rows, d, requires_grad=True)
+    w = torch.randn(d, d, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.ista_step(x, w, backend="torch")
+    sizes = sorted(t.numel() * t.element_size() for t in saved)
+    # x (rows*d*4), W and M (d*d*4 each), bits (rows*d/8)
+    assert sizes == sorted([rows * d * 4, d * d * 4, d * d * 4, rows * d // 8])
+
+
+# ------------------------------------------------------------------ torch.library and backends
+def test_custom_ops_pass_opcheck():
+    w = torch.randn(1, 2, 9, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.crate_kernels.mssa_forward.default, (w.detach(), 0.25, "torch"))
+    out, lse = torch.ops.crate_kernels.mssa_forward(w.detach(), 0.25, "torch")
+    torch.library.opcheck(
+        torch.ops.crate_kernels.mssa_backward.default, (torch.randn_like(out), w.detach(), out, lse, 0.25, "torch")
+    )
+    x, m = torch.randn(10, 16), torch.randn(16, 16)
+    torch.library.opcheck(torch.ops.crate_kernels.ista_forward.default, (x, m, 0.1, 0.5, "torch"))
+    _, bits = torch.ops.crate_kernels.ista_forward(x, m, 0.1, 0.5, "torch")
+    torch.library.opcheck(
+        torch.ops.crate_kernels.ista_backward.default, (torch.randn_like(x), x, m, bits, 0.1, True, True, "torch")
+    )
+
+
+def test_compiled_call_matches_eager():
+    w = torch.randn(2, 2, 11, 16)
+    x, weight = torch.randn(5, 7, 16), torch.randn(16, 16) * 0.3
+
+    def f(w, x, weight):
+        return ops.mssa_attention(w, backend="torch").sum() + ops.ista_step(x, weight, backend="torch").sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w, x, weight), f(w, x, weight))
+
+
+def test_backend_selection(monkeypatch):
+    w = torch.randn(1, 1, 4, 8)
+    monkeypatch.delenv("CRATE_KERNELS_BACKEND", raising=False)
+    assert ops.get_backend() == "auto"
+    monkeypatch.setenv("CRATE_KERNELS_BACKEND", "reference")
+    assert ops.get_backend() == "reference"
+    ops.set_backend("torch")
+    try:
+        assert ops.get_backend() == "torch"
+    finally:
+        ops.set_backend(None)
+    monkeypatch.setenv("CRATE_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="CRATE_KERNELS_BACKEND"):
+        ops.mssa_attention(w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.mssa_attention(w, backend="cudnn")
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"w must have shape \(B, H, N, p\)"):
+        ops.mssa_attention(torch.randn(3, 5, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.mssa_attention(torch.ones(1, 1, 3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        ops.mssa_attention(torch.randn(1, 1, 3, 4), scale=-1.0)
+    with pytest.raises(ValueError, match=r"weight must be a square \(d, d\) dictionary"):
+        ops.ista_step(torch.randn(4, 8), torch.randn(8, 6))
+    with pytest.raises(ValueError, match="d = 8"):
+        ops.ista_step(torch.randn(4, 6), torch.randn(8, 8))
+    with pytest.raises(ValueError, match="step_size must be positive"):
+        ops.ista_step(torch.randn(4, 8), torch.randn(8, 8), step_size=0.0)
