@@ -20,6 +20,7 @@ import torch
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 _ENV_VAR = "CRATE_KERNELS_BACKEND"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _default_backend: str | None = None
 
 
@@ -64,11 +65,12 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
     """Turn ``backend`` (or the default) into a concrete backend that this operator implements.
 
     ``has`` lists the concrete backends the operator provides. ``auto`` picks ``triton`` for CUDA
-    tensors when the operator has it, else ``torch``. An explicit choice that cannot run raises.
+    tensors of the kernels' dtypes (fp32, bf16, fp16) when the operator has it, else ``torch``.
+    An explicit choice that cannot run raises.
     """
     name = _check_name(get_backend() if backend is None else backend)
     if name == "auto":
-        if tensor.is_cuda and "triton" in has and triton_available():
+        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and "triton" in has and triton_available():
             return "triton"
         return "torch"
     if name not in has:
@@ -76,3 +78,11 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
     if name in ("triton", "cuda"):
         _require_triton(tensor, name)
     return name
+
+
+def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Cast an operator input to the autocast dtype when autocast is on for its device (as F.linear would)."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type) and tensor.is_floating_point():
+        return tensor.to(torch.get_autocast_dtype(device_type))
+    return tensor

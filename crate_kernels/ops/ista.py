@@ -12,9 +12,11 @@ outputs); every backend shares it, backends differ in the launchers below.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .backend import resolve_backend
+from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
 
@@ -48,14 +50,14 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     rows, d = mask.shape
     if d % 8:
         mask = torch.nn.functional.pad(mask, (0, 8 - d % 8))
-    bits = mask.view(rows, -1, 8).to(torch.uint8) * _bit_weights(mask.device)
+    bits = mask.view(rows, mask.shape[1] // 8, 8).to(torch.uint8) * _bit_weights(mask.device)
     return bits.sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, d: int) -> torch.Tensor:
     """Inverse of ``pack_mask``: (rows, ceil(d / 8)) uint8 -> (rows, d) bool."""
     bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
-    return bits.view(packed.shape[0], -1)[:, :d]
+    return bits.flatten(1)[:, :d]
 
 
 def dictionary_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,241 @@ def _backward_torch(dout, x, m, packed_mask, step_size, need_dx, need_dm):
 
 _FORWARD = {"torch": _forward_torch}
 _BACKWARD = {"torch": _backward_torch}
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels and launchers (present where the triton package is installed)
+#
+# x (rows, d) and dOut (rows, d) are read through their strides; M (d, d) is cast to x's dtype by the
+# launcher; dot products accumulate in fp32 ("ieee" for fp32 operands). Each kernel owns a (BLOCK_M,
+# BLOCK_N) output tile and loops over the contraction dimension in BLOCK_K steps; every index is masked,
+# so any d works (BLOCK_K >= 32 keeps tl.dot's K >= 16). The activation mask travels as bits: the
+# forward packs its (BLOCK_M, BLOCK_N) tile into (BLOCK_M, BLOCK_N / 8) bytes, the backward unpacks bits
+# while loading dOut, so G = dOut * mask never exists in memory.
+# ----------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    def _matmul_configs():
+        """Tiles to autotune on a GPU; one config under the interpreter (autotuning cannot run there)."""
+        if triton_interpreting():
+            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in (
+                (128, 256, 64, 8, 3),
+                (128, 128, 64, 8, 3),
+                (128, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+                (64, 128, 64, 4, 4),
+                (64, 64, 64, 4, 4),
+            )
+        ]
+
+    @triton.jit
+    def _load_g(dout_ptr, mask_ptr, offs_r, offs_c, rows, d, stride_gr, stride_gc, stride_mask):
+        """Tile G[r, c] = dOut[r, c] * bit (c % 8) of packed_mask[r, c // 8]; zero outside (rows, d)."""
+        valid = (offs_r[:, None] < rows) & (offs_c[None, :] < d)
+        g = tl.load(dout_ptr + offs_r[:, None] * stride_gr + offs_c[None, :] * stride_gc, mask=valid, other=0.0)
+        byte = tl.load(mask_ptr + offs_r[:, None] * stride_mask + (offs_c // 8)[None, :], mask=valid, other=0)
+        bit = (byte >> (offs_c % 8)[None, :]) & 1
+        return tl.where(bit != 0, g, 0.0)
+
+    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
+    @triton.jit
+    def _ista_fwd_kernel(
+        x_ptr, m_ptr, out_ptr, mask_ptr, rows, d, eta, eta_lambd,
+        stride_xr, stride_xc, stride_mk, stride_mn, stride_mask,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """out = relu(x + eta * x M - eta * lambda) and its packed mask [pre > 0] for one (BLOCK_M, BLOCK_N) tile.
+
+        Grid: cdiv(rows, BLOCK_M) * cdiv(d, BLOCK_N) programs, column tiles of one row block adjacent.
+        """
+        pid = tl.program_id(0)
+        n_col_tiles = tl.cdiv(d, BLOCK_N)
+        offs_m = (pid // n_col_tiles * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = pid % n_col_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = offs_m < rows, offs_n < d
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, d, BLOCK_K):
+            kk = k + offs_k
+            a = tl.load(
+                x_ptr + offs_m[:, None] * stride_xr + kk[None, :] * stride_xc,
+                mask=row_ok[:, None] & (kk[None, :] < d), other=0.0,
+            )
+            b = tl.load(
+                m_ptr + kk[:, None] * stride_mk + offs_n[None, :] * stride_mn,
+                mask=(kk[:, None] < d) & col_ok[None, :], other=0.0,
+            )
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xr + offs_n[None, :] * stride_xc, mask=tile_ok, other=0.0)
+        pre = x_tile.to(tl.float32) + eta * acc - eta_lambd
+        out = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_ptr + offs_m[:, None] * d + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+        active = ((pre > 0) & tile_ok).to(tl.uint8)
+        bits = tl.reshape(active, (BLOCK_M, BLOCK_N // 8, 8)) << tl.arange(0, 8)[None, None, :]
+        packed = tl.sum(bits, axis=2).to(tl.uint8)
+        offs_b = pid % n_col_tiles * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        tl.store(
+            mask_ptr + offs_m[:, None] * stride_mask + offs_b[None, :], packed,
+            mask=row_ok[:, None] & (offs_b[None, :] < tl.cdiv(d, 8)),
+        )
+
+    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
+    @triton.jit
+    def _ista_dx_kernel(
+        dout_ptr, mask_ptr, m_ptr, dx_ptr, rows, d, eta,
+        stride_gr, stride_gc, stride_mask, stride_mr, stride_mc,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """dx = G + eta * G M^T for one (BLOCK_M, BLOCK_N) tile, G = dOut * mask unpacked on load.
+
+        Grid: cdiv(rows, BLOCK_M) * cdiv(d, BLOCK_N) programs, as in the forward.
+        """
+        pid = tl.program_id(0)
+        n_col_tiles = tl.cdiv(d, BLOCK_N)
+        offs_m = (pid // n_col_tiles * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = pid % n_col_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, d, BLOCK_K):
+            kk = k + offs_k
+            a = _load_g(dout_ptr, mask_ptr, offs_m, kk, rows, d, stride_gr, stride_gc, stride_mask)
+            b = tl.load(  # (M^T)[k, n] = M[n, k]
+                m_ptr + offs_n[None, :] * stride_mr + kk[:, None] * stride_mc,
+                mask=(kk[:, None] < d) & (offs_n[None, :] < d), other=0.0,
+            )
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+        g = _load_g(dout_ptr, mask_ptr, offs_m, offs_n, rows, d, stride_gr, stride_gc, stride_mask)
+        dx = g.to(tl.float32) + eta * acc
+        tile_ok = (offs_m[:, None] < rows) & (offs_n[None, :] < d)
+        tl.store(dx_ptr + offs_m[:, None] * d + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
+    @triton.jit
+    def _ista_dm_kernel(
+        x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta,
+        stride_xr, stride_xc, stride_gr, stride_gc, stride_mask,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """part[s, i, j] = eta * sum over rows r of chunk s of x[r, i] G[r, j], for one (BLOCK_M, BLOCK_N) block.
+
+        Grid: (cdiv(d, BLOCK_M) * cdiv(d, BLOCK_N), n_chunks); chunk s holds rows [s * chunk, (s + 1) * chunk).
+        Every program writes its own block of part (fp32), so the sum over chunks is race-free.
+        """
+        pid, pid_s = tl.program_id(0), tl.program_id(1)
+        n_col_tiles = tl.cdiv(d, BLOCK_N)
+        offs_i = pid // n_col_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = pid % n_col_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, rows)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in range(start, end, BLOCK_K):
+            rr = (r + offs_k).to(tl.int64)
+            a = tl.load(  # (x^T)[i, r] = x[r, i]
+                x_ptr + rr[None, :] * stride_xr + offs_i[:, None] * stride_xc,
+                mask=(rr[None, :] < end) & (offs_i[:, None] < d), other=0.0,
+            )
+            b = _load_g(dout_ptr, mask_ptr, rr, offs_j, end, d, stride_gr, stride_gc, stride_mask)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        tl.store(
+            part_ptr + pid_s * d * d + offs_i[:, None] * d + offs_j[None, :], eta * acc,
+            mask=(offs_i[:, None] < d) & (offs_j[None, :] < d),
+        )
+
+    _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    _DM_CHUNK_ALIGN = 128  # dM chunks hold a multiple of 128 rows (a multiple of every BLOCK_K)
+
+    def _check_triton_dtype(x: torch.Tensor) -> None:
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(
+                f"backend 'triton' supports x of dtype float32, bfloat16 or float16, got {x.dtype}; "
+                "use backend 'torch' for other dtypes"
+            )
+
+    def _upcast(dtype: torch.dtype) -> bool:
+        """The interpreter multiplies raw bf16 bit patterns in tl.dot: feed it fp32 there."""
+        return dtype == torch.bfloat16 and triton_interpreting()
+
+    def _device_guard(t: torch.Tensor):
+        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+    def _dm_chunks(rows: int, d: int, device: torch.device) -> tuple[int, int]:
+        """Split rows for dM into (n_chunks, chunk rows) so that d x d blocks times chunks fill the GPU.
+
+        Aims at two programs per SM for 128 x 128 blocks (four programs under the interpreter, which
+        exercises the split on small inputs); a chunk is a multiple of _DM_CHUNK_ALIGN rows.
+        """
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        blocks = triton.cdiv(d, 128) ** 2
+        n_chunks = max(1, min(triton.cdiv(rows, _DM_CHUNK_ALIGN), triton.cdiv(target, blocks)))
+        chunk = triton.cdiv(triton.cdiv(max(rows, 1), n_chunks), _DM_CHUNK_ALIGN) * _DM_CHUNK_ALIGN
+        return max(1, triton.cdiv(rows, chunk)), chunk
+
+    def _tiles_grid(n_rows: int, n_cols: int, *more: int):
+        """One program per (BLOCK_M, BLOCK_N) tile of an (n_rows, n_cols) output, times ``more``."""
+        return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]), *more)
+
+    def _forward_triton(x, m, step_size, lambd):
+        """x (rows, d), M (d, d) fp32 -> relu(x + eta x M - eta lambda) in x's dtype, packed mask (rows, ceil(d/8))."""
+        _check_triton_dtype(x)
+        rows, d = x.shape
+        mc = m.to(x.dtype)
+        out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+        packed = torch.empty((rows, triton.cdiv(d, 8)), dtype=torch.uint8, device=x.device)
+        if rows:
+            with _device_guard(x):
+                _ista_fwd_kernel[_tiles_grid(rows, d)](
+                    x, mc, out, packed, rows, d, step_size, step_size * lambd,
+                    x.stride(0), x.stride(1), mc.stride(0), mc.stride(1), packed.stride(0),
+                    UPCAST=_upcast(x.dtype),
+                )
+        return out, packed
+
+    def _backward_triton(dout, x, m, packed_mask, step_size, need_dx, need_dm):
+        """dx = G + eta G M^T (x's dtype) and dM = eta x^T G (fp32), G = dOut * mask; None where not needed."""
+        _check_triton_dtype(x)
+        rows, d = x.shape
+        dout = dout.to(x.dtype)
+        upcast = _upcast(x.dtype)
+        dx = dm = None
+        with _device_guard(x):
+            if need_dx:
+                mc = m.to(x.dtype)
+                dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+                if rows:
+                    _ista_dx_kernel[_tiles_grid(rows, d)](
+                        dout, packed_mask, mc, dx, rows, d, step_size,
+                        dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
+                        UPCAST=upcast,
+                    )
+            if need_dm:
+                n_chunks, chunk = _dm_chunks(rows, d, x.device)
+                part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
+                _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
+                    x, dout, packed_mask, part, rows, d, chunk, step_size,
+                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+                    UPCAST=upcast,
+                )
+                dm = part[0] if n_chunks == 1 else part.sum(dim=0)
+        return dx, dm
+
+    _FORWARD["triton"] = _forward_triton
+    _BACKWARD["triton"] = _backward_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +408,7 @@ def ista_step(
     name = resolve_backend(backend, x, _BACKENDS + tuple(_FORWARD))
     if name == "reference":
         return ista_reference(x, weight, step_size, lambd)
+    x = autocast_input(x)  # under autocast the products run in its dtype, as the release's F.linear calls do
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name)
     return out.view(x.shape)

@@ -1,0 +1,216 @@
+"""ISTA on backend `triton` against float64 reference math (kernels run under TRITON_INTERPRET=1 on CPU).
+
+Entries whose float64 pre-activation lies within MARGIN of the threshold may fall either side in
+fp32, so mask checks accept either value there (and inputs built to crowd the threshold keep clear of it).
+"""
+import copy
+
+import pytest
+import torch
+
+import crate_kernels
+from crate_kernels import ops
+from crate_kernels.ops import ista
+from crate_kernels.ops.ista import pack_mask, unpack_mask
+
+pytestmark = pytest.mark.skipif("triton" not in ista._FORWARD, reason="the triton package is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MARGIN = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def dictionary(d: int, dtype=torch.float32) -> torch.Tensor:
+    weight = torch.empty(d, d, device=DEVICE)
+    torch.nn.init.kaiming_uniform_(weight)
+    return weight.to(dtype)
+
+
+def ista_ref64(x, weight, eta, lambd, dout):
+    """Reference math in float64: out, dx, dW and the pre-activation x + eta x M - eta lambda."""
+    x64 = x.detach().double().reshape(-1, x.shape[-1]).requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    out = ops.ista_reference(x64, w64, eta, lambd)
+    out.backward(dout.double().reshape(out.shape))
+    with torch.no_grad():
+        pre = x64 + eta * x64 @ (w64 - w64.t() @ w64) - eta * lambd
+    return out.detach().view(x.shape), x64.grad.view(x.shape), w64.grad, pre
+
+
+def assert_mask_matches(packed: torch.Tensor, pre64: torch.Tensor):
+    """packed == pack_mask(pre64 > 0), where entries within MARGIN of zero may take either value."""
+    d = pre64.shape[1]
+    assert packed.dtype == torch.uint8 and packed.shape == (pre64.shape[0], (d + 7) // 8)
+    got = unpack_mask(packed, d)
+    expected = torch.where(pre64.abs() <= MARGIN, got, pre64 > 0)
+    assert torch.equal(packed, pack_mask(expected))
+
+
+def run_triton(x, weight, eta, lambd, dout):
+    """ista_step on backend 'triton': out, dx, dW and the packed mask the forward saved."""
+    xt = x.detach().clone().requires_grad_(True)
+    wt = weight.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.ista_step(xt, wt, eta, lambd, backend="triton")
+    out.backward(dout)
+    (packed,) = [t for t in saved if t.dtype == torch.uint8]
+    return out.detach(), xt.grad, wt.grad, packed
+
+
+def check_against_reference(x, weight, eta, lambd, dout):
+    ref_out, ref_dx, ref_dw, pre = ista_ref64(x, weight, eta, lambd, dout)
+    out, dx, dw, packed = run_triton(x, weight, eta, lambd, dout)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(dx, ref_dx) < 1e-5
+    assert rel_err(dw, ref_dw) < 1e-5
+    assert_mask_matches(packed, pre)
+    return pre
+
+
+@pytest.mark.parametrize(
+    "rows,d,lambd,eta",
+    [(1, 32, 0.5, 0.1), (7, 48, 0.1, 1.0), (197, 64, 0.5, 0.1), (394, 96, 0.0, 0.1),
+     (197, 96, 0.1, 1.0), (394, 32, 0.5, 1.0), (7, 64, 0.0, 1.0), (13, 20, 0.1, 0.1), (5, 8, 0.1, 1.0),
+     (0, 32, 0.5, 0.1)],
+)
+def test_triton_matches_float64_reference(rows, d, lambd, eta):
+    x = torch.randn(rows, d, device=DEVICE)
+    check_against_reference(x, dictionary(d), eta, lambd, torch.randn(rows, d, device=DEVICE))
+
+
+@pytest.mark.parametrize("rows,d,lambd", [(197, 64, 0.5), (394, 48, 0.1)])
+def test_triton_near_threshold(rows, d, lambd):
+    """x solves x (I + eta M) = p + eta lambda for targets p, two thirds of them +-[2e-4, 2e-3]."""
+    eta = 0.1
+    weight = dictionary(d)
+    w64 = weight.double()
+    m64 = w64 - w64.t() @ w64
+    target = torch.randn(rows, d, device=DEVICE, dtype=torch.float64)
+    near = torch.rand(rows, d, device=DEVICE) < 2 / 3
+    small = torch.empty_like(target).uniform_(2e-4, 2e-3) * torch.randn_like(target).sign()
+    target = torch.where(near, small, target)
+    eye = torch.eye(d, device=DEVICE, dtype=torch.float64)
+    x = torch.linalg.solve(eye + eta * m64, target + eta * lambd, left=False).float()
+    pre = check_against_reference(x, weight, eta, lambd, torch.randn(rows, d, device=DEVICE))
+    assert (pre.abs() < 3e-3).float().mean() > 0.5  # the construction did crowd the threshold
+    assert (pre.abs() <= MARGIN).sum() == 0  # ... without leaving entries the mask check would skip
+
+
+def test_triton_3d_noncontiguous_and_partial_grads():
+    d = 48
+    x = torch.randn(4, 9, d, device=DEVICE).transpose(0, 1)
+    assert not x.is_contiguous()
+    weight = dictionary(d)
+    dout = torch.randn(9, 4, d, device=DEVICE)
+    ref_out, ref_dx, ref_dw, _ = ista_ref64(x, weight, 0.1, 0.5, dout)
+    xt = x.clone().requires_grad_(True)
+    out = ops.ista_step(xt, weight, backend="triton")  # weight needs no grad: dx only
+    out.backward(dout)
+    assert out.shape == x.shape
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(xt.grad, ref_dx) < 1e-5
+    wt = weight.clone().requires_grad_(True)
+    ops.ista_step(x, wt, backend="triton").backward(dout)  # x needs no grad: dM only
+    assert rel_err(wt.grad, ref_dw) < 1e-5
+
+
+def test_triton_launchers_read_strides():
+    """The custom ops on strided x, dOut and M give what the torch launchers give on contiguous copies."""
+    rows, d = 70, 64
+    x = torch.randn(rows, 2 * d, device=DEVICE)[:, ::2]
+    dout = torch.randn(d, rows, device=DEVICE).t()
+    m = (0.1 * torch.randn(d, d, device=DEVICE)).t()
+    assert not (x.is_contiguous() or dout.is_contiguous() or m.is_contiguous())
+    out, packed = torch.ops.crate_kernels.ista_forward(x, m, 0.5, 0.1, "triton")
+    ref_out, ref_packed = ista._forward_torch(x.contiguous(), m.contiguous(), 0.5, 0.1)
+    assert rel_err(out, ref_out) < 1e-5
+    pre64 = x.double() + 0.5 * x.double() @ m.double() - 0.05
+    assert_mask_matches(packed, pre64)
+    dx, dm = torch.ops.crate_kernels.ista_backward(dout, x, m, packed, 0.5, True, True, "triton")
+    ref_dx, ref_dm = ista._backward_torch(dout.contiguous(), x.contiguous(), m.contiguous(), packed, 0.5, True, True)
+    assert rel_err(dx, ref_dx) < 1e-5 and rel_err(dm, ref_dm) < 1e-5
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / torch.empty_like return NaN (floats) or 0xA5 bytes: every output element must be written."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 0xA5)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("rows,d", [(197, 48), (394, 20)])
+def test_triton_writes_every_output(poisoned_empty, rows, d):
+    assert torch.empty(2).isnan().all()
+    x, dout = torch.randn(rows, d, device=DEVICE), torch.randn(rows, d, device=DEVICE)
+    check_against_reference(x, dictionary(d), 0.1, 0.5, dout)
+
+
+def test_triton_custom_ops_pass_opcheck():
+    x, m = torch.randn(10, 32, device=DEVICE), 0.2 * torch.randn(32, 32, device=DEVICE)
+    torch.library.opcheck(torch.ops.crate_kernels.ista_forward.default, (x, m, 0.1, 0.5, "triton"))
+    _, bits = torch.ops.crate_kernels.ista_forward(x, m, 0.1, 0.5, "triton")
+    dout = torch.randn_like(x)
+    for need_dx, need_dm in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.crate_kernels.ista_backward.default, (dout, x, m, bits, 0.1, need_dx, need_dm, "triton")
+        )
+
+
+def test_triton_rejects_unsupported_dtype():
+    x = torch.randn(4, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        ops.ista_step(x, torch.randn(16, 16, device=DEVICE, dtype=torch.float64), backend="triton")
+
+
+def test_crate_mae_with_triton_ista_matches_reference():
+    model = crate_kernels.CRATEMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).to(DEVICE)
+    fused = copy.deepcopy(model)
+    for m in fused.modules():
+        if isinstance(m, crate_kernels.layers.ISTA):
+            m.set_backend("triton")
+    for m in model.modules():
+        if isinstance(m, crate_kernels.layers.ISTA):
+            m.set_backend("reference")
+    imgs = torch.randn(3, 3, 32, 32, device=DEVICE)
+    noise = torch.rand(3, 16, device=DEVICE)
+    ref_loss, ref_pred, ref_mask = model(imgs, noise=noise)
+    loss, pred, mask = fused(imgs, noise=noise)
+    ref_loss.backward()
+    loss.backward()
+    assert torch.equal(mask, ref_mask)
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(pred, ref_pred) < 1e-5
+    ref_grads = dict(model.named_parameters())
+    for name, p in fused.named_parameters():
+        ref = ref_grads[name].grad
+        assert (p.grad is None) == (ref is None), name
+        if ref is not None:
+            assert rel_err(p.grad, ref) < 1e-4, name
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16/fp16 kernels run on a GPU only (the interpreter does not do bf16)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,d", [(394, 384), (197, 576), (1000, 768)])
+def test_triton_low_precision_error_within_twice_reference(dtype, rows, d):
+    """Errors against float64 math on the same (rounded) inputs: at most twice the reference math's in dtype."""
+    x = torch.randn(rows, d, device=DEVICE, dtype=dtype)
+    weight = dictionary(d, dtype)
+    dout = torch.randn(rows, d, device=DEVICE, dtype=dtype)
+    ref64 = ista_ref64(x, weight, 0.1, 0.5, dout)[:3]
+    xl, wl = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = ops.ista_reference(xl, wl, 0.1, 0.5)
+    out.backward(dout)
+    ref_low = (out.detach(), xl.grad, wl.grad)
+    got = run_triton(x, weight, 0.1, 0.5, dout)[:3]
+    for name, g, r, t in zip(("out", "dx", "dW"), got, ref_low, ref64):
+        assert g.dtype == dtype, name
+        assert rel_err(g, t) <= 2 * rel_err(r, t) + 1e-4, (name, rel_err(g, t), rel_err(r, t))
