@@ -43,6 +43,33 @@ def test_mssa_torch_matches_float64_reference(n, p):
         assert rel_err(wt.grad, ref_dw) < 1e-5, backend
 
 
+@pytest.mark.parametrize("n,p", [(1, 48), (17, 64), (197, 64)])
+def test_mssa_matmul_launchers_match_float64_reference(n, p):
+    """The device-independent form of the torch backend (CPU uses PyTorch's flash kernels instead)."""
+    from crate_kernels.ops.mssa import _backward_matmul, _forward_matmul
+
+    w, dout, scale = torch.randn(2, 3, n, p), torch.randn(2, 3, n, p), p ** -0.5
+    ref_out, ref_dw = mssa_ref64(w, scale, dout)
+    out, lse = _forward_matmul(w, scale)
+    ref_lse = torch.logsumexp(w.double() @ w.double().transpose(-1, -2) * scale, -1)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(_backward_matmul(dout, w, out, lse, scale), ref_dw) < 1e-5
+
+
+def test_ops_follow_autocast_like_the_reference():
+    w = torch.randn(2, 2, 9, 16, requires_grad=True)
+    x, weight = torch.randn(9, 16, requires_grad=True), (0.2 * torch.randn(16, 16)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ops.mssa_attention(w, backend="torch")
+        b = ops.ista_step(x, weight, backend="torch")
+        ref_b = ops.ista_reference(x, weight, 0.1, 0.5)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert rel_err(b, ref_b) < 2e-2
+    (a.float().sum() + b.float().sum()).backward()
+    assert w.grad.dtype == x.grad.dtype == weight.grad.dtype == torch.float32
+
+
 def test_mssa_noncontiguous_and_custom_scale():
     base = torch.randn(2, 19, 3, 32)  # (B, N, H, p) viewed as (B, H, N, p), as the model does
     w = base.transpose(1, 2).requires_grad_(True)
@@ -52,6 +79,7 @@ def test_mssa_noncontiguous_and_custom_scale():
     out = ops.mssa_attention(w, scale=0.3, backend="torch")
     out.backward(dout)
     assert rel_err(out, ref_out) < 1e-5 and rel_err(w.grad, ref_dw) < 1e-5
+    assert out.stride() == w.stride()  # output in the input's layout: the model's reshape is then a view
 
 
 def test_mssa_gradcheck_float64():

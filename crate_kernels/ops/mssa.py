@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import resolve_backend
+from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
 
@@ -37,8 +37,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------
 # torch launchers: the fused algorithm in plain PyTorch (the CPU path)
+#
+# On CPU they call PyTorch's own tiled flash-attention kernels with q = k = v = w (which never hold
+# an N x N matrix; the three input gradients are summed into dw). Elsewhere, or where that op is
+# missing, the matmul form below recomputes P from lse.
 # ----------------------------------------------------------------------------------------------
-def _forward_torch(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_matmul(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     wc = w.to(_compute_dtype(w.dtype))
     scores = torch.matmul(wc, wc.transpose(-1, -2)).mul_(scale)
     lse = torch.logsumexp(scores, dim=-1)
@@ -47,7 +51,7 @@ def _forward_torch(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.T
     return out.to(w.dtype), lse
 
 
-def _backward_torch(dout, w, out, lse, scale):
+def _backward_matmul(dout, w, out, lse, scale):
     ct = _compute_dtype(w.dtype)
     wc, doc = w.to(ct), dout.to(ct)
     probs = torch.matmul(wc, wc.transpose(-1, -2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_()
@@ -58,17 +62,250 @@ def _backward_torch(dout, w, out, lse, scale):
     return dw.to(w.dtype)
 
 
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _forward_torch(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _CPU_FLASH and w.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(w, w, w, 0.0, False, scale=scale)
+        return out, lse.to(_compute_dtype(w.dtype))  # lse comes (B, N, H)-strided; the op makes it contiguous
+    return _forward_matmul(w, scale)
+
+
+def _backward_torch(dout, w, out, lse, scale):
+    if _CPU_FLASH and w.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, w, w, w, out, lse, 0.0, False, scale=scale
+        )
+        return dq.add_(dk).add_(dv)
+    return _backward_matmul(dout, w, out, lse, scale)
+
+
 _FORWARD = {"torch": _forward_torch}
 _BACKWARD = {"torch": _backward_torch}
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton kernels and launchers (CUDA, or the CPU interpreter under TRITON_INTERPRET=1)
+#
+# Both kernels run one program per (batch*head, block of BLOCK_M rows) on a flat 1-D grid, row
+# blocks of one head adjacent (they share that head's w in L2). w, out, dout and dw are read and
+# written through their strides, so the (B, N, H, p) -> (B, H, N, p) view of the model needs no copy.
+# ----------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    _LOG2E = tl.constexpr(1.4426950408889634)
+    _LN2 = tl.constexpr(0.6931471805599453)
+
+    def _configs(block_m_n_warps_stages):
+        """The autotuning space on a GPU; its first config alone under the interpreter (which cannot tune)."""
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in block_m_n_warps_stages
+        ]
+        return configs[:1] if triton_interpreting() else configs
+
+    @triton.autotune(
+        configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2)]),
+        key=["N", "BLOCK_D"],
+    )
+    @triton.jit
+    def _mssa_fwd_kernel(
+        W, Out, Lse,
+        stride_wb, stride_wh, stride_wn, stride_wd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        H, N, D, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Rows i of one head: S_ij = scale w_i w_j^T, online softmax over key blocks j.
+
+        Each w_j tile is loaded once and serves as key (S_ij) and value (out_i += P_ij w_j).
+        Writes out_i = softmax(S_i) w (N x D, masked tails) and lse_i = logsumexp_j S_ij.
+        """
+        num_m = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0)
+        bh = pid // num_m
+        offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_md = (offs_m < N)[:, None] & mask_d[None, :]
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        w_head = W + b * stride_wb + h * stride_wh
+
+        w_i = tl.load(w_head + offs_m[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_md, other=0.0)
+        if UPCAST:
+            w_i = w_i.to(ACC)
+        qk_scale = scale * _LOG2E  # scores in log2 units, so exp(x) becomes exp2
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_M], ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < N
+            w_j = tl.load(w_head + cols[:, None] * stride_wn + offs_d[None, :] * stride_wd,
+                          mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST:
+                w_j = w_j.to(ACC)
+            s = tl.dot(w_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(w_j.dtype), w_j, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+            m_i = m_new
+
+        out_head = Out + b * stride_ob + h * stride_oh
+        tl.store(out_head + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                 (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=mask_md)
+        tl.store(Lse + bh.to(tl.int64) * N + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
+
+    @triton.autotune(
+        configs=_configs(
+            [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+        ),
+        key=["N", "BLOCK_D"],
+    )
+    @triton.jit
+    def _mssa_bwd_kernel(
+        W, Out, DOut, Lse, DW,
+        stride_wb, stride_wh, stride_wn, stride_wd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_gb, stride_gh, stride_gn, stride_gd,
+        stride_db, stride_dh, stride_dn, stride_dd,
+        H, N, D, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Rows i of dw = scale (dS + dS^T) w + P^T dO for one head, owned by this program (no atomics).
+
+        Over key blocks j, with S_ij = scale w_i w_j^T (one product serves both orientations):
+            query side  P_ij = exp(S_ij - lse_i),    dS_ij = P_ij (dO_i w_j^T - delta_i)
+            key side    P_ji = exp(S_ij - lse_j)^T,  dS_ji = P_ji (dO_j w_i^T - delta_j)
+            dw_i += scale (dS_ij + dS_ji^T) w_j + P_ji^T dO_j
+        with delta = rowsum(dO * out) computed on the fly for blocks i and j.
+        """
+        num_m = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0)
+        bh = pid // num_m
+        offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_m = offs_m < N
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        w_head = W + b * stride_wb + h * stride_wh
+        o_head = Out + b * stride_ob + h * stride_oh
+        g_head = DOut + b * stride_gb + h * stride_gh
+        lse_head = Lse + bh.to(tl.int64) * N
+
+        w_i = tl.load(w_head + offs_m[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_md, other=0.0)
+        g_i = tl.load(g_head + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
+        o_i = tl.load(o_head + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
+        if UPCAST:
+            w_i = w_i.to(ACC)
+            g_i = g_i.to(ACC)
+        delta_i = tl.sum(g_i.to(ACC) * o_i.to(ACC), 1)
+        lse_i = tl.load(lse_head + offs_m, mask=mask_m, other=0.0) * _LOG2E
+        qk_scale = scale * _LOG2E
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < N
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            w_j = tl.load(w_head + cols[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_nd, other=0.0)
+            g_j = tl.load(g_head + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask_nd, other=0.0)
+            o_j = tl.load(o_head + cols[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_nd, other=0.0)
+            if UPCAST:
+                w_j = w_j.to(ACC)
+                g_j = g_j.to(ACC)
+            delta_j = tl.sum(g_j.to(ACC) * o_j.to(ACC), 1)
+            lse_j = tl.load(lse_head + cols, mask=mask_n, other=0.0) * _LOG2E
+
+            # Key-block tails need no mask: there w_j = dO_j = 0 and lse_j = 0, so every term that
+            # reaches acc multiplies a zero row of w_j or dO_j, or is P_ji^T (dP_ji^T - delta_j) = 1 * 0.
+            s = tl.dot(w_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+            p_q = tl.exp2(s - lse_i[:, None])  # P_ij
+            p_k = tl.exp2(s - lse_j[None, :])  # P_ji^T
+            dp_q = tl.dot(g_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC)  # dP_ij
+            dp_k = tl.dot(w_i, tl.trans(g_j), input_precision=PRECISION, out_dtype=ACC)  # dP_ji^T
+            ds = (p_q * (dp_q - delta_i[:, None]) + p_k * (dp_k - delta_j[None, :])) * scale
+            acc = tl.dot(ds.to(w_j.dtype), w_j, acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(p_k.to(g_j.dtype), g_j, acc, input_precision=PRECISION, out_dtype=ACC)
+
+        dw_head = DW + b * stride_db + h * stride_dh
+        tl.store(dw_head + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd,
+                 acc.to(DW.dtype.element_ty), mask=mask_md)
+
+    _TRITON_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
+                   torch.float64: tl.float64}
+
+    def _triton_meta(w: torch.Tensor) -> dict:
+        """Compile-time parameters shared by both kernels for w's dtype and head dim."""
+        if w.dtype not in _TRITON_ACC:
+            raise TypeError(f"backend 'triton' supports float16, bfloat16, float32 and float64 w, got {w.dtype}")
+        block_d = max(16, triton.next_power_of_2(w.shape[-1]))
+        if block_d > 256:
+            raise ValueError(f"backend 'triton' supports head dims up to 256, got {w.shape[-1]}")
+        tf32 = w.dtype == torch.float32 and w.is_cuda and torch.get_float32_matmul_precision() != "highest"
+        return {
+            "BLOCK_D": block_d,
+            "ACC": _TRITON_ACC[w.dtype],
+            "UPCAST": w.dtype == torch.bfloat16 and triton_interpreting(),
+            "PRECISION": "tf32" if tf32 else "ieee",
+        }
+
+    def _grid(batch_heads: int, n: int):
+        return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * batch_heads,)
+
+    def _forward_triton(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """w (B, H, N, p), any strides -> out (w's dtype and layout), lse (B, H, N) fp32 (fp64 for fp64 w).
+
+        fp32 products are exact ("ieee") unless torch.set_float32_matmul_precision allows TF32."""
+        meta = _triton_meta(w)
+        b, h, n, p = w.shape
+        out = torch.empty_like(w)
+        lse = torch.empty((b, h, n), dtype=_compute_dtype(w.dtype), device=w.device)
+        if out.numel():
+            _mssa_fwd_kernel[_grid(b * h, n)](w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, **meta)
+        return out, lse
+
+    def _backward_triton(dout, w, out, lse, scale):
+        """dw (w's dtype and layout) from dout, w, out (any strides) and lse (B, H, N) contiguous."""
+        meta = _triton_meta(w)
+        b, h, n, p = w.shape
+        dw = torch.empty_like(w)
+        if dw.numel():
+            _mssa_bwd_kernel[_grid(b * h, n)](
+                w, out, dout, lse.contiguous(), dw,
+                *w.stride(), *out.stride(), *dout.stride(), *dw.stride(), h, n, p, scale, **meta,
+            )
+        return dw
+
+    _FORWARD["triton"] = _forward_triton
+    _BACKWARD["triton"] = _backward_triton
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.library registration: torch.compile sees each launcher as one opaque op
 # ----------------------------------------------------------------------------------------------
+def _layout_of(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with w's strides (what the fake kernels promise torch.compile); a copy only where they differ."""
+    return t if t.stride() == w.stride() else torch.empty_like(w).copy_(t)
+
+
 @torch.library.custom_op("crate_kernels::mssa_forward", mutates_args=())
 def mssa_forward(w: torch.Tensor, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (B, H, N, p) -> out (B, H, N, p) in w's dtype, lse (B, H, N) in fp32 (fp64 for fp64 w)."""
-    return _FORWARD[backend](w, scale)
+    """w (B, H, N, p) -> out in w's dtype and layout, lse (B, H, N) contiguous fp32 (fp64 for fp64 w)."""
+    out, lse = _FORWARD[backend](w, scale)
+    return _layout_of(w, out), lse.contiguous()
 
 
 @mssa_forward.register_fake
@@ -80,8 +317,8 @@ def _(w, scale, backend):
 def mssa_backward(
     dout: torch.Tensor, w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str
 ) -> torch.Tensor:
-    """Gradient of out = softmax(scale w w^T) w with respect to w, recomputing P from lse."""
-    return _BACKWARD[backend](dout, w, out, lse, scale)
+    """Gradient of out = softmax(scale w w^T) w with respect to w (in w's layout), recomputing P from lse."""
+    return _layout_of(w, _BACKWARD[backend](dout, w, out, lse, scale))
 
 
 @mssa_backward.register_fake
@@ -102,7 +339,7 @@ class MSSAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         w, out, lse = ctx.saved_tensors
-        dw = mssa_backward(dout.contiguous(), w, out, lse, ctx.scale, ctx.backend)
+        dw = mssa_backward(dout, w, out, lse, ctx.scale, ctx.backend)
         return dw, None, None
 
 
@@ -127,4 +364,7 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, backend: str | N
     name = resolve_backend(backend, w, _BACKENDS + tuple(_FORWARD))
     if name == "reference":
         return mssa_reference(w, scale)
-    return MSSAFunction.apply(w.contiguous(), scale, name)
+    w = autocast_input(w)
+    if name != "triton" and w.stride(-1) != 1:
+        w = w.contiguous()  # PyTorch's kernels want unit stride in p; the Triton kernels read any strides
+    return MSSAFunction.apply(w, scale, name)

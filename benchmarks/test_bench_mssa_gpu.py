@@ -1,0 +1,102 @@
+"""MSSA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
+
+Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024, n=4096, smaller B).
+Providers: `triton` (the fused kernels), `reference` (eager release math), `compile-reference`
+(torch.compile of it), and F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
+(`sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math`; one that cannot run the shape is skipped).
+extra_info: tflops (4 n^2 p per head forward, 2.5x that backward), gbps (the fewest bytes each pass must
+move: w and out forward; w, out, dout and dw backward; plus the fp32 lse), peak_memory_bytes above what
+was allocated before the timed call, and saved_bytes_unique/total (eager providers only).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench_utils import requires_cuda, saved_bytes, synchronize
+from crate_kernels.ops import mssa_attention, mssa_reference
+
+pytestmark = requires_cuda
+
+SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
+PROVIDERS = ["triton", "reference", "compile-reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+DTYPE = torch.bfloat16
+_COMPILED = {}
+
+
+def _provider(name: str, scale: float):
+    """A callable w -> out for one provider."""
+    if name == "triton":
+        return lambda w: mssa_attention(w, scale, backend="triton")
+    if name == "reference":
+        return lambda w: mssa_reference(w, scale)
+    if name == "compile-reference":
+        if "fn" not in _COMPILED:
+            _COMPILED["fn"] = torch.compile(mssa_reference, dynamic=False)
+        return lambda w: _COMPILED["fn"](w, scale)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]
+
+    def sdpa(w):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(w, w, w, scale=scale)
+
+    return sdpa
+
+
+def _step(fn, w, dout, mode: str):
+    """The timed work: forward (graph kept, as in training), backward of one saved forward, or both."""
+    if mode == "fwd":
+        return lambda: fn(w)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(w), w, dout)
+    out = fn(w)
+    return lambda: torch.autograd.grad(out, w, dout, retain_graph=True)
+
+
+def _figures(mode: str, b: int, h: int, n: int, p: int, seconds: float) -> dict:
+    fwd_flops = 4.0 * n * n * p * b * h
+    flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}[mode]
+    tensor, lse = b * h * n * p * torch.finfo(DTYPE).bits // 8, b * h * n * 4
+    nbytes = {"fwd": 2 * tensor + lse, "bwd": 4 * tensor + lse, "fwd+bwd": 6 * tensor + 2 * lse}[mode]
+    return {"tflops": flops / seconds / 1e12, "gbps": nbytes / seconds / 1e9}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_mssa(benchmark, shape, provider, mode):
+    b, h, n, p = SHAPES[shape]
+    benchmark.group = f"mssa {mode} {shape} B={b} H={h} n={n} p={p} bf16"
+    torch.manual_seed(0)
+    w = torch.randn(b, h, n, p, device="cuda", dtype=DTYPE, requires_grad=True)
+    dout = torch.randn_like(w)
+    fn = _provider(provider, p ** -0.5)
+
+    try:
+        step = _step(fn, w, dout, mode)
+        step()  # warm-up: compiles and autotunes kernels
+        synchronize()
+    except RuntimeError as exc:
+        if provider.startswith("sdpa") or provider == "compile-reference":
+            pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
+        raise
+
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    synchronize()
+    benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - before
+    if provider != "compile-reference" and mode != "bwd":
+        unique, total, _ = saved_bytes(lambda: fn(w))
+        benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
+
+    def timed():
+        step()
+        synchronize()
+
+    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info.update(_figures(mode, b, h, n, p, benchmark.stats.stats.median))
