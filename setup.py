@@ -6,7 +6,10 @@ setup(
     description="Fast, faithful CRATE-MAE: fused Triton/CUDA operators, drop-in model, training and analysis",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["crate_kernels", "crate_kernels.*"]),
+    packages=find_packages(include=["crate_kernels", "crate_kernels.*"]) + ["crate_kernels.csrc"],
+    # the CUDA extension's sources ship inside the package; crate_kernels.ops.cuda_ext builds them on first use
+    package_dir={"crate_kernels.csrc": "csrc"},
+    package_data={"crate_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pytest tests/ -q -p no:cacheprovider --durations=15 "$@"
-python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-disable
+CRATE_BENCH_BATCH=2 python -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-disable

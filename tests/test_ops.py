@@ -197,6 +197,9 @@ def test_backend_selection(monkeypatch):
         ops.mssa_attention(w)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.mssa_attention(w, backend="cudnn")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' .* needs CUDA tensors"):
+            ops.ista_step(torch.randn(3, 8), torch.randn(8, 8), backend="cuda")
 
 
 # ------------------------------------------------------------------ bad inputs

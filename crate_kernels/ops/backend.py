@@ -13,6 +13,7 @@ The process-wide default comes from ``set_backend`` or the environment variable
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -77,7 +78,24 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
         raise NotImplementedError(f"backend {name!r} is not implemented for this operator (available: {has})")
     if name in ("triton", "cuda"):
         _require_triton(tensor, name)
+    if name == "cuda":
+        _require_cuda_extension(tensor)
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_problem() -> str | None:
+    from . import cuda_ext
+
+    return cuda_ext.why_unavailable()
+
+
+def _require_cuda_extension(tensor: torch.Tensor) -> None:
+    if not tensor.is_cuda:
+        raise RuntimeError(f"backend 'cuda' runs CUDA kernels and needs CUDA tensors, got device {tensor.device}")
+    problem = _cuda_extension_problem()
+    if problem:
+        raise RuntimeError(f"backend 'cuda' is unavailable: {problem}")
 
 
 def autocast_input(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 
+from . import cuda_ext
 from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
@@ -325,6 +326,10 @@ if triton_available():
 
     _FORWARD["triton"] = _forward_triton
     _BACKWARD["triton"] = _backward_triton
+
+    # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
+    _FORWARD["cuda"] = _forward_triton
+    _BACKWARD["cuda"] = cuda_ext.ista_backward
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cuda_ext
 from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
@@ -292,6 +293,10 @@ if triton_available():
     _FORWARD["triton"] = _forward_triton
     _BACKWARD["triton"] = _backward_triton
 
+    # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
+    _FORWARD["cuda"] = _forward_triton
+    _BACKWARD["cuda"] = cuda_ext.mssa_backward
+
 
 # ----------------------------------------------------------------------------------------------
 # torch.library registration: torch.compile sees each launcher as one opaque op
@@ -365,6 +370,6 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, backend: str | N
     if name == "reference":
         return mssa_reference(w, scale)
     w = autocast_input(w)
-    if name != "triton" and w.stride(-1) != 1:
-        w = w.contiguous()  # PyTorch's kernels want unit stride in p; the Triton kernels read any strides
+    if name == "torch" and w.stride(-1) != 1:
+        w = w.contiguous()  # PyTorch's kernels want unit stride in p; the Triton and CUDA kernels read strides
     return MSSAFunction.apply(w, scale, name)

@@ -1,0 +1,163 @@
+// torch bindings of the CRATE backward launchers (crate_kernels.h): check tensors, allocate outputs and
+// workspaces, launch on the current CUDA stream of the tensors' device, raise on any CUDA error.
+// Uses only device-generic c10 headers (no CUDA torch headers), so it also builds against a CPU torch.
+#include <torch/extension.h>
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <tuple>
+
+#include "crate_kernels.h"
+
+namespace {
+
+#define CK_CHECK_CUDA(call)                                                                          \
+  do {                                                                                               \
+    const cudaError_t err_ = (call);                                                                 \
+    TORCH_CHECK(err_ == cudaSuccess, "crate_kernels CUDA extension: ", #call, " failed: ",            \
+                cudaGetErrorName(err_), " (", cudaGetErrorString(err_), ")");                         \
+  } while (0)
+
+ck_dtype to_ck_dtype(const at::Tensor& t, const char* name) {
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "crate_kernels CUDA extension: ", name,
+              " must be float32, float16 or bfloat16, got ", st);
+  return st == at::kFloat ? CK_FLOAT32 : st == at::kHalf ? CK_FLOAT16 : CK_BFLOAT16;
+}
+
+cudaStream_t current_stream(const at::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+  return static_cast<cudaStream_t>(stream.native_handle());
+}
+
+void check_on(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), "crate_kernels CUDA extension: ", name, " must be a CUDA tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.device() == device, "crate_kernels CUDA extension: ", name, " is on ", t.device(),
+              ", expected ", device);
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "crate_kernels CUDA extension: ", name, " has shape ", t.sizes(), ", ",
+              ref_name, " has ", ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "crate_kernels CUDA extension: ", name, " has dtype ",
+              t.scalar_type(), ", ", ref_name, " has ", ref.scalar_type());
+}
+
+void check_unit_last(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "crate_kernels CUDA extension: ", name,
+              " must have unit stride along its last dimension, got strides ", t.strides());
+}
+
+ck_strides3 strides_bhn(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Row stride of a 2-D tensor; any value is fine for fewer than two rows.
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+// dw (B, H, N, p) of out = softmax(scale w w^T) w from dout, w, out (B, H, N, p) and lse (B, H, N) fp32;
+// any strides along B, H, N (the kernels read and write through them), unit stride along p.
+at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::Tensor& out, const at::Tensor& lse,
+                         double scale, bool tensor_cores) {
+  TORCH_CHECK(w.dim() == 4, "crate_kernels CUDA extension: w must be (B, H, N, p), got shape ", w.sizes());
+  const at::Device device = w.device();
+  check_on(w, "w", device);
+  check_on(dout, "dout", device);
+  check_on(out, "out", device);
+  check_on(lse, "lse", device);
+  const ck_dtype dtype = to_ck_dtype(w, "w");
+  check_same(dout, "dout", w, "w");
+  check_same(out, "out", w, "w");
+  check_unit_last(w, "w");
+  check_unit_last(dout, "dout");
+  check_unit_last(out, "out");
+  const int64_t b = w.size(0), h = w.size(1), n = w.size(2), p = w.size(3);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == b && lse.size(1) == h &&
+                  lse.size(2) == n && lse.is_contiguous(),
+              "crate_kernels CUDA extension: lse must be a contiguous float32 (B, H, N) tensor, got ",
+              lse.scalar_type(), " of shape ", lse.sizes());
+  TORCH_CHECK(n >= 1 && p >= 1 && p <= CK_MSSA_MAX_HEAD_DIM,
+              "crate_kernels CUDA extension: mssa_backward needs N >= 1 and 1 <= p <= ", CK_MSSA_MAX_HEAD_DIM,
+              ", got shape ", w.sizes());
+  TORCH_CHECK(scale > 0, "crate_kernels CUDA extension: scale must be positive, got ", scale);
+  TORCH_CHECK(!tensor_cores || dtype != CK_FLOAT32,
+              "crate_kernels CUDA extension: tensor cores take float16 or bfloat16, got float32");
+
+  const c10::DeviceGuard guard(device);
+  at::Tensor dw = at::empty_like(w);  // w's layout where w is dense; unit stride along p either way
+  if (dw.numel() == 0) return dw;
+  at::Tensor delta = at::empty({b, h, n}, w.options().dtype(at::kFloat));
+  CK_CHECK_CUDA(ck_mssa_backward(dout.data_ptr(), strides_bhn(dout), w.data_ptr(), strides_bhn(w), out.data_ptr(),
+                                 strides_bhn(out), lse.data_ptr<float>(), dw.data_ptr(), strides_bhn(dw),
+                                 delta.data_ptr<float>(), b, h, n, p, static_cast<float>(scale), dtype,
+                                 tensor_cores ? 1 : 0, current_stream(device)));
+  return dw;
+}
+
+// dx = G + eta G M^T (x's dtype) and dM = eta x^T G (fp32) with G = dout * mask; an undefined tensor (None in
+// Python) for a gradient that is not needed.
+std::tuple<at::Tensor, at::Tensor> ista_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& m,
+                                                 const at::Tensor& packed_mask, double step_size, bool need_dx,
+                                                 bool need_dm, bool tensor_cores) {
+  TORCH_CHECK(x.dim() == 2, "crate_kernels CUDA extension: x must be (rows, d), got shape ", x.sizes());
+  const at::Device device = x.device();
+  check_on(x, "x", device);
+  check_on(dout, "dout", device);
+  check_on(m, "m", device);
+  check_on(packed_mask, "packed_mask", device);
+  const ck_dtype dtype = to_ck_dtype(x, "x");
+  check_same(dout, "dout", x, "x");
+  const int64_t rows = x.size(0), d = x.size(1);
+  TORCH_CHECK(d >= 1, "crate_kernels CUDA extension: x must have d >= 1 columns, got shape ", x.sizes());
+  TORCH_CHECK(m.scalar_type() == at::kFloat && m.dim() == 2 && m.size(0) == d && m.size(1) == d,
+              "crate_kernels CUDA extension: m must be a float32 (d, d) tensor with d = ", d, ", got ",
+              m.scalar_type(), " of shape ", m.sizes());
+  TORCH_CHECK(packed_mask.scalar_type() == at::kByte && packed_mask.dim() == 2 && packed_mask.size(0) == rows &&
+                  packed_mask.size(1) == (d + 7) / 8,
+              "crate_kernels CUDA extension: packed_mask must be a uint8 (rows, ceil(d / 8)) = (", rows, ", ",
+              (d + 7) / 8, ") tensor, got ", packed_mask.scalar_type(), " of shape ", packed_mask.sizes());
+  check_unit_last(x, "x");
+  check_unit_last(dout, "dout");
+  check_unit_last(m, "m");
+  check_unit_last(packed_mask, "packed_mask");
+  TORCH_CHECK(step_size > 0, "crate_kernels CUDA extension: step_size must be positive, got ", step_size);
+  TORCH_CHECK(!tensor_cores || dtype != CK_FLOAT32,
+              "crate_kernels CUDA extension: tensor cores take float16 or bfloat16, got float32");
+
+  const c10::DeviceGuard guard(device);
+  const cudaStream_t stream = current_stream(device);
+  const float eta = static_cast<float>(step_size);
+  const int tc = tensor_cores ? 1 : 0;
+  at::Tensor dx, dm;
+  if (need_dx) {
+    dx = at::empty({rows, d}, x.options());
+    CK_CHECK_CUDA(ck_ista_backward_dx(dout.data_ptr(), row_stride(dout), packed_mask.data_ptr<uint8_t>(),
+                                      row_stride(packed_mask), m.data_ptr<float>(), row_stride(m), dx.data_ptr(),
+                                      d, rows, d, eta, dtype, tc, stream));
+  }
+  if (need_dm) {
+    dm = at::empty({d, d}, m.options());
+    int64_t splits = 0, chunk = 0;
+    CK_CHECK_CUDA(ck_ista_dm_plan(rows, d, &splits, &chunk));
+    at::Tensor partials;
+    if (splits > 1) partials = at::empty({splits, d, d}, m.options());
+    CK_CHECK_CUDA(ck_ista_backward_dm(x.data_ptr(), row_stride(x), dout.data_ptr(), row_stride(dout),
+                                      packed_mask.data_ptr<uint8_t>(), row_stride(packed_mask),
+                                      dm.data_ptr<float>(), splits > 1 ? partials.data_ptr<float>() : nullptr,
+                                      splits, chunk, rows, d, eta, dtype, tc, stream));
+  }
+  return {dx, dm};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "CUDA backward kernels of the CRATE operators (MSSA, ISTA); see csrc/crate_kernels.h";
+  module.def("mssa_backward", &mssa_backward, "dw of out = softmax(scale w w^T) w", pybind11::arg("dout"),
+             pybind11::arg("w"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("scale"),
+             pybind11::arg("tensor_cores"));
+  module.def("ista_backward", &ista_backward, "(dx, dM) of out = relu(x + eta x M - eta lambda)",
+             pybind11::arg("dout"), pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("packed_mask"),
+             pybind11::arg("step_size"), pybind11::arg("need_dx"), pybind11::arg("need_dm"),
+             pybind11::arg("tensor_cores"));
+}

@@ -1,0 +1,105 @@
+// Device helpers shared by the CRATE backward kernels: dtype conversion, tile fills, launch plumbing.
+// Written against the CUDA headers only and valid under torch's -D__CUDA_NO_HALF_CONVERSIONS__ family.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "crate_kernels.h"
+
+// wmma on bf16 needs sm_80; older targets compile the tensor-core kernels to a trap (the launchers
+// refuse tensor cores below compute capability 8.0, so that body never runs).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define CK_TENSOR_CORE_ARCH 1
+#else
+#define CK_TENSOR_CORE_ARCH 0
+#endif
+
+namespace ck {
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Round to nearest even, as torch's .to(dtype) does.
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// dst[r * LD + c] = f(r, c) for an R x C tile, all threads of the block taking part. ROW_FAST makes r the
+// index that varies fastest across threads: pick the one along which the global source is contiguous.
+template <int R, int C, int LD, bool ROW_FAST, typename S, typename F>
+__device__ __forceinline__ void fill_tile(S* dst, F f) {
+  for (int idx = threadIdx.x; idx < R * C; idx += blockDim.x) {
+    const int r = ROW_FAST ? idx % R : idx / C;
+    const int c = ROW_FAST ? idx / R : idx % C;
+    dst[r * LD + c] = from_f32<S>(f(r, c));
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with the storage type named by `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(ck_dtype dtype, F&& f) {
+  switch (dtype) {
+    case CK_FLOAT32: return f(TypeTag<float>{});
+    case CK_FLOAT16: return f(TypeTag<__half>{});
+    case CK_BFLOAT16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+#define CK_RETURN_IF_ERROR(call)                  \
+  do {                                            \
+    const cudaError_t ck_err_ = (call);           \
+    if (ck_err_ != cudaSuccess) return ck_err_;   \
+  } while (0)
+
+// Compute capability major of the current device.
+inline cudaError_t device_major(int* major) {
+  int dev = 0;
+  CK_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
+}
+
+// Allows `kernel` `smem_bytes` of dynamic shared memory (opting in above 48 KB where the device has it).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem_bytes) {
+  int dev = 0, optin = 0;
+  CK_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  CK_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (smem_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidConfiguration;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+}
+
+constexpr int64_t kMaxGridX = 2147483647;
+
+// The block's dynamic shared memory, 128-byte aligned. host_emulation.h supplies its own under
+// CK_HOST_EMULATION, where tests/test_csrc.py runs these kernels on the CPU.
+#ifndef CK_HOST_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char ck_dynamic_smem[];
+  return ck_dynamic_smem;
+}
+#endif
+
+}  // namespace ck

@@ -1,0 +1,388 @@
+"""csrc/: the CUDA backward kernels and their torch binding.
+
+(a) every csrc/*.cu compiles torch-free with nvcc for sm_80 and sm_90 under torch's extension flags, with no
+    warning, no register spill and no stack frame;
+(b) the binding builds against this torch as a CppExtension linking those objects and libcudart, and imports;
+(c) the kernels run on the CPU through csrc/host_emulation.h (g++, one std::thread per CUDA thread) and match
+    float64 math: every launcher, both variants (fma, wmma), odd shapes, strided inputs, guarded outputs;
+(d) on CUDA, the extension built by crate_kernels.ops.cuda_ext matches float64 math.
+
+Without nvcc (or g++, ninja) (a)-(c) skip, unless $CI is set: CI must have the toolchain.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crate_kernels.ops import cuda_ext
+from crate_kernels.ops.ista import pack_mask
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+KERNELS = sorted(CSRC.glob("*.cu"))
+ARCHS = ("80", "90")
+# torch.utils.cpp_extension passes these to nvcc for every .cu of an extension.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+GUARD = 64  # poisoned elements on each side of every buffer the kernels see
+
+
+def _need(tool: str | None, what: str):
+    if tool:
+        return tool
+    if IN_CI:
+        pytest.fail(f"{what} is missing, and CI must have it")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="module")
+def cuda_root() -> Path:
+    return Path(_need(cuda_ext.cuda_home(), "the CUDA toolkit (nvcc)"))
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("csrc")
+
+
+@pytest.fixture(scope="module")
+def objects(cuda_root, build_dir):
+    """Compile every kernel file in parallel: {path: (object, returncode, compiler output)}."""
+    procs = {}
+    for cu in KERNELS:
+        obj = build_dir / f"{cu.stem}.o"
+        cmd = [str(cuda_root / "bin" / "nvcc"), "-c", str(cu), "-o", str(obj), "-O3", "-std=c++17",
+               "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES, "-Werror", "all-warnings",
+               "-Xcompiler", "-fPIC,-Wall,-Wextra", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"]
+        for arch in ARCHS:
+            cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        procs[cu] = (obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = {}
+    for cu, (obj, proc) in procs.items():
+        log = proc.communicate()[0]  # drains the pipe while waiting
+        results[cu] = (obj, proc.returncode, log)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# (a) nvcc
+# --------------------------------------------------------------------------------------------------------
+def test_kernel_sources_exist():
+    assert {p.name for p in KERNELS} >= {"mssa_backward.cu", "ista_backward.cu"}
+    for cu in KERNELS:
+        assert "torch" not in re.findall(r'#include\s*[<"]([^/>"]+)', cu.read_text()), f"{cu.name} includes torch"
+
+
+@pytest.mark.parametrize("cu", KERNELS, ids=[p.name for p in KERNELS])
+def test_nvcc_compiles(objects, cu):
+    obj, returncode, log = objects[cu]
+    assert returncode == 0 and obj.is_file(), f"nvcc failed on {cu.name}:\n{log}"
+    assert "warning" not in log.lower(), f"nvcc warns on {cu.name}:\n{log}"
+    # ptxas -v: every kernel of every arch keeps its arrays in registers.
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert frames, f"no ptxas report for {cu.name}:\n{log}"
+    bad = [f for f in frames if f != ("0", "0", "0")]
+    assert not bad, f"{cu.name}: kernels with a stack frame or spills (stack, spill stores, spill loads): {bad}\n{log}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# (b) the binding links
+# --------------------------------------------------------------------------------------------------------
+def test_binding_builds_and_links(objects, cuda_root, build_dir):
+    _need(shutil.which("ninja"), "ninja")
+    failed = [cu.name for cu, (_, rc, _) in objects.items() if rc != 0]
+    assert not failed, f"kernel objects did not compile: {failed}"
+    from torch.utils import cpp_extension
+
+    lib = cuda_root / "lib64" if (cuda_root / "lib64").is_dir() else cuda_root / "lib"
+    out = build_dir / "binding"
+    out.mkdir(exist_ok=True)
+    module = cpp_extension.load(
+        name="crate_kernels_link_check", sources=[str(CSRC / "bindings.cpp")], build_directory=str(out),
+        extra_cflags=["-O0", "-Wall", "-Wextra", "-Werror", "-isystem", str(cuda_root / "include")],
+        extra_include_paths=[str(CSRC)],
+        extra_ldflags=[str(obj) for obj, _, _ in objects.values()] + [f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"],
+        verbose=False,
+    )
+    # Every launcher resolved at import (RTLD_NOW); the argument checks run before any CUDA call.
+    w = torch.randn(1, 2, 3, 8)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        module.mssa_backward(w, w, w, torch.zeros(1, 2, 3), 0.5, False)
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        module.ista_backward(x, x, torch.eye(8), torch.zeros(3, 1, dtype=torch.uint8), 0.1, True, True, False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Float64 truth and the error rule shared by (c) and (d)
+# --------------------------------------------------------------------------------------------------------
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _guarded(shape, dtype, fill=float("nan"), device="cpu"):
+    """(buffer, tensor): a contiguous tensor inside a buffer whose GUARD elements on each side hold `fill`."""
+    buf = torch.full((math.prod(shape) + 2 * GUARD,), fill, dtype=dtype, device=device)
+    return buf, buf[GUARD:GUARD + math.prod(shape)].view(shape)
+
+
+def _assert_guards_intact(buf, fill, name):
+    guards = torch.cat([buf[:GUARD], buf[-GUARD:]])
+    intact = torch.isnan(guards.float()).all() if math.isnan(fill) else (guards == fill).all()
+    assert bool(intact), f"{name}: a kernel wrote outside its output"
+
+
+def _assert_close(got, truth, ref, dtype, name):
+    """fp32 within 1e-5 of max|truth|; fp16/bf16 within 2x the error of the same math in that dtype (`ref`)
+    plus one ulp of max|truth|."""
+    assert got.shape == truth.shape and not torch.isnan(got).any(), f"{name}: NaN or wrong shape"
+    scale = truth.abs().max().item()
+    err = (got.double() - truth).abs().max().item()
+    if dtype == torch.float32:
+        bound = 1e-5 * scale
+    else:
+        bound = 2 * (ref.double() - truth).abs().max().item() + ULP[dtype] * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (max |truth| {scale:.3e})"
+
+
+def _mssa_inputs(b, h, n, p, dtype, device):
+    """w as the (B, H, N, p) view of a (B, N, H, p) buffer (the model's layout), dout, and out, lse from
+    float64 math (what a forward hands the backward)."""
+    scale = p ** -0.5
+    _, wfull = _guarded((b, n, h, p), dtype, device=device)
+    wfull.copy_(torch.randn(b, n, h, p) * 0.8)
+    w = wfull.permute(0, 2, 1, 3)
+    _, dout = _guarded((b, h, n, p), dtype, device=device)
+    dout.copy_(torch.randn(b, h, n, p))
+    w64 = w.double()
+    s = w64 @ w64.transpose(-1, -2) * scale
+    _, out = _guarded((b, h, n, p), dtype, device=device)
+    out.copy_(torch.softmax(s, -1) @ w64)
+    _, lse = _guarded((b, h, n), torch.float32, device=device)
+    lse.copy_(torch.logsumexp(s, -1))
+    return w, dout, out, lse, scale
+
+
+def _mssa_check(dw, w, dout, scale, dtype, name):
+    w64 = w.double().requires_grad_()
+    (torch.softmax(w64 @ w64.transpose(-1, -2) * scale, -1) @ w64).backward(dout.double())
+    wr = w.detach().clone().requires_grad_()  # the release's math in dtype
+    (torch.softmax(wr @ wr.transpose(-1, -2) * scale, -1) @ wr).backward(dout)
+    _assert_close(dw, w64.grad, wr.grad, dtype, name)
+
+
+def _ista_inputs(rows, d, dtype, device):
+    _, x = _guarded((rows, d), dtype, device=device)
+    x.copy_(torch.randn(rows, d))
+    _, dout = _guarded((rows, d), dtype, device=device)
+    dout.copy_(torch.randn(rows, d))
+    _, m = _guarded((d, d), torch.float32, device=device)
+    m.copy_(torch.randn(d, d) * d ** -0.5)
+    mask = torch.rand(rows, d, device=device) > 0.5
+    _, packed = _guarded((rows, (d + 7) // 8), torch.uint8, fill=255, device=device)
+    packed.copy_(pack_mask(mask))
+    return x, dout, m, mask, packed
+
+
+def _ista_check(dx, dm, x, dout, m, mask, eta, dtype, name):
+    g64 = dout.double() * mask
+    if dx is not None and dx.numel():
+        g = (dout * mask).float()  # the torch backend's math: M rounded to dtype, fp32 accumulation
+        ref = torch.addmm(g, g, m.to(dtype).float().t(), alpha=eta).to(dtype)
+        _assert_close(dx, g64 + eta * g64 @ m.double().t(), ref, dtype, f"{name} dx")
+    if dm is not None:
+        truth = eta * x.double().t() @ g64
+        if x.shape[0] == 0:
+            assert bool((dm == 0).all()), f"{name} dM: not zero without rows"
+        else:
+            _assert_close(dm, truth, None, torch.float32, f"{name} dM")
+
+
+# --------------------------------------------------------------------------------------------------------
+# (c) the kernels on the CPU (csrc/host_emulation.h)
+# --------------------------------------------------------------------------------------------------------
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>()]*>)?)<<<(.+?)>>>\(", re.S)
+
+
+class _Strides3(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+@pytest.fixture(scope="module")
+def emulated(cuda_root, build_dir):
+    """The launchers of csrc/*.cu compiled by g++ against host_emulation.h, loaded with ctypes."""
+    gxx = _need(shutil.which("g++"), "g++")
+    sources = []
+    for cu in KERNELS:
+        src, launches = _LAUNCH.subn(lambda m: f"ck_emu::Launch({m.group(1)}, {m.group(2)})(", cu.read_text())
+        assert launches, f"no kernel launch found in {cu.name}"
+        sources.append(build_dir / f"{cu.stem}.emu.cpp")
+        sources[-1].write_text(src)
+    lib_path = build_dir / "libck_emu.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
+           "-Wno-unknown-pragmas", f"-I{CSRC}", "-isystem", str(cuda_root / "include"), "-include",
+           str(CSRC / "host_emulation.h"), *map(str, sources), "-o", str(lib_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"g++ failed on the emulated kernels:\n{result.stderr}"
+    lib = ctypes.CDLL(str(lib_path))
+    i64, f32, vp, c_int, s3 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, _Strides3
+    lib.ck_mssa_backward.argtypes = [vp, s3, vp, s3, vp, s3, vp, vp, s3, vp, i64, i64, i64, i64, f32, c_int,
+                                     c_int, vp]
+    lib.ck_ista_backward_dx.argtypes = [vp, i64, vp, i64, vp, i64, vp, i64, i64, i64, f32, c_int, c_int, vp]
+    lib.ck_ista_dm_plan.argtypes = [i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
+    lib.ck_ista_backward_dm.argtypes = [vp, i64, vp, i64, vp, i64, vp, vp, i64, i64, i64, i64, f32, c_int, c_int,
+                                        vp]
+    for fn in (lib.ck_mssa_backward, lib.ck_ista_backward_dx, lib.ck_ista_dm_plan, lib.ck_ista_backward_dm):
+        fn.restype = c_int
+    return lib
+
+
+_CK_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# (dtype, tensor_cores): fp32 has only the FMA tiles.
+_VARIANTS = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False),
+             (torch.float16, False)]
+_VARIANT_IDS = [f"{str(dt).split('.')[1]}-{'wmma' if tc else 'fma'}" for dt, tc in _VARIANTS]
+
+
+def _s3(t):
+    return _Strides3(*t.stride()[:3])
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", _VARIANTS, ids=_VARIANT_IDS)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 32), (2, 1, 17, 48), (1, 1, 197, 64), (1, 1, 40, 128), (1, 2, 23, 20)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_emulated_mssa_backward(emulated, shape, dtype, tensor_cores):
+    b, h, n, p = shape
+    w, dout, out, lse, scale = _mssa_inputs(b, h, n, p, dtype, "cpu")
+    dwbuf, dw = _guarded((b, h, n, p), dtype)
+    _, delta = _guarded((b, h, n), torch.float32)
+    err = emulated.ck_mssa_backward(dout.data_ptr(), _s3(dout), w.data_ptr(), _s3(w), out.data_ptr(), _s3(out),
+                                    lse.data_ptr(), dw.data_ptr(), _s3(dw), delta.data_ptr(), b, h, n, p, scale,
+                                    _CK_DTYPE[dtype], int(tensor_cores), None)
+    assert err == 0, f"ck_mssa_backward returned cudaError {err}"
+    _assert_guards_intact(dwbuf, float("nan"), "dw")
+    _mssa_check(dw, w, dout, scale, dtype, f"emulated mssa {shape}")
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", _VARIANTS, ids=_VARIANT_IDS)
+@pytest.mark.parametrize("rows,d", [(1, 64), (7, 96), (45, 136), (300, 40), (0, 16), (5, 13)],
+                         ids=lambda v: str(v))
+def test_emulated_ista_backward(emulated, rows, d, dtype, tensor_cores):
+    eta = 0.1
+    x, dout, m, mask, packed = _ista_inputs(rows, d, dtype, "cpu")
+    dxbuf, dx = _guarded((rows, d), dtype)
+    dmbuf, dm = _guarded((d, d), torch.float32)
+    splits, chunk = ctypes.c_int64(), ctypes.c_int64()
+    assert emulated.ck_ista_dm_plan(rows, d, ctypes.byref(splits), ctypes.byref(chunk)) == 0
+    if (rows, d) == (300, 40):
+        assert splits.value > 1, "this shape should exercise the split reduction"
+    partials = torch.full((splits.value, d, d), float("nan"))
+    dtype_id = _CK_DTYPE[dtype]
+    err = emulated.ck_ista_backward_dx(dout.data_ptr(), d, packed.data_ptr(), packed.stride(0), m.data_ptr(), d,
+                                       dx.data_ptr(), d, rows, d, eta, dtype_id, int(tensor_cores), None)
+    assert err == 0, f"ck_ista_backward_dx returned cudaError {err}"
+    err = emulated.ck_ista_backward_dm(x.data_ptr(), d, dout.data_ptr(), d, packed.data_ptr(), packed.stride(0),
+                                       dm.data_ptr(), partials.data_ptr() if splits.value > 1 else None,
+                                       splits.value, chunk.value, rows, d, eta, dtype_id, int(tensor_cores), None)
+    assert err == 0, f"ck_ista_backward_dm returned cudaError {err}"
+    _assert_guards_intact(dxbuf, float("nan"), "dx")
+    _assert_guards_intact(dmbuf, float("nan"), "dM")
+    _ista_check(dx, dm, x, dout, m, mask, eta, dtype, f"emulated ista {(rows, d)}")
+
+
+def test_emulated_launchers_reject_bad_arguments(emulated):
+    s = _Strides3(0, 0, 0)
+    buf = torch.zeros(4096)
+    ptr = buf.data_ptr()
+    # p above 128, tensor cores with fp32: cudaErrorInvalidValue (1)
+    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 129, 0.1, 0, 0, None) == 1
+    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 64, 0.1, 0, 1, None) == 1
+    # chunks that do not tile the rows
+    assert emulated.ck_ista_backward_dm(ptr, 8, ptr, 8, ptr, 1, ptr, ptr, 2, 64, 200, 8, 0.1, 0, 0, None) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# (d) the extension on CUDA
+# --------------------------------------------------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_CUDA_VARIANTS = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, False),
+                  (torch.float16, False)]
+_CUDA_IDS = [f"{str(dt).split('.')[1]}-{'fma' if tc is False or dt == torch.float32 else 'wmma'}"
+             for dt, tc in _CUDA_VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def cuda_extension():
+    return cuda_ext.load()  # a build failure fails the test
+
+
+def _poison_cuda_cache():
+    """Fill freed blocks of the caching allocator with NaN, so outputs the extension allocates next start as
+    NaN wherever a kernel fails to write (small pool: blocks up to 1 MB; large pool)."""
+    blocks = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(8)]
+    blocks.append(torch.full((1 << 24,), float("nan"), device="cuda"))
+    del blocks
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tensor_cores", _CUDA_VARIANTS, ids=_CUDA_IDS)
+@pytest.mark.parametrize("n", [1, 17, 197, 257])
+@pytest.mark.parametrize("p", [32, 48, 64, 128])
+def test_cuda_mssa_backward(cuda_extension, n, p, dtype, tensor_cores):
+    b, h = 2, 3
+    w, dout, out, lse, scale = _mssa_inputs(b, h, n, p, dtype, "cuda")
+    _poison_cuda_cache()
+    dw = cuda_ext.mssa_backward(dout, w, out, lse, scale, tensor_cores=tensor_cores)
+    torch.cuda.synchronize()
+    assert dw.dtype == dtype and dw.shape == w.shape and dw.stride() == w.stride()
+    _mssa_check(dw, w, dout, scale, dtype, f"cuda mssa {(b, h, n, p)}")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tensor_cores", _CUDA_VARIANTS, ids=_CUDA_IDS)
+@pytest.mark.parametrize("rows", [1, 7, 197, 2000])
+@pytest.mark.parametrize("d", [64, 96, 384])
+def test_cuda_ista_backward(cuda_extension, rows, d, dtype, tensor_cores):
+    eta = 0.1
+    x, dout, m, mask, packed = _ista_inputs(rows, d, dtype, "cuda")
+    _poison_cuda_cache()
+    dx, dm = cuda_ext.ista_backward(dout, x, m, packed, eta, True, True, tensor_cores=tensor_cores)
+    dx_only, none = cuda_ext.ista_backward(dout, x, m, packed, eta, True, False, tensor_cores=tensor_cores)
+    none2, dm_again = cuda_ext.ista_backward(dout, x, m, packed, eta, False, True, tensor_cores=tensor_cores)
+    torch.cuda.synchronize()
+    assert none is None and none2 is None
+    assert torch.equal(dx, dx_only) and torch.equal(dm, dm_again), "not deterministic"
+    assert dx.dtype == dtype and dm.dtype == torch.float32
+    _ista_check(dx, dm, x, dout, m, mask, eta, dtype, f"cuda ista {(rows, d)}")
+
+
+@cuda_only
+def test_cuda_ext_rejects_cpu_tensors_and_bad_dtypes(cuda_extension):
+    w = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cuda_ext.mssa_backward(w, w, w, torch.zeros(1, 1, 4), 0.5)
+    wd = w.double().cuda()
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        cuda_ext.mssa_backward(wd, wd, wd, torch.zeros(1, 1, 4, device="cuda"), 0.5)
+
+
+def test_cli_without_arguments_prints_help():
+    result = subprocess.run([sys.executable, "-m", "crate_kernels.ops.cuda_ext"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and "--build" in result.stdout, result.stderr
+
+
+def test_cuda_ext_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    assert not cuda_ext.available() and "CPU-only build" in cuda_ext.why_unavailable()
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        cuda_ext.load()
