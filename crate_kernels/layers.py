@@ -2,6 +2,11 @@
 
 Encoder layer:  z_half = z + MSSA(LN1(z));   z_next = ISTA(LN2(z_half))
 Decoder layer:  y = LN1(z) W_dec^T;          z_next = y - MSSA'(LN2(y))
+
+PreNorm hands its LayerNorm to the layer it wraps. When autograd records and the backend is not
+`reference`, the layer fuses the norm into its first product (ops.layer_norm_linear, ista_step(norm=))
+so backward keeps LN's input and per-row statistics instead of LN's output. Without autograd (eval,
+analysis) every submodule is called as in the release, so forward hooks on `qkv` and `norm` fire.
 """
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import torch
 from torch import nn
 
 from .ops import ista_step, mssa_attention
-from .ops.backend import _check_name
+from .ops.backend import _check_name, get_backend
+from .ops.layer_norm_linear import layer_norm_linear
 
 
 class _BackendMixin:
@@ -19,6 +25,11 @@ class _BackendMixin:
 
     def set_backend(self, backend: str | None) -> None:
         self.backend = None if backend is None else _check_name(backend)
+
+    def _fuse_norm(self, norm: nn.LayerNorm | None) -> bool:
+        """Whether to fold ``norm`` into this layer's first product (see the module docstring)."""
+        backend = get_backend() if self.backend is None else self.backend
+        return norm is not None and torch.is_grad_enabled() and backend != "reference"
 
 
 class MSSA(_BackendMixin, nn.Module):
@@ -37,9 +48,13 @@ class MSSA(_BackendMixin, nn.Module):
         b, n, _ = x.shape
         return self.qkv(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
         b, n, _ = x.shape
-        out = mssa_attention(self.project(x), self.scale, backend=self.backend)
+        if self._fuse_norm(norm):
+            w = layer_norm_linear(x, norm, self.qkv.weight).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        else:
+            w = self.project(x if norm is None else norm(x))
+        out = mssa_attention(w, self.scale, backend=self.backend)
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 
@@ -52,11 +67,13 @@ class ISTA(_BackendMixin, nn.Module):
         nn.init.kaiming_uniform_(self.weight)
         self.step_size, self.lambd = step_size, lambd
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ista_step(x, self.weight, self.step_size, self.lambd, backend=self.backend)
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        if norm is not None and not self._fuse_norm(norm):
+            x, norm = norm(x), None
+        return ista_step(x, self.weight, self.step_size, self.lambd, backend=self.backend, norm=norm)
 
 
-class LinearNoBias(nn.Module):
+class LinearNoBias(_BackendMixin, nn.Module):
     """The decoder's bias-free d x d map x W^T (kept out of nn.Linear so the xavier init skips it)."""
 
     def __init__(self, dim: int):
@@ -64,8 +81,10 @@ class LinearNoBias(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dim))
         nn.init.kaiming_uniform_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        if self._fuse_norm(norm):
+            return layer_norm_linear(x, norm, self.weight)
+        return nn.functional.linear(x if norm is None else norm(x), self.weight)
 
 
 class PreNorm(nn.Module):
@@ -75,7 +94,7 @@ class PreNorm(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
+        return self.fn(x, norm=self.norm)
 
 
 class EncoderBlock(nn.Module):

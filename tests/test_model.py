@@ -214,3 +214,30 @@ def test_bad_model_inputs_raise_clear_errors():
         CRATEMAE(img_size=32, patch_size=8, embed_dim=96, num_heads=5)
     with pytest.raises(ValueError, match="backend must be one of"):
         CRATEMAE(**SMALL, backend="fast")
+
+
+def test_fused_backends_save_half_the_bytes_of_the_release():
+    """Per layer the fused path keeps LN inputs, w, MSSA's output and ISTA's mask bits, never N x N scores."""
+    def saved_unique(model, imgs):
+        storages = {}
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(imgs)
+        return sum(storages.values())
+
+    config = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    ref, fused = CRATEMAE(**config, backend="reference"), CRATEMAE(**config, backend="torch")
+    imgs = torch.randn(4, 3, 64, 64)
+    assert saved_unique(fused, imgs) <= 0.5 * saved_unique(ref, imgs)
+
+
+def test_submodules_run_as_released_without_autograd():
+    """Under no_grad the norms and qkv projections are called as modules, so analysis hooks see them."""
+    model = CRATEMAE(**SMALL, backend="torch")
+    seen = []
+    model.blocks[0].layers[0][0].fn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [(1, 17, 96)]

@@ -216,3 +216,80 @@ def test_bad_inputs_raise_clear_errors():
         ops.ista_step(torch.randn(4, 6), torch.randn(8, 8))
     with pytest.raises(ValueError, match="step_size must be positive"):
         ops.ista_step(torch.randn(4, 8), torch.randn(8, 8), step_size=0.0)
+
+
+# ------------------------------------------------------------------ LayerNorm fused into the next product
+def _layer_norm(d, dtype=torch.float32):
+    norm = torch.nn.LayerNorm(d, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+    return norm
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_linear_matches_float64_and_saves_its_input(bias):
+    from crate_kernels.ops.layer_norm_linear import layer_norm_linear
+
+    d, out_features = 48, 40
+    norm, linear = _layer_norm(d), torch.nn.Linear(d, out_features, bias=bias)
+    x = (torch.randn(3, 17, d) * 2 + 1).requires_grad_(True)
+    dout = torch.randn(3, 17, out_features)
+    params = [x, norm.weight, norm.bias, linear.weight] + ([linear.bias] if bias else [])
+    ref = [p.detach().double().requires_grad_(True) for p in params]
+    y64 = torch.nn.functional.linear(
+        torch.nn.functional.layer_norm(ref[0], (d,), ref[1], ref[2], 1e-5), ref[3], ref[4] if bias else None
+    )
+    y64.backward(dout.double())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer_norm_linear(x, norm, linear.weight, linear.bias if bias else None)
+    y.backward(dout)
+    assert y.shape == (3, 17, out_features) and rel_err(y, y64) < 1e-5
+    for p, r in zip(params, ref):
+        assert rel_err(p.grad, r.grad) < 1e-5
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # LN's input is kept ...
+    assert not any(t.shape[-1] == d and t.numel() == x.numel() and t.data_ptr() != x.data_ptr() for t in saved)
+
+
+def test_layer_norm_linear_gradcheck_float64():
+    from crate_kernels.ops.layer_norm_linear import LayerNormLinearFunction
+
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    g = (1 + 0.1 * torch.randn(6, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, g, b, a, c: LayerNormLinearFunction.apply(x, g, b, 1e-5, a, c, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, g, b, a, c))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_ista_with_fused_norm_matches_float64(backend):
+    d = 64
+    norm = _layer_norm(d)
+    x = (torch.randn(2, 33, d) * 3).requires_grad_(True)
+    weight = (0.15 * torch.randn(d, d)).requires_grad_(True)
+    dout = torch.randn(2, 33, d)
+    params = [x, weight, norm.weight, norm.bias]
+    ref = [p.detach().double().requires_grad_(True) for p in params]
+    z64 = torch.nn.functional.layer_norm(ref[0], (d,), ref[2], ref[3], 1e-5)
+    ops.ista_reference(z64, ref[1], 0.1, 0.5).backward(dout.double())
+    out = ops.ista_step(x, weight, backend=backend, norm=norm)
+    out.backward(dout)
+    assert rel_err(out, ops.ista_reference(z64, ref[1], 0.1, 0.5)) < 1e-5
+    for p, r in zip(params, ref):
+        assert rel_err(p.grad, r.grad) < 1e-5
+
+
+def test_ista_with_fused_norm_under_autocast():
+    d = 32
+    norm = _layer_norm(d)
+    x = torch.randn(20, d, requires_grad=True)
+    weight = (0.2 * torch.randn(d, d)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.ista_step(x, weight, backend="torch", norm=norm)
+        ref = ops.ista_reference(norm(x), weight, 0.1, 0.5)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+    out.float().sum().backward()
+    assert x.grad.dtype == norm.weight.grad.dtype == weight.grad.dtype == torch.float32

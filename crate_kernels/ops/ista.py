@@ -17,6 +17,7 @@ import contextlib
 import torch
 
 from . import cuda_ext
+from .layer_norm_linear import compute_dtype_for, layer_norm_backward, layer_norm_recompute, layer_norm_stats
 from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
@@ -366,23 +367,47 @@ def _(dout, x, m, packed_mask, step_size, need_dx, need_dm, backend):
 
 
 class ISTAFunction(torch.autograd.Function):
-    """One ISTA step on 2-D x; saves x, W, M and the bit-packed activation mask for every backend."""
+    """One ISTA step on 2-D x, optionally on LN(x); saves x, W, M and the bit-packed activation mask.
+
+    With a LayerNorm (``norm_eps`` given) it saves LN's input and per-row statistics instead of LN's
+    output and recomputes LN(x) in the backward pass; the product runs in ``compute_dtype``.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, step_size: float, lambd: float, backend: str):
+    def forward(ctx, x, weight, step_size, lambd, backend, norm_weight=None, norm_bias=None, norm_eps=None,
+                compute_dtype=None):
         m = dictionary_matrix(weight)
-        out, packed_mask = ista_forward(x, m, step_size, lambd, backend)
-        ctx.save_for_backward(x, weight, m, packed_mask)
-        ctx.step_size, ctx.backend = step_size, backend
+        stats = ()
+        xn = x
+        if norm_eps is not None:
+            xn, mean, rstd = layer_norm_stats(x, norm_weight, norm_bias, norm_eps)
+            xn, stats = xn.to(compute_dtype), (mean, rstd)
+        out, packed_mask = ista_forward(xn, m, step_size, lambd, backend)
+        ctx.save_for_backward(x, weight, m, packed_mask, norm_weight, norm_bias, *stats)
+        ctx.step_size, ctx.backend, ctx.compute_dtype = step_size, backend, compute_dtype
+        ctx.has_norm = norm_eps is not None
         return out
 
     @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        x, weight, m, packed_mask = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx, dm = ista_backward(dout.contiguous(), x, m, packed_mask, ctx.step_size, need_dx, need_dw, ctx.backend)
+    def backward(ctx, dout):
+        x, weight, m, packed_mask, norm_weight, norm_bias, *stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_x = needs[0] or (ctx.has_norm and (needs[5] or needs[6]))
+        need_dw = needs[1]
+        xn = x
+        if ctx.has_norm:
+            xn = layer_norm_recompute(x, norm_weight, norm_bias, *stats).to(ctx.compute_dtype)
+        dxn, dm = ista_backward(dout, xn, m, packed_mask, ctx.step_size, need_x, need_dw, ctx.backend)
         dw = dictionary_grad(weight, dm) if need_dw else None
-        return (dx if need_dx else None), dw, None, None, None
+        if not need_x:
+            return None, dw, None, None, None, None, None, None, None
+        if not ctx.has_norm:
+            return dxn, dw, None, None, None, None, None, None, None
+        dx, dgamma, dbeta = layer_norm_backward(
+            dxn, x, norm_weight, norm_bias, *stats,
+            (needs[0], needs[5] and norm_weight is not None, needs[6] and norm_bias is not None),
+        )
+        return dx, dw, None, None, None, dgamma, dbeta, None, None
 
 
 def _check_inputs(x, weight, step_size, lambd):
@@ -406,14 +431,23 @@ def _check_inputs(x, weight, step_size, lambd):
 
 
 def ista_step(
-    x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.5, backend: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, step_size: float = 0.1, lambd: float = 0.5, backend: str | None = None,
+    norm: torch.nn.LayerNorm | None = None,
 ) -> torch.Tensor:
-    """relu(x + step_size * (x W - x W^T W) - step_size * lambd) for x (..., d) and W (d, d)."""
+    """relu(z + step_size * (z W - z W^T W) - step_size * lambd) with z = norm(x) (or x) for x (..., d), W (d, d).
+
+    With ``norm`` the fused backends keep x and LN's per-row statistics rather than norm(x) for backward.
+    """
     _check_inputs(x, weight, step_size, lambd)
     name = resolve_backend(backend, x, _BACKENDS + tuple(_FORWARD))
     if name == "reference":
-        return ista_reference(x, weight, step_size, lambd)
-    x = autocast_input(x)  # under autocast the products run in its dtype, as the release's F.linear calls do
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name)
+        return ista_reference(x if norm is None else norm(x), weight, step_size, lambd)
+    if norm is None:
+        x = autocast_input(x)  # under autocast the product runs in its dtype, as the release's F.linear calls do
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name)
+    else:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name,
+                                 norm.weight, norm.bias, norm.eps, compute_dtype_for(x))
     return out.view(x.shape)
