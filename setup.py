@@ -19,7 +19,9 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "scikit-image>=0.20",  # ships the natural photographs of the default training set
+        "pillow>=9",
     ],
+    entry_points={"console_scripts": ["crate-train = crate_kernels.train:main"]},
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1"],

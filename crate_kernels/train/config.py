@@ -1,0 +1,222 @@
+"""Configuration of MAE pretraining: flags (MAE's names), presets, a YAML file, precedence and checks.
+
+Precedence, lowest first: recipe defaults < the ``--model`` preset < ``--config`` YAML < command-line flags.
+The resolved configuration is a plain dict; ``args.yaml`` in the output directory records it and can be fed
+back with ``--config``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from ..model import CONFIGS
+from ..ops.backend import BACKENDS
+from .checkpoint import atomic_write
+from .data import DATASETS
+
+# Architectures: the release's four sizes (patch 16) plus a small CPU demo.
+MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS}
+
+# The MAE / CRATE-MAE ImageNet-1K recipe (docs/SPEC.md); the model sizes use it as is.
+DEFAULTS = dict(
+    model="demo", input_size=224, patch_size=16, mask_ratio=0.75, norm_pix_loss=False,
+    batch_size=64, accum_iter=1, epochs=800, max_steps=0, warmup_epochs=40.0, warmup_steps=None,
+    blr=1.5e-4, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None,
+    data_path=None, dataset="auto", epoch_size=4096, eval_images=8,
+    output_dir="./output_dir", log_dir=None, tensorboard=True,
+    device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=10, pin_mem=True,
+    log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
+    backend="auto", amp="auto", dist_backend="auto",
+)
+
+# What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
+# ~5 minutes on 2 CPU cores, loss falling and reconstructions recovering structure.
+PRESETS = {
+    "demo": dict(
+        input_size=64, patch_size=8, epochs=25, warmup_epochs=1.0, blr=6e-3, min_lr=1e-5,
+        num_workers=1, threads=1, log_every=10, save_every=320, save_every_epochs=5, eval_every=320,
+    ),
+    **{name: {} for name in CONFIGS},
+}
+
+_POSITIVE = ("input_size", "patch_size", "batch_size", "accum_iter", "epochs", "epoch_size", "eval_images",
+             "log_every", "save_every", "save_every_epochs")
+_NON_NEGATIVE = ("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight_decay", "num_workers", "threads",
+                 "eval_every")
+
+# name: (type, help, choices); type "bool" gives --name / --no_name.
+FLAGS = {
+    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
+    "model": (str, "architecture and preset; 'demo' (default) trains on CPU in minutes", tuple(MODELS)),
+    "input_size": (int, "image side in pixels", None),
+    "patch_size": (int, "patch side in pixels", None),
+    "mask_ratio": (float, "fraction of patches masked", None),
+    "norm_pix_loss": ("bool", "regress per-patch normalised pixels", None),
+    "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
+    "accum_iter": (int, "iterations accumulated per optimizer step", None),
+    "epochs": (int, "training epochs", None),
+    "max_steps": (int, "train exactly this many optimizer steps, overriding --epochs (0: off)", None),
+    "warmup_epochs": (float, "linear lr warmup length in epochs", None),
+    "warmup_steps": (int, "linear lr warmup length in optimizer steps (overrides --warmup_epochs)", None),
+    "blr": (float, "base lr: lr = blr x effective batch / 256", None),
+    "lr": (float, "absolute lr (overrides --blr)", None),
+    "min_lr": (float, "lr at the end of the cosine schedule", None),
+    "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls/mask tokens)", None),
+    "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
+    "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), "
+                       "or a folder holding cifar-10-batches-py / cifar-100-python", None),
+    "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
+    "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset", None),
+    "eval_images": (int, "images in the fixed evaluation batch", None),
+    "output_dir": (str, "where checkpoints, logs and images go", None),
+    "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
+    "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
+    "device": (str, "auto, cpu, cuda or cuda:N", None),
+    "threads": (int, "CPU threads per process for compute (0: torch's default); on a small or shared machine "
+                     "one thread avoids threads waiting on each other", None),
+    "seed": (int, "seed of initialisation, data order, augmentation and masking", None),
+    "resume": (str, "checkpoint to start from: a training checkpoint continues its run, a weights-only one "
+                    "(e.g. a release checkpoint) initialises the model", None),
+    "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists (it takes precedence "
+                            "over --resume, so re-running a command continues it)", None),
+    "num_workers": (int, "data-loading worker processes", None),
+    "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
+    "log_every": (int, "optimizer steps between log lines", None),
+    "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
+    "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
+    "eval_every": (int, "optimizer steps between coding-rate/sparsity measurements and reconstructions "
+                        "(0: off)", None),
+    "backend": (str, "operator backend (crate_kernels.ops)", BACKENDS),
+    "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
+                 "off on CPU", ("auto", "bf16", "fp16", "off")),
+    "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid flag or config value; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """MAE's flag names with underscores; hyphenated aliases are accepted too."""
+    p = argparse.ArgumentParser(
+        prog="crate-train", argument_default=argparse.SUPPRESS,
+        description="CRATE-MAE masked-autoencoder pretraining (single process, or DDP under torchrun).",
+    )
+    for name, (kind, help_text, choices) in FLAGS.items():
+        shown = "" if name == "config" else f" (default: {DEFAULTS[name]}"
+        if name in PRESETS["demo"]:
+            shown += f"; demo preset: {PRESETS['demo'][name]}"
+        shown += ")" if shown else ""
+        if choices:
+            help_text += f"; one of: {', '.join(choices)}"
+        names = _spellings(name)
+        if kind == "bool":
+            help_text += f"; --no_{name} turns it off"
+            p.add_argument(*names, dest=name, action="store_const", const=True, help=help_text + shown)
+            p.add_argument(*_spellings("no_" + name), dest=name, action="store_const", const=False,
+                           help=argparse.SUPPRESS)
+        else:
+            p.add_argument(*names, dest=name, type=kind, choices=choices, metavar=name.upper(), help=help_text + shown)
+    return p
+
+
+def _spellings(name: str) -> list[str]:
+    return sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=lambda s: "-" in s[2:])
+
+
+def _coerce(name: str, value, source: str):
+    """Convert a YAML value to the flag's type; errors name the flag and the source."""
+    kind, _, choices = FLAGS[name]
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+                value = value.lower() in ("true", "yes", "on")
+            if not isinstance(value, bool):
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        expected = {"bool": "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"--{name} expects {expected}, got {value!r} (in {source})") from None
+    if choices and value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r} (in {source})")
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """Flag values from a YAML mapping; unknown keys and wrong types are errors naming the key."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    known = set(FLAGS) - {"config"}
+    cfg = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+        cfg[name] = _coerce(name, value, path)
+    return cfg
+
+
+def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
+    """Parse the command line (and ``--config``) into the full configuration, validated, with the absolute lr."""
+    cli = vars(build_parser().parse_args(argv))
+    config_path = cli.pop("config", None)
+    from_file = load_yaml(config_path) if config_path else {}
+    model = cli.get("model", from_file.get("model", DEFAULTS["model"]))
+    cfg = {**DEFAULTS, **PRESETS[model], "model": model, **from_file, **cli}
+    validate(cfg)
+    if cfg["lr"] is None:
+        cfg["lr"] = cfg["blr"] * effective_batch(cfg, world_size) / 256
+    return cfg
+
+
+def effective_batch(cfg: dict, world_size: int) -> int:
+    return cfg["batch_size"] * cfg["accum_iter"] * world_size
+
+
+def validate(cfg: dict) -> None:
+    """Range checks; errors name the flag and what it expects."""
+    for name in _POSITIVE:
+        if cfg[name] is not None and cfg[name] <= 0:
+            raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
+    for name in _NON_NEGATIVE:
+        if cfg[name] is not None and cfg[name] < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {cfg[name]}")
+    for name in ("blr", "lr", "clip_grad"):
+        if cfg[name] is not None and cfg[name] <= 0:
+            raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
+    if not 0.0 <= cfg["mask_ratio"] < 1.0:
+        raise ConfigError(f"--mask_ratio must lie in [0, 1), got {cfg['mask_ratio']}")
+    if cfg["input_size"] % cfg["patch_size"]:
+        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of --patch_size ({cfg['patch_size']})")
+    if cfg["model"] not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {cfg['model']!r}")
+    if not cfg["output_dir"]:
+        raise ConfigError("--output_dir must not be empty")
+
+
+def save_yaml(cfg: dict, path: str, header: str = "") -> str:
+    """The resolved configuration as YAML text (returned, and written to ``path``)."""
+    text = header + yaml.safe_dump({k: cfg[k] for k in FLAGS if k in cfg}, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return text
+

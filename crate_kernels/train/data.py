@@ -1,0 +1,342 @@
+"""Datasets and MAE augmentation in plain torch (no torchvision), with a deterministic sharded sampler.
+
+Every random choice of a training sample (crop, flip, masking noise) is drawn from a generator seeded by
+that sample's own seed, and the seeds and the order are a function of (seed, epoch). So the batches do not
+depend on the number of workers or ranks, and a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100")
+
+# The colour photographs that ship inside the scikit-image wheel (no download); grey ones are left out.
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+    "ihc.png", "retina.jpg", "motorcycle_right.png",
+)
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be found, read, or used; the message names the path."""
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, h, w) -> float (3, *size) in [0, 1], bicubic with antialiasing."""
+    x = img.unsqueeze(0).float().div_(255.0)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return x[0].clamp_(0.0, 1.0)
+
+
+class _Normalize:
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class TrainTransform(_Normalize):
+    """MAE's view: RandomResizedCrop(size, scale, ratio, bicubic), horizontal flip (p 0.5), mean/std normalisation.
+
+    Called as ``transform(uint8 (3, H, W) image, generator)``; ``generator=None`` uses torch's global one.
+    """
+
+    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__(mean, std)
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def crop_box(self, height: int, width: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of a random crop, torchvision's algorithm (10 tries, then a centre crop)."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            u = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        top, left, h, w = self.crop_box(img.shape[1], img.shape[2], gen)
+        x = _resize(img[:, top:top + h, left:left + w], (self.size, self.size))
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        return self.normalize(x)
+
+
+class EvalTransform(_Normalize):
+    """Resize the shorter side to ``size`` (bicubic), centre crop ``size`` x ``size``, normalise."""
+
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__(mean, std)
+        self.size = size
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        h, w = img.shape[1:]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return self.normalize(_resize(img[:, top:top + side, left:left + side], (self.size, self.size)))
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def read_image(path: str) -> torch.Tensor:
+    """Decode an image file with PIL into a uint8 RGB (3, H, W) tensor; errors name the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base: ``load(i)`` gives a uint8 (3, H, W) image and an int label; ``transform(img, generator)`` the view."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def view(self, index: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        return self.transform(self.load(index)[0], gen)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img, label = self.load(index)
+        return self.transform(img, None), label
+
+
+def skimage_data_dir() -> str:
+    """Folder of the images bundled with scikit-image (found without importing its data module)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("the default dataset needs scikit-image (pip install scikit-image)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+class SkimagePhotos(ImageDataset):
+    """The natural photographs bundled with scikit-image; an epoch is ``epoch_size`` views cycling over them.
+
+    Labels are the photo indices. ``epoch_size=None`` gives one item per photo.
+    """
+
+    def __init__(self, transform, epoch_size: int | None = None, names=SKIMAGE_PHOTOS):
+        super().__init__(transform)
+        root = skimage_data_dir()
+        self.names = tuple(names)
+        self.images = [read_image(os.path.join(root, name)) for name in self.names if self._exists(root, name)]
+        if not self.images:
+            raise DatasetError(f"no bundled scikit-image photographs found in {root}")
+        self.epoch_size = len(self.images) if epoch_size is None else epoch_size
+
+    @staticmethod
+    def _exists(root: str, name: str) -> bool:
+        return os.path.isfile(os.path.join(root, name))
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def describe(self) -> str:
+        return f"scikit-image's bundled photographs ({len(self.images)} photos, {len(self)} random crops per epoch)"
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        k = index % len(self.images)
+        return self.images[k], k
+
+
+class ImageFolder(ImageDataset):
+    """ImageNet layout: ``root/<class>/<image>``; classes are the sorted sub-folder names."""
+
+    def __init__(self, root: str, transform):
+        super().__init__(transform)
+        if not os.path.isdir(root):
+            raise DatasetError(f"image folder {root} does not exist or is not a directory")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = []
+        for label, cls in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+                self.samples += [
+                    (os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        if not self.samples:
+            raise DatasetError(
+                f"no images found in {root}: expected the ImageNet layout {root}/<class>/<image> "
+                f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self) -> str:
+        return f"image folder {self.root} ({len(self)} images, {len(self.classes)} classes)"
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return read_image(path), label
+
+
+class CIFAR(ImageDataset):
+    """CIFAR-10/100 from the standard python-pickle folders (cifar-10-batches-py, cifar-100-python)."""
+
+    LAYOUT = {
+        10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+        100: ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+    }
+
+    def __init__(self, root: str, transform, train: bool = True, num_classes: int = 10):
+        super().__init__(transform)
+        folder, train_files, test_files, label_key = self.LAYOUT[num_classes]
+        base = root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
+        files = [os.path.join(base, f) for f in (train_files if train else test_files)]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DatasetError(
+                f"CIFAR-{num_classes} not found under {root}: missing {', '.join(missing)} "
+                f"(expected the python version, folder {folder}/)"
+            )
+        data, labels = [], []
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += list(batch[label_key])
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+                raise DatasetError(f"cannot read CIFAR file {path}: {e!r}") from e
+        self.data = torch.from_numpy(np.concatenate(data))
+        self.labels = labels
+        self.name = f"CIFAR-{num_classes} {'train' if train else 'test'} split in {base}"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> str:
+        return f"{self.name} ({len(self)} images)"
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[index], self.labels[index]
+
+
+def resolve_dataset(name: str, data_path: str | None) -> str:
+    """``auto``: scikit-image photos without --data_path, CIFAR when its folder is found, else an image folder."""
+    if name != "auto":
+        return name
+    if not data_path:
+        return "skimage"
+    for variant, (folder, *_rest) in CIFAR.LAYOUT.items():
+        if os.path.basename(os.path.normpath(data_path)) == folder or os.path.isdir(os.path.join(data_path, folder)):
+            return f"cifar{variant}"
+    return "imagefolder"
+
+
+def build_dataset(name: str, data_path: str | None, transform, train: bool = True,
+                  epoch_size: int | None = None) -> ImageDataset:
+    """The dataset ``name`` (see ``resolve_dataset``). ImageNet layout: ``data_path/train`` and ``data_path/val``
+    when present, else ``data_path`` itself; the eval split falls back to the training one."""
+    name = resolve_dataset(name, data_path)
+    if name == "skimage":
+        return SkimagePhotos(transform, epoch_size if train else None)
+    if not data_path:
+        raise DatasetError(f"--dataset {name} needs --data_path")
+    if name in ("cifar10", "cifar100"):
+        return CIFAR(data_path, transform, train=train, num_classes=int(name[5:]))
+    if name == "imagefolder":
+        for split in (("train",) if train else ("val", "train")):
+            if os.path.isdir(os.path.join(data_path, split)):
+                return ImageFolder(os.path.join(data_path, split), transform)
+        return ImageFolder(data_path, transform)
+    raise DatasetError(f"--dataset must be one of {DATASETS}, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def seed_for(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class MaskedViews(torch.utils.data.Dataset):
+    """(index, seed) -> (augmented image, masking noise of shape (num_patches,)), both from one seeded generator."""
+
+    def __init__(self, dataset: ImageDataset, num_patches: int):
+        self.dataset, self.num_patches = dataset, num_patches
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        gen = torch.Generator().manual_seed(seed)
+        img = self.dataset.view(index, gen)
+        return img, torch.rand(self.num_patches, generator=gen)
+
+
+class ShardedBatchSampler:
+    """Deterministic, rank-sharded batches of (index, sample seed) pairs.
+
+    Order and sample seeds are a function of (seed, epoch). Global batch k is samples
+    [k * G, (k + 1) * G) of the epoch's permutation, G = batch_size * world_size; rank r takes the contiguous
+    chunk r of it. An epoch holds a whole number of optimizer steps (``accum_iter`` batches each); the rest of
+    the data is dropped. ``set_epoch(epoch, start)`` skips the first ``start`` batches (resuming).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 accum_iter: int = 1):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.num_batches = num_samples // (batch_size * world_size) // accum_iter * accum_iter
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        seeds = torch.randint(0, 2 ** 62, (self.num_samples,), generator=gen).tolist()
+        global_batch = self.batch_size * self.world_size
+        for k in range(self.start, self.num_batches):
+            lo = k * global_batch + self.rank * self.batch_size
+            yield [(order[i], seeds[i]) for i in range(lo, lo + self.batch_size)]
+
+
+def fixed_batch(dataset: ImageDataset, count: int, num_patches: int, seed: int):
+    """A fixed evaluation batch: ``count`` items evenly spaced over the dataset (cycled if it is smaller), and
+    masking noise from ``seed``."""
+    stride = max(1, len(dataset) // count)
+    imgs = torch.stack([dataset.view(i * stride % len(dataset)) for i in range(count)])
+    noise = torch.rand(count, num_patches, generator=torch.Generator().manual_seed(seed))
+    return imgs, noise

@@ -1,0 +1,101 @@
+"""torchrun integration: process-group set-up, device choice, and the few collectives training needs.
+
+torchrun (or ``python -m torch.distributed.run``) sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run
+is a single process. The process group uses NCCL on CUDA and gloo otherwise (``--dist_backend`` overrides).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import TrainError
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average of a tensor over ranks (the tensor itself in a single process)."""
+        if self.active:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def all_true(self, flag: bool) -> bool:
+        """True only when every rank passes True (so all ranks take the same branch)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([0 if flag else 1], device=self.device)
+        dist.all_reduce(t)
+        return int(t.item()) == 0
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def world_size_from_env() -> int:
+    """Processes in the job (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``auto``: CUDA when available, else CPU. Under torchrun a CUDA device becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(device: str = "auto", backend: str = "auto") -> Dist:
+    """Join the torchrun job (if any) and pick this rank's device."""
+    world_size = world_size_from_env()
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

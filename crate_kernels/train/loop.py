@@ -1,0 +1,404 @@
+"""The MAE pretraining loop: set-up, exact resume, train steps, white-box evaluation, checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import analysis
+from ..model import CRATEMAE, load_checkpoint
+from . import checkpoint, distributed
+from .checkpoint import TrainError
+from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
+from .data import (
+    DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, build_dataset, fixed_batch,
+)
+from .monitor import Monitor
+
+NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+# Settings whose change on resume means the run no longer continues the interrupted one exactly.
+_RECIPE_KEYS = ("model", "input_size", "patch_size", "mask_ratio", "norm_pix_loss", "batch_size", "accum_iter",
+                "epochs", "max_steps", "warmup_epochs", "warmup_steps", "blr", "lr", "min_lr", "weight_decay",
+                "clip_grad", "data_path", "dataset", "epoch_size", "seed", "amp")
+
+
+def build_model(cfg: dict) -> CRATEMAE:
+    """The ``--model`` architecture at ``--input_size``/``--patch_size``, with ``--backend``."""
+    return CRATEMAE(img_size=cfg["input_size"], patch_size=cfg["patch_size"], norm_pix_loss=cfg["norm_pix_loss"],
+                    backend=cfg["backend"], **MODELS[cfg["model"]])
+
+
+def freeze_unused(model: CRATEMAE) -> None:
+    """Exclude the release's never-called ``decoder_embed`` from training.
+
+    DDP expects a gradient for every parameter that requires one and fails at the second step otherwise
+    (find_unused_parameters=True would instead search the autograd graph every step). decoder_embed never
+    gets a gradient, so freezing it changes nothing else; it stays in the state_dict, so checkpoints keep the
+    release's layout. pos_embed and decoder_pos_embed are fixed tables and are frozen already.
+    """
+    model.decoder_embed.requires_grad_(False)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on biases, norms, other 1-D parameters and cls/mask tokens.
+
+    Frozen parameters are left out. Each group carries ``param_names`` (checked when resuming).
+    """
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim <= 1 or name.endswith(".bias") or name in NO_WEIGHT_DECAY
+        names, params = groups["no_decay" if plain else "decay"]
+        names.append(name)
+        params.append(p)
+    return [
+        {"params": groups["no_decay"][1], "param_names": groups["no_decay"][0], "weight_decay": 0.0},
+        {"params": groups["decay"][1], "param_names": groups["decay"][0], "weight_decay": weight_decay},
+    ]
+
+
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0, then half-cycle cosine to min_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs, off (None) elsewhere."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+class Trainer:
+    """One pretraining run (one process of it under torchrun)."""
+
+    def __init__(self, cfg: dict, dist: distributed.Dist):
+        self.cfg, self.dist, self.device = cfg, dist, dist.device
+        self.out = cfg["output_dir"]
+        self.step, self.last_saved = 0, None
+        self.monitor = None
+        self._build_data()
+        self._build_model()
+        self.amp = amp_dtype(cfg["amp"], self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        size, grid = cfg["input_size"], cfg["input_size"] // cfg["patch_size"]
+        self.num_patches = grid * grid
+        dataset = build_dataset(cfg["dataset"], cfg["data_path"], TrainTransform(size), True, cfg["epoch_size"])
+        self.data_desc = dataset.describe()
+        self.sampler = ShardedBatchSampler(len(dataset), cfg["batch_size"], dist.world_size, dist.rank, cfg["seed"],
+                                           cfg["accum_iter"])
+        self.global_batch = effective_batch(cfg, dist.world_size)
+        if self.sampler.num_batches == 0:
+            raise DatasetError(
+                f"the dataset, {self.data_desc}, is smaller than one optimizer step: "
+                f"batch_size x accum_iter x processes = {self.global_batch} images"
+            )
+        self.loader = torch.utils.data.DataLoader(
+            MaskedViews(dataset, self.num_patches), batch_sampler=self.sampler, num_workers=cfg["num_workers"],
+            pin_memory=cfg["pin_mem"] and self.device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+        )
+        self.steps_per_epoch = self.sampler.num_batches // cfg["accum_iter"]
+        self.total_steps = cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch
+        self.warmup_steps = (cfg["warmup_steps"] if cfg["warmup_steps"] is not None
+                             else round(cfg["warmup_epochs"] * self.steps_per_epoch))
+        self.eval_batch = None
+        if dist.is_main and cfg["eval_every"]:
+            eval_set = build_dataset(cfg["dataset"], cfg["data_path"], EvalTransform(size), False)
+            self.eval_batch = fixed_batch(eval_set, cfg["eval_images"], self.num_patches, cfg["seed"])
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg["seed"])  # identical initial weights on every rank
+        self.model = build_model(cfg)
+        freeze_unused(self.model)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
+                                           betas=(0.9, 0.95), fused=self.device.type == "cuda")
+        self.ddp = self.model
+        if self.dist.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        seed_everything(cfg["seed"] + self.dist.rank)
+
+    # ------------------------------------------------------------------ resume
+    def resume_path(self) -> str | None:
+        """This run's own checkpoint-last.pth (with --auto_resume), else --resume, else None."""
+        last = os.path.join(self.out, "checkpoint-last.pth")
+        if self.cfg["auto_resume"] and os.path.isfile(last):
+            return last
+        return self.cfg["resume"]
+
+    def resume(self, path: str) -> None:
+        """Restore model, optimizer, scaler, step and RNG states; a weights-only file just initialises the model."""
+        ckpt = checkpoint.load(path)
+        try:
+            load_checkpoint(self.model, ckpt)
+        except (ValueError, RuntimeError) as e:
+            hint = ("" if path == self.cfg["resume"]
+                    else " (found by --auto_resume: use another --output_dir for a new run)")
+            raise TrainError(f"cannot resume from {path}{hint}: {e}") from e
+        if "optimizer" not in ckpt:
+            self.say(f"initialised the model from {path} (no training state in it): starting at step 0")
+            return
+        self._load_optimizer(ckpt["optimizer"], path)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = self.last_saved = int(ckpt["step"])
+        rng = ckpt["rng"]
+        checkpoint.set_rng_state(rng[self.dist.rank % len(rng)])
+        saved = ckpt.get("args", {})
+        changed = [f"{k} {saved[k]!r} -> {self.cfg[k]!r}" for k in _RECIPE_KEYS if k in saved and saved[k] != self.cfg[k]]
+        if saved.get("world_size", self.dist.world_size) != self.dist.world_size:
+            changed.append(f"processes {saved['world_size']} -> {self.dist.world_size}")
+        self.say(f"resumed from {path} at step {self.step}"
+                 + (f"; changed settings (the run will not replay the original exactly): {', '.join(changed)}"
+                    if changed else ""))
+
+    def _load_optimizer(self, state: dict, path: str) -> None:
+        own = [g["param_names"] for g in self.optimizer.param_groups]
+        saved = [g.get("param_names") for g in state["param_groups"]]
+        if own != saved:
+            diff = sorted(set(sum((s or [] for s in saved), [])) ^ set(sum(own, [])))
+            raise TrainError(
+                f"cannot resume from {path}: its optimizer state does not fit this model's parameter groups "
+                f"(groups of {[len(s or []) for s in saved]} vs {[len(g) for g in own]} parameters"
+                + (f"; parameters in only one of them: {', '.join(diff)}" if diff else "; same names, other grouping")
+                + ")"
+            )
+        self.optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, numbered: bool) -> None:
+        """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``numbered``), written by rank 0 only."""
+        rng = self.dist.gather(checkpoint.rng_state())  # collective: every rank calls save at the same steps
+        if not self.dist.is_main:
+            return
+        epoch = self.step // self.steps_per_epoch
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "data": {"seed": self.cfg["seed"], "epoch": epoch,
+                     "batches_done": self.step % self.steps_per_epoch * self.cfg["accum_iter"],
+                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch},
+            "rng": rng,
+            "args": {**self.cfg, "world_size": self.dist.world_size},
+        }
+        checkpoint.save(state, os.path.join(self.out, "checkpoint-last.pth"))
+        if numbered:
+            checkpoint.save(state, os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
+        self.last_saved = self.step
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batches) -> tuple[float, float]:
+        """One optimizer step over ``accum_iter`` batches; returns (loss averaged over ranks, lr)."""
+        cfg, accum = self.cfg, self.cfg["accum_iter"]
+        lr = lr_at(self.step, cfg["lr"], cfg["min_lr"], self.warmup_steps, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for i in range(accum):
+            imgs, noise = next(batches)
+            imgs, noise = imgs.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
+            sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    loss = self.ddp(imgs, mask_ratio=cfg["mask_ratio"], noise=noise)[0]
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach().float()
+        value = self.dist.mean(total / accum).item()
+        if not math.isfinite(value):
+            where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
+                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
+            raise TrainError(f"training diverged: loss is {value} at step {self.step + 1} "
+                             f"(epoch {self.step // self.steps_per_epoch}); stopped without saving; {where}")
+        if cfg["clip_grad"]:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return value, lr
+
+    def evaluate(self) -> None:
+        """Rank 0: eval loss, per-layer coding rate and sparsity, reconstruction grid and curves on the fixed batch."""
+        if self.eval_batch is None:
+            return
+        imgs, noise = self.eval_batch
+        with torch.no_grad():
+            eval_loss = self.model(imgs.to(self.device), self.cfg["mask_ratio"], noise.to(self.device))[0].item()
+        stats = analysis.coding_rate_and_sparsity(self.model, imgs)
+        grid = analysis.reconstruction_grid(self.model, imgs, self.cfg["mask_ratio"], noise)
+        for name in (f"recon-step{self.step:07d}.png", "recon-latest.png"):
+            analysis.save_image_grid(grid, os.path.join(self.out, name))
+        self.monitor.eval(self.step, self.step // self.steps_per_epoch, eval_loss, stats, grid)
+        if importlib.util.find_spec("matplotlib") is not None:
+            analysis.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
+                                          self.monitor.losses)
+
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            (self.monitor.say if self.monitor else print)(text)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        path = self.resume_path()
+        if path:
+            self.resume(path)
+        if dist.is_main:
+            self.write_config()
+        self.monitor = Monitor(self.out, cfg["log_dir"] or self.out, cfg["tensorboard"], self.total_steps,
+                               self.step, dist.is_main)
+        if dist.is_main:
+            self.say(self.banner())
+        if self.step == 0 and cfg["eval_every"]:
+            self.evaluate()
+        spe, log_every = self.steps_per_epoch, cfg["log_every"]
+        window = [0.0, 0, time.perf_counter()]  # loss sum, steps, start time
+        epoch_loss = [0.0, 0, time.perf_counter()]
+        loss = lr = float("nan")
+        while self.step < self.total_steps:
+            epoch = self.step // spe
+            self.sampler.set_epoch(epoch, self.step % spe * cfg["accum_iter"])
+            batches = iter(self.loader)
+            while self.step < self.total_steps:
+                loss, lr = self.train_step(batches)
+                self.monitor.advance()
+                for acc in (window, epoch_loss):
+                    acc[0] += loss
+                    acc[1] += 1
+                if self.step % log_every == 0 or self.step == self.total_steps:
+                    seconds = time.perf_counter() - window[2]
+                    self.monitor.train(self.step, epoch, window[0] / window[1], lr,
+                                       window[1] * self.global_batch / seconds)
+                    window = [0.0, 0, time.perf_counter()]
+                epoch_end, final = self.step % spe == 0, self.step == self.total_steps
+                if epoch_end:
+                    self.monitor.epoch(epoch, self.step, epoch_loss[0] / epoch_loss[1], lr,
+                                       time.perf_counter() - epoch_loss[2])
+                    epoch_loss = [0.0, 0, time.perf_counter()]
+                paused = time.perf_counter()
+                if cfg["eval_every"] and (self.step % cfg["eval_every"] == 0 or final) and dist.is_main:
+                    self.evaluate()
+                if epoch_end or final or self.step % cfg["save_every"] == 0:
+                    self.save(numbered=final or (epoch_end and (epoch + 1) % cfg["save_every_epochs"] == 0))
+                window[2] += time.perf_counter() - paused  # img/s counts training only
+                if epoch_end:
+                    break
+        if dist.is_main:
+            checkpoint.save_safetensors(self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
+                                        metadata={"model": cfg["model"], "step": str(self.step)})
+        summary = {"step": self.step, "loss": loss}
+        if self.monitor.evals:
+            summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
+        self.say(f"done: {self.step} steps; outputs in {self.out}")
+        return summary
+
+    def write_config(self) -> None:
+        header = (f"# crate-train resolved configuration ({time.strftime('%Y-%m-%d %H:%M:%S')}); processes: "
+                  f"{self.dist.world_size}, effective batch: {self.global_batch}, steps per epoch: "
+                  f"{self.steps_per_epoch}, total steps: {self.total_steps}, warmup steps: {self.warmup_steps}\n")
+        save_yaml(self.cfg, os.path.join(self.out, "args.yaml"), header)
+
+    def banner(self) -> str:
+        cfg, m = self.cfg, self.model
+        params = sum(p.numel() for p in m.parameters())
+        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
+        return (
+            f"crate-train: model {cfg['model']} ({params / 1e6:.2f}M parameters, {len(m.blocks)}+"
+            f"{len(m.decoder_blocks)} layers, width {m.cls_token.shape[-1]}, {cfg['input_size']}px, "
+            f"patch {cfg['patch_size']}, backend {cfg['backend']})\n"
+            f"  data: {self.data_desc}\n"
+            f"  {self.dist.world_size} process(es) on {self.device}, amp {amp}; effective batch {self.global_batch}, "
+            f"lr {cfg['lr']:.3g}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+            f"warmup {self.warmup_steps}, mask ratio {cfg['mask_ratio']}\n"
+            f"  output: {self.out}" + (f" (resuming at step {self.step})" if self.step else "")
+        )
+
+
+def train(cfg: dict) -> dict:
+    """Run pretraining with a resolved configuration (``config.resolve``); returns a summary of the end state.
+
+    Holds an exclusive lock on the output directory for the whole run. Errors meant for the user are
+    ``TrainError``/``DatasetError``/``ConfigError``.
+    """
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    dist = distributed.init(cfg["device"], cfg["dist_backend"])
+    lock = checkpoint.OutputLock(cfg["output_dir"])
+    try:
+        error = None
+        if dist.is_main:
+            try:
+                os.makedirs(cfg["output_dir"], exist_ok=True)
+                if not lock.acquire():
+                    error = (f"output directory {cfg['output_dir']} is in use by another run (process "
+                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another --output_dir")
+            except OSError as e:
+                error = f"cannot use output directory {cfg['output_dir']}: {e}"
+        if not dist.all_true(error is None):
+            raise TrainError(error or f"rank 0 could not lock the output directory {cfg['output_dir']}")
+        if dist.is_main:
+            checkpoint.remove_stale_temporaries(cfg["output_dir"])
+        trainer = Trainer(cfg, dist)
+        try:
+            summary = trainer.run()
+        finally:
+            if trainer.monitor is not None:
+                trainer.monitor.close()
+        dist.barrier()  # all ranks done (rank 0 writes last) before the process group goes away
+        return summary
+    finally:
+        lock.release()
+        distributed.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crate_kernels.train`` / ``crate-train``: parse flags, train, report errors as one line."""
+    try:
+        cfg = resolve(argv, distributed.world_size_from_env())
+    except ConfigError as e:
+        print(f"crate-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except (TrainError, DatasetError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"crate-train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("crate-train: interrupted; run the same command again to resume from checkpoint-last.pth",
+              file=sys.stderr)
+        return 130
+    return 0

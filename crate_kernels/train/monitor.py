@@ -1,0 +1,133 @@
+"""Where training reports go (rank 0 only): log.txt (JSON lines), a progress bar or plain lines, TensorBoard.
+
+log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_every steps: step, epoch,
+loss, lr, img_s, elapsed), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
+with their std) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
+so the log reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from .checkpoint import atomic_write
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _terminal() -> bool:
+    """stderr is a terminal of known width (so a progress bar can be drawn)."""
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
+
+
+def read_log(path: str) -> list[dict]:
+    """The records of a log.txt (missing file: none)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Monitor:
+    """Reports of one run; every method is a no-op on ranks other than 0 (``enabled=False``)."""
+
+    def __init__(self, output_dir: str, log_dir: str, tensorboard: bool, total_steps: int, start_step: int,
+                 enabled: bool):
+        self.enabled, self.total, self.start_step = enabled, total_steps, start_step
+        self.path = os.path.join(output_dir, "log.txt")
+        self.evals, self.losses = [], []
+        self.bar = self.tb = self.file = None
+        if not enabled:
+            return
+        kept = [r for r in read_log(self.path) if r.get("step", 0) <= start_step]
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        self.evals = [r for r in kept if r["type"] == "eval"]
+        self.losses = [(r["step"], r["loss"]) for r in kept if r["type"] == "train"]
+        self.file = open(self.path, "a")
+        if _terminal():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir, purge_step=start_step or None)
+        self.t0 = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        """A message that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def train(self, step: int, epoch: int, loss: float, lr: float, img_s: float) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        self._write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                     "img_s": round(img_s, 1), "elapsed": round(elapsed, 1)})
+        self.losses.append((step, loss))
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/img_per_s", img_s, step)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s", refresh=False)
+        else:
+            done = step - self.start_step
+            eta = elapsed / done * (self.total - step) if done else 0.0
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s "
+                  f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}", flush=True)
+
+    def epoch(self, epoch: int, step: int, train_loss: float, lr: float, seconds: float) -> None:
+        if self.enabled:
+            self._write({"type": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
+                         "epoch_time": round(seconds, 1)})
+
+    def eval(self, step: int, epoch: int, eval_loss: float, stats: dict, grid) -> None:
+        if not self.enabled:
+            return
+        record = {"type": "eval", "step": step, "epoch": epoch, "eval_loss": eval_loss, **stats}
+        self._write(record)
+        self.evals.append(record)
+        if self.tb is not None:
+            self.tb.add_scalar("eval/loss", eval_loss, step)
+            for key in ("coding_rate", "sparsity"):
+                for layer, value in enumerate(stats[key], start=1):
+                    self.tb.add_scalar(f"eval/{key}/layer{layer:02d}", value, step)
+            self.tb.add_image("eval/reconstruction", grid, step)
+            self.tb.flush()
+        rates = " ".join(f"{v:.1f}" for v in stats["coding_rate"])
+        sparse = " ".join(f"{v:.3f}" for v in stats["sparsity"])
+        self.say(f"eval step {step}: loss {eval_loss:.4f} | coding rate per layer {rates} | "
+                 f"non-zero fraction per layer {sparse}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+        self.bar = self.tb = self.file = None

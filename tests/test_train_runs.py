@@ -1,0 +1,194 @@
+"""End-to-end training runs on CPU with a tiny configuration: outputs, exact resume after SIGKILL,
+2-process DDP against 1 process, and the failure behaviours (NaN loss, incompatible checkpoint, busy output dir)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crate_kernels import CRATEMAE, load_checkpoint
+from crate_kernels.train import checkpoint, main
+from crate_kernels.train.checkpoint import OutputLock
+from crate_kernels.train.config import resolve
+from crate_kernels.train.loop import build_model
+
+# 16x16 images, 16 patches, the demo architecture (3 + 3 layers); batches of 4 from 24 crops per epoch.
+TINY = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "24", "--batch_size", "4", "--eval_every", "0", "--no_tensorboard",
+        "--num_workers", "0", "--log_every", "1", "--seed", "5", "--warmup_steps", "3", "--blr", "1e-2"]
+IN_PROCESS = TINY + ["--threads", "0"]  # leave the test process's thread count alone
+
+
+def _cli(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "crate_kernels.train", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _records(folder, kind="train"):
+    """Complete JSON lines of a (possibly still growing) log.txt."""
+    path = os.path.join(folder, "log.txt")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                record = json.loads(line)
+                if record["type"] == kind:
+                    out.append(record)
+    return out
+
+
+def test_run_writes_every_output_and_a_finished_run_resumes_to_nothing(tmp_path):
+    out = str(tmp_path / "run")
+    args = IN_PROCESS + ["--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--eval_images", "2",
+                         "--output_dir", out]
+    assert main(args) == 0
+    files = set(os.listdir(out))
+    expected = {"args.yaml", "log.txt", "checkpoint-last.pth", "checkpoint-0.pth", "model.safetensors",
+                "recon-latest.png", "recon-step0000000.png", "recon-step0000002.png", "recon-step0000004.png", ".lock"}
+    assert expected <= files and not [f for f in files if f.endswith(".tmp")]
+    if "curves.png" not in files:
+        pytest.importorskip("matplotlib")
+        raise AssertionError("curves.png missing although matplotlib is installed")
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 2, 4] and len(evals[0]["coding_rate"]) == 3
+    ckpt = checkpoint.load(os.path.join(out, "checkpoint-last.pth"))
+    assert ckpt["step"] == 4 and ckpt["args"]["max_steps"] == 4 and "optimizer" in ckpt and ckpt["rng"]
+    cfg = resolve(args)
+    model = build_model(cfg)
+    load_checkpoint(model, os.path.join(out, "model.safetensors"))
+    torch.testing.assert_close(model.state_dict(), ckpt["model"], rtol=0, atol=0)
+    assert main(args) == 0  # auto-resume of a finished run: no step, same files
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    args = TINY + ["--threads", "1", "--max_steps", "120", "--save_every", "10"]
+    reference, victim = str(tmp_path / "reference"), str(tmp_path / "victim")
+    _ok(_cli(args + ["--output_dir", reference]))
+
+    proc = subprocess.Popen([sys.executable, "-m", "crate_kernels.train", *args, "--output_dir", victim],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not any(r["step"] >= 25 for r in _records(victim)):
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = checkpoint.load(os.path.join(victim, "checkpoint-last.pth"))["step"]
+    assert 20 <= killed_at < 120
+
+    resumed = _ok(_cli(args + ["--output_dir", victim]))
+    assert f"resumed from {victim}/checkpoint-last.pth at step {killed_at}" in resumed.stdout
+    expected = [(r["step"], r["loss"]) for r in _records(reference)]
+    assert [(r["step"], r["loss"]) for r in _records(victim)] == expected  # bitwise, every step once
+    final_a = load_file(os.path.join(reference, "model.safetensors"))
+    final_b = load_file(os.path.join(victim, "model.safetensors"))
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    args = TINY + ["--max_steps", "6", "--save_every", "3", "--accum_iter", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _ok(_cli(args + ["--batch_size", "4", "--output_dir", one, "--threads", "1"]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "crate_kernels.train", *args, "--batch_size", "2", "--output_dir", two],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    _ok(proc)
+    a, b = _records(one), _records(two)
+    assert [r["step"] for r in b] == list(range(1, 7))  # rank 0 alone logs
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
+                               rtol=1e-4, atol=1e-6)
+    ckpt = checkpoint.load(os.path.join(two, "checkpoint-last.pth"))
+    assert ckpt["args"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+    torch.testing.assert_close(load_file(os.path.join(two, "model.safetensors")),
+                               load_file(os.path.join(one, "model.safetensors")), rtol=1e-3, atol=1e-4)
+
+
+def test_resume_flag_then_own_checkpoint_takes_precedence(tmp_path, capsys):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert main(IN_PROCESS + ["--max_steps", "4", "--output_dir", first]) == 0
+    again = IN_PROCESS + ["--max_steps", "6", "--resume", f"{first}/checkpoint-last.pth", "--output_dir", second]
+    assert main(again) == 0
+    assert f"resumed from {first}/checkpoint-last.pth at step 4" in capsys.readouterr().out
+    assert [r["step"] for r in _records(second)] == [5, 6]
+    assert main(again) == 0  # the same command again continues the second run, not the first
+    assert f"resumed from {second}/checkpoint-last.pth at step 6" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = []
+    original = CRATEMAE.forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls.append(1)
+        loss = original(self, imgs, pred, mask)
+        return loss * float("nan") if len(calls) == 11 else loss
+
+    monkeypatch.setattr(CRATEMAE, "forward_loss", poisoned)
+    out = tmp_path / "run"
+    assert main(IN_PROCESS + ["--max_steps", "20", "--save_every", "4", "--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err  # saved at steps 4, 6 (epoch end), 8; step 11 is poisoned
+    assert "loss is nan at step 11" in err and f"{out}/checkpoint-last.pth (step 8), was kept" in err
+    ckpt = checkpoint.load(str(out / "checkpoint-last.pth"))
+    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (out / "model.safetensors").exists()
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_tensors(tmp_path, capsys):
+    other = CRATEMAE(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+    path = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, path)
+    out = str(tmp_path / "run")
+    assert main(IN_PROCESS + ["--max_steps", "2", "--resume", str(path), "--output_dir", out]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume from {path}" in err
+    assert "cls_token: checkpoint (1, 1, 64) vs model (1, 1, 128)" in err and "blocks.0.layers.0.1.fn.weight" in err
+
+
+def test_optimizer_state_of_another_model_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(IN_PROCESS + ["--max_steps", "1", "--output_dir", str(out)]) == 0
+    ckpt = checkpoint.load(str(out / "checkpoint-last.pth"))
+    group = ckpt["optimizer"]["param_groups"][1]
+    dropped = group["param_names"].pop()
+    group["params"].pop()
+    bad = tmp_path / "bad.pth"
+    torch.save(ckpt, bad)
+    assert main(IN_PROCESS + ["--max_steps", "2", "--resume", str(bad), "--output_dir", str(tmp_path / "new")]) == 1
+    err = capsys.readouterr().err
+    assert "optimizer state does not fit" in err and dropped in err
+
+
+def test_second_run_on_the_same_output_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = OutputLock(str(out))
+    assert holder.acquire()
+    try:
+        assert main(IN_PROCESS + ["--max_steps", "1", "--output_dir", str(out)]) == 1
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert f"output directory {out} is in use by another run (process {os.getpid()}" in err
+    assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_bad_flag_values_exit_2_naming_the_flag(capsys):
+    assert main(["--mask_ratio", "1.5"]) == 2
+    assert "--mask_ratio must lie in [0, 1), got 1.5" in capsys.readouterr().err
