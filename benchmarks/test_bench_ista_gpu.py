@@ -13,7 +13,7 @@ before the call, and saved_bytes_unique/total (eager providers, passes that run 
 import pytest
 import torch
 
-from bench_utils import requires_cuda, saved_bytes, synchronize
+from bench_utils import peak_memory, requires_cuda, saved_bytes, synchronize
 from crate_kernels.ops import ista_reference, ista_step
 
 pytestmark = requires_cuda
@@ -87,11 +87,7 @@ def test_ista(benchmark, provider, mode):
 
     step()  # warm-up: compiles and autotunes kernels
     synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    synchronize()
-    benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - before
+    benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
     if provider not in ("compile-reference", "cublas-floor") and mode != "bwd":
         unique, total, _ = saved_bytes(lambda: fn(x, weight))
         benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)

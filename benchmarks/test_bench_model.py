@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import crate_kernels
-from bench_utils import CUDA, crate_mae_train_flops, saved_bytes, synchronize
+from bench_utils import CUDA, crate_mae_train_flops, peak_memory, saved_bytes, synchronize
 
 DEVICE = "cuda" if CUDA else "cpu"
 BATCH = int(os.environ.get("CRATE_BENCH_BATCH", 128 if CUDA else 8))
@@ -67,10 +67,7 @@ def test_train_step(benchmark, name, provider, matmul_ceiling):
     step()  # warm-up: optimizer state, kernel compilation
     step()
     if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - base
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
     if provider != "compile-reference":
         unique, total, loss = saved_bytes(forward)
         del loss

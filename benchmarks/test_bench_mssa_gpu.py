@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import requires_cuda, saved_bytes, synchronize
+from bench_utils import peak_memory, requires_cuda, saved_bytes, synchronize
 from crate_kernels.ops import mssa_attention, mssa_reference
 
 pytestmark = requires_cuda
@@ -84,11 +84,7 @@ def test_mssa(benchmark, shape, provider, mode):
             pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
         raise
 
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    synchronize()
-    benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - before
+    benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
     if provider != "compile-reference" and mode != "bwd":
         unique, total, _ = saved_bytes(lambda: fn(w))
         benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
