@@ -98,9 +98,19 @@ def _require_cuda_extension(tensor: torch.Tensor) -> None:
         raise RuntimeError(f"backend 'cuda' is unavailable: {problem}")
 
 
-def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
-    """Cast an operator input to the autocast dtype when autocast is on for its device (as F.linear would)."""
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype operators accumulate in: fp64 for fp64, fp32 for everything else."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype products on ``tensor`` run in: autocast's where it is on for its device (as F.linear), else its own."""
     device_type = tensor.device.type
     if torch.is_autocast_enabled(device_type) and tensor.is_floating_point():
-        return tensor.to(torch.get_autocast_dtype(device_type))
-    return tensor
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Cast an operator input to ``autocast_dtype`` (a no-op without autocast)."""
+    return tensor.to(autocast_dtype(tensor))

@@ -17,8 +17,10 @@ import contextlib
 import torch
 
 from . import cuda_ext
-from .layer_norm_linear import compute_dtype_for, layer_norm_backward, layer_norm_recompute, layer_norm_stats
-from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
+from .backend import (
+    accumulate_dtype, autocast_dtype, autocast_input, resolve_backend, triton_available, triton_interpreting,
+)
+from .layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
 
@@ -33,9 +35,6 @@ def ista_reference(x: torch.Tensor, weight: torch.Tensor, step_size: float, lamb
     grad_update = step_size * (grad_2 - grad_1) - step_size * lambd
     return torch.nn.functional.relu(x + grad_update)
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 _BIT_WEIGHTS = {}
@@ -64,7 +63,7 @@ def unpack_mask(packed: torch.Tensor, d: int) -> torch.Tensor:
 
 def dictionary_matrix(weight: torch.Tensor) -> torch.Tensor:
     """M = W - W^T W, accumulated in fp32 (fp64 for fp64 W)."""
-    wc = weight.to(_compute_dtype(weight.dtype))
+    wc = weight.to(accumulate_dtype(weight.dtype))
     return wc - wc.t() @ wc
 
 
@@ -449,5 +448,5 @@ def ista_step(
     else:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name,
-                                 norm.weight, norm.bias, norm.eps, compute_dtype_for(x))
+                                 norm.weight, norm.bias, norm.eps, autocast_dtype(x))
     return out.view(x.shape)

@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .backend import autocast_dtype
+
 __all__ = ["layer_norm_linear", "LayerNormLinearFunction", "layer_norm_stats", "layer_norm_backward"]
-
-
-def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
-    """The dtype products on x run in: autocast's where it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _norm_dtype(x2d, norm_weight) -> torch.dtype:
@@ -91,5 +86,5 @@ def layer_norm_linear(x, norm: torch.nn.LayerNorm, weight, bias=None):
         raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
     x2d = x.reshape(-1, x.shape[-1])
-    out = LayerNormLinearFunction.apply(x2d, norm.weight, norm.bias, norm.eps, weight, bias, compute_dtype_for(x))
+    out = LayerNormLinearFunction.apply(x2d, norm.weight, norm.bias, norm.eps, weight, bias, autocast_dtype(x))
     return out.view(*x.shape[:-1], weight.shape[0])

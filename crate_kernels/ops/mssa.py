@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import cuda_ext
-from .backend import autocast_input, resolve_backend, triton_available, triton_interpreting
+from .backend import accumulate_dtype, autocast_input, resolve_backend, triton_available, triton_interpreting
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
 
@@ -32,9 +32,6 @@ def mssa_reference(w: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.matmul(dots.softmax(dim=-1), w)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
 
 # ----------------------------------------------------------------------------------------------
 # torch launchers: the fused algorithm in plain PyTorch (the CPU path)
@@ -44,7 +41,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # missing, the matmul form below recomputes P from lse.
 # ----------------------------------------------------------------------------------------------
 def _forward_matmul(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    wc = w.to(_compute_dtype(w.dtype))
+    wc = w.to(accumulate_dtype(w.dtype))
     scores = torch.matmul(wc, wc.transpose(-1, -2)).mul_(scale)
     lse = torch.logsumexp(scores, dim=-1)
     probs = scores.sub_(lse.unsqueeze(-1)).exp_()
@@ -53,7 +50,7 @@ def _forward_matmul(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
 
 
 def _backward_matmul(dout, w, out, lse, scale):
-    ct = _compute_dtype(w.dtype)
+    ct = accumulate_dtype(w.dtype)
     wc, doc = w.to(ct), dout.to(ct)
     probs = torch.matmul(wc, wc.transpose(-1, -2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_()
     delta = (doc * out.to(ct)).sum(dim=-1, keepdim=True)
@@ -69,7 +66,7 @@ _CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def _forward_torch(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _CPU_FLASH and w.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(w, w, w, 0.0, False, scale=scale)
-        return out, lse.to(_compute_dtype(w.dtype))  # lse comes (B, N, H)-strided; the op makes it contiguous
+        return out, lse.to(accumulate_dtype(w.dtype))  # lse comes (B, N, H)-strided; the op makes it contiguous
     return _forward_matmul(w, scale)
 
 
@@ -273,7 +270,7 @@ if triton_available():
         meta = _triton_meta(w)
         b, h, n, p = w.shape
         out = torch.empty_like(w)
-        lse = torch.empty((b, h, n), dtype=_compute_dtype(w.dtype), device=w.device)
+        lse = torch.empty((b, h, n), dtype=accumulate_dtype(w.dtype), device=w.device)
         if out.numel():
             _mssa_fwd_kernel[_grid(b * h, n)](w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, **meta)
         return out, lse
@@ -315,7 +312,7 @@ def mssa_forward(w: torch.Tensor, scale: float, backend: str) -> tuple[torch.Ten
 
 @mssa_forward.register_fake
 def _(w, scale, backend):
-    return torch.empty_like(w), w.new_empty(w.shape[:-1], dtype=_compute_dtype(w.dtype))
+    return torch.empty_like(w), w.new_empty(w.shape[:-1], dtype=accumulate_dtype(w.dtype))
 
 
 @torch.library.custom_op("crate_kernels::mssa_backward", mutates_args=())
