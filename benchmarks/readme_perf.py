@@ -32,11 +32,12 @@ def newest_reports() -> list[tuple[Path, dict]]:
     return [(newest[k][1], newest[k][2]) for k in (True, False) if k in newest]
 
 
-def _provider(name: str) -> tuple[str, str]:
-    match = re.search(r"\[(.+)-([^-\]]+(?:-reference)?)\]$", name)
-    if not match:
-        return name, ""
-    return match.group(1), match.group(2)
+def _provider(row: dict) -> tuple[str, str]:
+    """(model, provider) of a training-step row: from its extra_info, else from the test id [model-provider]."""
+    if "model" in row and "provider" in row:
+        return row["model"], row["provider"]
+    match = re.search(r"\[(crate_mae_[a-z]+)-(.+)\]$", row["name"])
+    return (match.group(1), match.group(2)) if match else (row["name"], "")
 
 
 def section(reports: list[tuple[Path, dict]]) -> str:
@@ -58,11 +59,11 @@ def section(reports: list[tuple[Path, dict]]) -> str:
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         ref = {}
         for r in rows:
-            model, provider = _provider(r["name"])
+            model, provider = _provider(r)
             if provider == "reference":
                 ref[(r["group"], model)] = r
         for r in rows:
-            model, provider = _provider(r["name"])
+            model, provider = _provider(r)
             base = ref.get((r["group"], model))
             speed = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else ""
             peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if "peak_memory_bytes" in r else ""
@@ -86,12 +87,12 @@ def plot_img_per_s(path: Path, rows: list[dict]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels = ["\n".join(_provider(r["name"])) for r in rows]
+    labels = ["\n".join(_provider(r)) for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.2))
     ax.bar(range(len(rows)), [r.get("img_per_s", 0) for r in rows], color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("img/s (training step)")
-    ax.set_title(rows[0]["group"], fontsize=9)
+    ax.set_title("; ".join(dict.fromkeys(r["group"] for r in rows)), fontsize=8)
     fig.tight_layout()
     out = path.with_name(path.stem + "-img_per_s.png")
     fig.savefig(out, dpi=110)

@@ -49,6 +49,7 @@ def _build(name, provider):
 @pytest.mark.parametrize("name", MODELS)
 def test_train_step(benchmark, name, provider, matmul_ceiling):
     benchmark.group = f"train step {name} 224px batch {BATCH} {'bf16 autocast' if CUDA else 'fp32'}"
+    benchmark.extra_info.update(model=name, provider=provider)
     torch.manual_seed(0)
     model, runner = _build(name, provider)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)

@@ -242,3 +242,32 @@ def test_auto_picks_triton_on_cuda():
     ref_out, ref_dw, _ = reference64(w, dout, 64 ** -0.5)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(dw, ref_dw)
+
+
+def _tile_configs(pairs):
+    import triton
+
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in pairs]
+
+
+def test_autotune_pruning_keeps_a_config_that_fits_shared_memory():
+    """On a GPU the autotuner launches its first config when none fits; the pruners must leave one that does."""
+    bwd = _tile_configs([(64, 64), (64, 32), (32, 64), (128, 32), (32, 32)])
+    fwd = _tile_configs([(64, 64), (128, 64), (64, 32), (32, 64)])
+
+    def tiles(configs):
+        return sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+
+    def named(dtype):
+        return {"W": torch.empty(1, dtype=dtype)}
+
+    # fp32 p = 256 and fp64 p = 128 (1 KB rows): only the 32 x 32 backward tile fits in 227 KB
+    assert tiles(mssa_ops._prune_bwd(bwd, named(torch.float32), BLOCK_D=256)) == [(32, 32)]
+    assert tiles(mssa_ops._prune_bwd(bwd, named(torch.float64), BLOCK_D=128)) == [(32, 32)]
+    assert (128, 64) not in tiles(mssa_ops._prune_fwd(fwd, named(torch.float32), BLOCK_D=256))
+    # 512-byte rows keep everything (the small tile as the fallback on GPUs with less shared memory)
+    assert len(mssa_ops._prune_bwd(bwd, named(torch.bfloat16), BLOCK_D=256)) == len(bwd)
+    # the model's shapes (bf16 p = 64) skip the fallback and keep the full space
+    model_shape = mssa_ops._prune_bwd(bwd, named(torch.bfloat16), BLOCK_D=64)
+    assert tiles(model_shape) == [(32, 64), (64, 32), (64, 64), (128, 32)]
+    assert len(mssa_ops._prune_fwd(fwd, named(torch.bfloat16), BLOCK_D=64)) == len(fwd)

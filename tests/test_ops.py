@@ -293,3 +293,33 @@ def test_ista_with_fused_norm_under_autocast():
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
     out.float().sum().backward()
     assert x.grad.dtype == norm.weight.grad.dtype == weight.grad.dtype == torch.float32
+
+
+def test_fp32_dot_precision_follows_torch_matmul_settings(monkeypatch):
+    """Triton products of fp32 CUDA tensors use TF32 exactly where PyTorch's own matmuls may."""
+    from types import SimpleNamespace
+
+    from crate_kernels.ops.backend import fp32_dot_precision
+
+    cuda_fp32 = SimpleNamespace(dtype=torch.float32, is_cuda=True)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert fp32_dot_precision(cuda_fp32) == "ieee"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert fp32_dot_precision(cuda_fp32) == "tf32"
+    assert fp32_dot_precision(SimpleNamespace(dtype=torch.bfloat16, is_cuda=True)) == "ieee"
+    assert fp32_dot_precision(torch.ones(2)) == "ieee"  # CPU (the interpreter) is always exact
+
+    def mixed_apis():
+        raise RuntimeError("you have used mix of the legacy and new APIs to set the matmul precision")
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed_apis)
+    matmul = torch.backends.cuda.matmul  # a flag module: monkeypatch cannot restore its attributes
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert fp32_dot_precision(cuda_fp32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert fp32_dot_precision(cuda_fp32) == "ieee"
+    finally:
+        matmul.fp32_precision = before
+

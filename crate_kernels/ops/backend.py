@@ -13,6 +13,7 @@ The process-wide default comes from ``set_backend`` or the environment variable
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -50,6 +51,23 @@ def triton_interpreting() -> bool:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def fp32_dot_precision(tensor: torch.Tensor) -> str:
+    """tl.dot's input_precision for ``tensor``'s products: "tf32" for float32 CUDA tensors where PyTorch's own
+    matmuls may use TF32 (torch.set_float32_matmul_precision, or the newer torch.backends.cuda.matmul.fp32_precision),
+    else "ieee" (exact float32; other dtypes ignore it)."""
+    if tensor.dtype != torch.float32 or not tensor.is_cuda:
+        return "ieee"
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:  # the legacy and per-backend precision APIs were mixed: ask the CUDA matmul backend
+        return "tf32" if getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make ``tensor``'s GPU current while a kernel launches (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _require_triton(tensor: torch.Tensor, backend: str) -> None:

@@ -12,13 +12,12 @@ outputs); every backend shares it, backends differ in the launchers below.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import cuda_ext
 from .backend import (
-    accumulate_dtype, autocast_dtype, autocast_input, resolve_backend, triton_available, triton_interpreting,
+    accumulate_dtype, autocast_dtype, autocast_input, device_guard, fp32_dot_precision, resolve_backend,
+    triton_available, triton_interpreting,
 )
 from .layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
 
@@ -97,11 +96,11 @@ _BACKWARD = {"torch": _backward_torch}
 # Triton kernels and launchers (present where the triton package is installed)
 #
 # x (rows, d) and dOut (rows, d) are read through their strides; M (d, d) is cast to x's dtype by the
-# launcher; dot products accumulate in fp32 ("ieee" for fp32 operands). Each kernel owns a (BLOCK_M,
-# BLOCK_N) output tile and loops over the contraction dimension in BLOCK_K steps; every index is masked,
-# so any d works (BLOCK_K >= 32 keeps tl.dot's K >= 16). The activation mask travels as bits: the
-# forward packs its (BLOCK_M, BLOCK_N) tile into (BLOCK_M, BLOCK_N / 8) bytes, the backward unpacks bits
-# while loading dOut, so G = dOut * mask never exists in memory.
+# launcher; dot products accumulate in fp32 (exact "ieee" for fp32 operands unless PyTorch allows TF32).
+# Each kernel owns a (BLOCK_M, BLOCK_N) output tile and loops over the contraction dimension in BLOCK_K
+# steps; every index is masked, so any d works (BLOCK_K >= 32 keeps tl.dot's K >= 16). The activation mask
+# travels as bits: the forward packs its (BLOCK_M, BLOCK_N) tile into (BLOCK_M, BLOCK_N / 8) bytes, the
+# backward unpacks bits while loading dOut, so G = dOut * mask never exists in memory.
 # ----------------------------------------------------------------------------------------------
 if triton_available():
     import triton
@@ -137,7 +136,8 @@ if triton_available():
     def _ista_fwd_kernel(
         x_ptr, m_ptr, out_ptr, mask_ptr, rows, d, eta, eta_lambd,
         stride_xr, stride_xc, stride_mk, stride_mn, stride_mask,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """out = relu(x + eta * x M - eta * lambda) and its packed mask [pre > 0] for one (BLOCK_M, BLOCK_N) tile.
 
@@ -162,7 +162,7 @@ if triton_available():
             )
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
         tile_ok = row_ok[:, None] & col_ok[None, :]
         x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xr + offs_n[None, :] * stride_xc, mask=tile_ok, other=0.0)
@@ -184,7 +184,8 @@ if triton_available():
     def _ista_dx_kernel(
         dout_ptr, mask_ptr, m_ptr, dx_ptr, rows, d, eta,
         stride_gr, stride_gc, stride_mask, stride_mr, stride_mc,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """dx = G + eta * G M^T for one (BLOCK_M, BLOCK_N) tile, G = dOut * mask unpacked on load.
 
@@ -205,7 +206,7 @@ if triton_available():
             )
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
         g = _load_g(dout_ptr, mask_ptr, offs_m, offs_n, rows, d, stride_gr, stride_gc, stride_mask)
         dx = g.to(tl.float32) + eta * acc
@@ -217,7 +218,8 @@ if triton_available():
     def _ista_dm_kernel(
         x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta,
         stride_xr, stride_xc, stride_gr, stride_gc, stride_mask,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """part[s, i, j] = eta * sum over rows r of chunk s of x[r, i] G[r, j], for one (BLOCK_M, BLOCK_N) block.
 
@@ -241,7 +243,7 @@ if triton_available():
             b = _load_g(dout_ptr, mask_ptr, rr, offs_j, end, d, stride_gr, stride_gc, stride_mask)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(
             part_ptr + pid_s * d * d + offs_i[:, None] * d + offs_j[None, :], eta * acc,
             mask=(offs_i[:, None] < d) & (offs_j[None, :] < d),
@@ -260,9 +262,6 @@ if triton_available():
     def _upcast(dtype: torch.dtype) -> bool:
         """The interpreter multiplies raw bf16 bit patterns in tl.dot: feed it fp32 there."""
         return dtype == torch.bfloat16 and triton_interpreting()
-
-    def _device_guard(t: torch.Tensor):
-        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
     def _dm_chunks(rows: int, d: int, device: torch.device) -> tuple[int, int]:
         """Split rows for dM into (n_chunks, chunk rows) so that d x d blocks times chunks fill the GPU.
@@ -288,11 +287,11 @@ if triton_available():
         out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
         packed = torch.empty((rows, triton.cdiv(d, 8)), dtype=torch.uint8, device=x.device)
         if rows:
-            with _device_guard(x):
+            with device_guard(x):
                 _ista_fwd_kernel[_tiles_grid(rows, d)](
                     x, mc, out, packed, rows, d, step_size, step_size * lambd,
                     x.stride(0), x.stride(1), mc.stride(0), mc.stride(1), packed.stride(0),
-                    UPCAST=_upcast(x.dtype),
+                    UPCAST=_upcast(x.dtype), PRECISION=fp32_dot_precision(x),
                 )
         return out, packed
 
@@ -301,9 +300,9 @@ if triton_available():
         _check_triton_dtype(x)
         rows, d = x.shape
         dout = dout.to(x.dtype)
-        upcast = _upcast(x.dtype)
+        upcast, precision = _upcast(x.dtype), fp32_dot_precision(x)
         dx = dm = None
-        with _device_guard(x):
+        with device_guard(x):
             if need_dx:
                 mc = m.to(x.dtype)
                 dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
@@ -311,7 +310,7 @@ if triton_available():
                     _ista_dx_kernel[_tiles_grid(rows, d)](
                         dout, packed_mask, mc, dx, rows, d, step_size,
                         dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
-                        UPCAST=upcast,
+                        UPCAST=upcast, PRECISION=precision,
                     )
             if need_dm:
                 n_chunks, chunk = _dm_chunks(rows, d, x.device)
@@ -319,7 +318,7 @@ if triton_available():
                 _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
                     x, dout, packed_mask, part, rows, d, chunk, step_size,
                     x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=upcast,
+                    UPCAST=upcast, PRECISION=precision,
                 )
                 dm = part[0] if n_chunks == 1 else part.sum(dim=0)
         return dx, dm

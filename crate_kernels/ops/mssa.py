@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 
 from . import cuda_ext
-from .backend import accumulate_dtype, autocast_input, resolve_backend, triton_available, triton_interpreting
+from .backend import (
+    accumulate_dtype, autocast_input, device_guard, fp32_dot_precision, resolve_backend, triton_available,
+    triton_interpreting,
+)
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
 
@@ -105,9 +108,31 @@ if triton_available():
         ]
         return configs[:1] if triton_interpreting() else configs
 
+    # Shared memory holds tiles of BLOCK_D elements per row: at 512 bytes a row (fp32 p = 128, bf16 p = 256) the
+    # largest tiles no longer fit on every GPU, past it (fp32 p = 256, fp64 p = 128) only the smallest fits on
+    # Hopper (227 KB). Pruning keeps the autotuner from compiling configs that cannot launch, and keeps one
+    # that can, since an autotuner that finds no config that fits launches its first one and fails.
+    _ROW_BYTES_LARGE = 512
+
+    def _row_bytes(named_args, kwargs) -> int:
+        return kwargs["BLOCK_D"] * named_args["W"].element_size()
+
+    def _prune_fwd(configs, named_args, **kwargs):
+        if _row_bytes(named_args, kwargs) <= _ROW_BYTES_LARGE:
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] < 128]
+
+    def _prune_bwd(configs, named_args, **kwargs):
+        row_bytes = _row_bytes(named_args, kwargs)
+        smallest = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32]
+        if row_bytes > _ROW_BYTES_LARGE:
+            return smallest
+        return configs if row_bytes == _ROW_BYTES_LARGE else [c for c in configs if c not in smallest]
+
     @triton.autotune(
         configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2)]),
         key=["N", "BLOCK_D"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
     def _mssa_fwd_kernel(
@@ -165,9 +190,11 @@ if triton_available():
 
     @triton.autotune(
         configs=_configs(
-            [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+            [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2),
+             (32, 32, 4, 2)]
         ),
         key=["N", "BLOCK_D"],
+        prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _mssa_bwd_kernel(
@@ -252,12 +279,11 @@ if triton_available():
         block_d = max(16, triton.next_power_of_2(w.shape[-1]))
         if block_d > 256:
             raise ValueError(f"backend 'triton' supports head dims up to 256, got {w.shape[-1]}")
-        tf32 = w.dtype == torch.float32 and w.is_cuda and torch.get_float32_matmul_precision() != "highest"
         return {
             "BLOCK_D": block_d,
             "ACC": _TRITON_ACC[w.dtype],
             "UPCAST": w.dtype == torch.bfloat16 and triton_interpreting(),
-            "PRECISION": "tf32" if tf32 else "ieee",
+            "PRECISION": fp32_dot_precision(w),
         }
 
     def _grid(batch_heads: int, n: int):
@@ -272,19 +298,22 @@ if triton_available():
         out = torch.empty_like(w)
         lse = torch.empty((b, h, n), dtype=accumulate_dtype(w.dtype), device=w.device)
         if out.numel():
-            _mssa_fwd_kernel[_grid(b * h, n)](w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, **meta)
+            with device_guard(w):
+                _mssa_fwd_kernel[_grid(b * h, n)](w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, **meta)
         return out, lse
 
     def _backward_triton(dout, w, out, lse, scale):
         """dw (w's dtype and layout) from dout, w, out (any strides) and lse (B, H, N) contiguous."""
         meta = _triton_meta(w)
         b, h, n, p = w.shape
+        dout, out = dout.to(w.dtype), out.to(w.dtype)  # the kernel's products take one operand dtype
         dw = torch.empty_like(w)
         if dw.numel():
-            _mssa_bwd_kernel[_grid(b * h, n)](
-                w, out, dout, lse.contiguous(), dw,
-                *w.stride(), *out.stride(), *dout.stride(), *dw.stride(), h, n, p, scale, **meta,
-            )
+            with device_guard(w):
+                _mssa_bwd_kernel[_grid(b * h, n)](
+                    w, out, dout, lse.contiguous(), dw,
+                    *w.stride(), *out.stride(), *dout.stride(), *dw.stride(), h, n, p, scale, **meta,
+                )
         return dw
 
     _FORWARD["triton"] = _forward_triton
