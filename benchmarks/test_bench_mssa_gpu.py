@@ -1,7 +1,8 @@
 """MSSA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
 
 Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024, n=4096, smaller B).
-Providers: `triton` (the fused kernels), `reference` (eager release math), `compile-reference`
+Providers: `triton` (the fused kernels), `cuda` (the Triton forward with the csrc/ CUDA-extension backward;
+skipped with the reason when the extension cannot build), `reference` (eager release math), `compile-reference`
 (torch.compile of it), and F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
 (`sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math`; one that cannot run the shape is skipped).
 extra_info: tflops (4 n^2 p per head forward, 2.5x that backward), gbps (the fewest bytes each pass must
@@ -18,7 +19,8 @@ from crate_kernels.ops import mssa_attention, mssa_reference
 pytestmark = requires_cuda
 
 SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
-PROVIDERS = ["triton", "reference", "compile-reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+PROVIDERS = ["triton", "cuda", "reference", "compile-reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+             "sdpa-math"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 DTYPE = torch.bfloat16
 _COMPILED = {}
@@ -26,8 +28,8 @@ _COMPILED = {}
 
 def _provider(name: str, scale: float):
     """A callable w -> out for one provider."""
-    if name == "triton":
-        return lambda w: mssa_attention(w, scale, backend="triton")
+    if name in ("triton", "cuda"):
+        return lambda w: mssa_attention(w, scale, backend=name)
     if name == "reference":
         return lambda w: mssa_reference(w, scale)
     if name == "compile-reference":
@@ -80,7 +82,7 @@ def test_mssa(benchmark, shape, provider, mode):
         step()  # warm-up: compiles and autotunes kernels
         synchronize()
     except RuntimeError as exc:
-        if provider.startswith("sdpa") or provider == "compile-reference":
+        if provider.startswith("sdpa") or provider in ("compile-reference", "cuda"):
             pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
         raise
 
