@@ -214,3 +214,27 @@ def test_triton_low_precision_error_within_twice_reference(dtype, rows, d):
     for name, g, r, t in zip(("out", "dx", "dW"), got, ref_low, ref64):
         assert g.dtype == dtype, name
         assert rel_err(g, t) <= 2 * rel_err(r, t) + 1e-4, (name, rel_err(g, t), rel_err(r, t))
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 exists on CUDA only")
+def test_triton_fp32_follows_tf32_setting():
+    """With TF32 allowed for PyTorch's matmuls the kernels use it too: errors at most ~2x those of the reference
+    math under the same setting (TF32 also flips activations that sit within its rounding of the threshold),
+    and dW's clearly above exact fp32's (~1e-7)."""
+    x = torch.randn(1000, 384, device=DEVICE)
+    weight = dictionary(384)
+    dout = torch.randn_like(x)
+    ref = ista_ref64(x, weight, 0.1, 0.5, dout)[:3]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got = run_triton(x, weight, 0.1, 0.5, dout)[:3]
+        xl, wl = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = ops.ista_reference(xl, wl, 0.1, 0.5)
+        out.backward(dout)
+        ref_tf32 = (out.detach(), xl.grad, wl.grad)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for name, g, r, t in zip(("out", "dx", "dW"), got, ref_tf32, ref):
+        assert rel_err(g, t) <= 2 * rel_err(r, t) + 1e-4, (name, rel_err(g, t), rel_err(r, t))
+    assert rel_err(got[2], ref[2]) > 1e-5, "dW as exact as fp32: TF32 was not used"

@@ -234,6 +234,43 @@ def test_fp32_cuda_large(b, h, n, p):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype, n, p", [(torch.float32, 65, 256), (torch.float64, 33, 128), (torch.bfloat16, 197, 256),
+                                         (torch.float32, 197, 128)])
+def test_large_head_dims_cuda(dtype, n, p):
+    """Head dims whose tiles crowd shared memory: the pruned autotuning space must keep a config that launches."""
+    w = torch.randn(2, 3, n, p, device="cuda", dtype=torch.float64)
+    dout = torch.randn_like(w)
+    ref_out, ref_dw, _ = reference64(w, dout, p ** -0.5)
+    out, dw = run(w.to(dtype), dout.to(dtype))
+    if dtype == torch.bfloat16:
+        out_r, dw_r = run(w.to(dtype), dout.to(dtype), backend="reference")
+        assert rel_err(out, ref_out) <= 2 * rel_err(out_r, ref_out) + 1e-4
+        assert rel_err(dw, ref_dw) <= 2 * rel_err(dw_r, ref_dw) + 1e-4
+    else:
+        assert_close_fp32(out, ref_out)
+        assert_close_fp32(dw, ref_dw)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_fp32_follows_tf32_setting_cuda():
+    """With TF32 allowed for PyTorch's matmuls the kernels use it too: errors at most ~2x those of the reference
+    math under the same setting, and clearly above exact fp32's (~1e-6)."""
+    w = torch.randn(4, 6, 197, 64, device="cuda")
+    dout = torch.randn_like(w)
+    ref_out, ref_dw, _ = reference64(w, dout, 64 ** -0.5)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        out, dw = run(w, dout)
+        out_r, dw_r = run(w, dout, backend="reference")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert rel_err(out, ref_out) <= 2 * rel_err(out_r, ref_out) + 1e-4
+    assert rel_err(dw, ref_dw) <= 2 * rel_err(dw_r, ref_dw) + 1e-4
+    assert rel_err(dw, ref_dw) > 1e-5, "dw as exact as fp32: TF32 was not used"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_picks_triton_on_cuda():
     w = torch.randn(2, 3, 50, 64, device="cuda")
     assert resolve_backend("auto", w, ("reference", "torch") + tuple(mssa_ops._FORWARD)) == "triton"
