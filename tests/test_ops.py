@@ -323,3 +323,34 @@ def test_fp32_dot_precision_follows_torch_matmul_settings(monkeypatch):
     finally:
         matmul.fp32_precision = before
 
+
+
+# ------------------------------------------------------------------ FLOP counting
+def _counted_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_flop_counter_sees_mssa_model_work(backend):
+    """FlopCounterMode (MFU tools) counts the fused ops as the reference's products: 4 B H N^2 p forward,
+    twice that backward."""
+    b, h, n, p = 2, 3, 17, 48
+    w = torch.randn(b, h, n, p, requires_grad=True)
+    assert _counted_flops(lambda: ops.mssa_attention(w, backend=backend).sum().backward()) == 12 * b * h * n * n * p
+
+
+def test_flop_counter_sees_fused_ista_work():
+    """Fused: x M forward, G M^T and x^T G backward (only where needed), plus M = W - W^T W and dW (2 d^3 each)."""
+    rows, d = 11, 24
+    x = torch.randn(rows, d, requires_grad=True)
+    weight = torch.randn(d, d, requires_grad=True)
+    token, cube = 2 * rows * d * d, 2 * d ** 3
+    assert _counted_flops(lambda: ops.ista_step(x, weight, backend="torch").sum().backward()) == 3 * token + 2 * cube
+    assert _counted_flops(lambda: ops.ista_step(x, weight, backend="reference").sum().backward()) == 9 * token
+    frozen_x = x.detach()  # no dx: the backward runs x^T G alone
+    counted = _counted_flops(lambda: ops.ista_step(frozen_x, weight, backend="torch").sum().backward())
+    assert counted == 2 * token + 2 * cube

@@ -13,6 +13,7 @@ outputs); every backend shares it, backends differ in the launchers below.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import cuda_ext
 from .backend import (
@@ -362,6 +363,20 @@ def ista_backward(
 @ista_backward.register_fake
 def _(dout, x, m, packed_mask, step_size, need_dx, need_dm, backend):
     return (torch.empty_like(x) if need_dx else x.new_empty(0)), (torch.empty_like(m) if need_dm else m.new_empty(0))
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (2 per multiply-add): x M forward; G M^T and x^T G backward,
+# each only where asked for. M = W - W^T W and dW run as ordinary torch products, which the counter sees itself.
+@register_flop_formula(torch.ops.crate_kernels.ista_forward)
+def _ista_forward_flops(x_shape, m_shape, *args, out_shape=None, **kwargs) -> int:
+    rows, d = x_shape
+    return 2 * rows * d * m_shape[1]
+
+
+@register_flop_formula(torch.ops.crate_kernels.ista_backward)
+def _ista_backward_flops(dout_shape, x_shape, m_shape, mask_shape, step_size, need_dx, need_dm, *args,
+                         out_shape=None, **kwargs) -> int:
+    return (int(need_dx) + int(need_dm)) * _ista_forward_flops(x_shape, m_shape)
 
 
 class ISTAFunction(torch.autograd.Function):

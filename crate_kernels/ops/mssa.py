@@ -17,6 +17,7 @@ backward pass. Every backend shares that Function; backends differ in the launch
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import cuda_ext
 from .backend import (
@@ -355,6 +356,20 @@ def mssa_backward(
 @mssa_backward.register_fake
 def _(dout, w, out, lse, scale, backend):
     return torch.empty_like(w)
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode, counted as it counts the reference's products (2 per
+# multiply-add): S = w w^T and P w forward; dP, P^T dO and the two products of dS with w backward. Work that
+# a backend repeats (recomputing S) is not model work and is not counted, so every backend reports the same.
+@register_flop_formula(torch.ops.crate_kernels.mssa_forward)
+def _mssa_forward_flops(w_shape, *args, out_shape=None, **kwargs) -> int:
+    *batch, n, p = w_shape
+    return 4 * torch.Size(batch).numel() * n * n * p
+
+
+@register_flop_formula(torch.ops.crate_kernels.mssa_backward)
+def _mssa_backward_flops(dout_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _mssa_forward_flops(w_shape)
 
 
 class MSSAFunction(torch.autograd.Function):
