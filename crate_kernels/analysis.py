@@ -1,4 +1,4 @@
-"""White-box measurements and visual probes of a CRATE-MAE model (docs/SPEC.md, "White-box measurements").
+"""White-box measurements and visual probes of a CRATE-MAE model (the paper's layer-wise compression and sparsity).
 
     coding_rate_and_sparsity(model, imgs)   per encoder layer: compression R^c and ISTA sparsity (mean, std)
     attention_maps(model, imgs, layer)      [CLS] attention over the patch grid, per head

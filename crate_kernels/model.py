@@ -272,5 +272,7 @@ def load_checkpoint(model: CRATEMAE, checkpoint, strict: bool = True):
         for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        raise ValueError("checkpoint does not fit this model (other size?); mismatched tensors:\n  " + "\n  ".join(mismatched))
+        shown = mismatched[:8] + ([f"... and {len(mismatched) - 8} more"] if len(mismatched) > 8 else [])
+        raise ValueError(f"checkpoint does not fit this model (other size?); {len(mismatched)} mismatched tensors:\n  "
+                         + "\n  ".join(shown))
     return model.load_state_dict(state, strict=strict)

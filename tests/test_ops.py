@@ -198,8 +198,9 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.mssa_attention(w, backend="cudnn")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="backend 'cuda' .* needs CUDA tensors"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' .* needs CUDA tensors") as info:
             ops.ista_step(torch.randn(3, 8), torch.randn(8, 8), backend="cuda")
+        assert "TRITON_INTERPRET" not in str(info.value)  # the interpreter cannot run the CUDA backward either
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -35,6 +35,14 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(TrainError, match="truncated.pth"):
         checkpoint.load(str(bad))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"epoch": 3, "note": "not weights"}, foreign)
+    with pytest.raises(TrainError, match="foreign.pth holds neither a training checkpoint nor model weights"):
+        checkpoint.load(str(foreign))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(TrainError, match="broken.safetensors"):
+        checkpoint.load(str(broken))
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -76,4 +76,17 @@ def test_args_yaml_round_trips(tmp_path):
     save_yaml(cfg, str(tmp_path / "args.yaml"), header="# a comment\n")
     again = resolve(["--config", str(tmp_path / "args.yaml")])
     assert again == cfg
-    assert set(cfg) == set(DEFAULTS)
+    assert set(cfg) == set(DEFAULTS) | {"lr_from_blr"}
+
+
+def test_args_yaml_keeps_a_derived_lr_derived(tmp_path):
+    """Reused as --config, args.yaml must not pin the old lr: --blr and the batch size beside it still set it."""
+    cfg = resolve(["--batch_size", "8"])
+    text = save_yaml(cfg, str(tmp_path / "args.yaml"))
+    assert "lr: null" in text and f"# lr = blr x effective batch / 256 = {cfg['lr']:.6g}" in text
+    again = resolve(["--config", str(tmp_path / "args.yaml"), "--blr", "1e-3", "--batch_size", "32"])
+    assert again["lr"] == pytest.approx(1e-3 * 32 / 256)
+    pinned = resolve(["--lr", "0.25"])
+    save_yaml(pinned, str(tmp_path / "pinned.yaml"))
+    assert resolve(["--config", str(tmp_path / "pinned.yaml"), "--blr", "1e-3"])["lr"] == 0.25
+

@@ -94,10 +94,10 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
         return "torch"
     if name not in has:
         raise NotImplementedError(f"backend {name!r} is not implemented for this operator (available: {has})")
-    if name in ("triton", "cuda"):
-        _require_triton(tensor, name)
     if name == "cuda":
         _require_cuda_extension(tensor)
+    if name in ("triton", "cuda"):
+        _require_triton(tensor, name)
     return name
 
 
@@ -110,7 +110,8 @@ def _cuda_extension_problem() -> str | None:
 
 def _require_cuda_extension(tensor: torch.Tensor) -> None:
     if not tensor.is_cuda:
-        raise RuntimeError(f"backend 'cuda' runs CUDA kernels and needs CUDA tensors, got device {tensor.device}")
+        raise RuntimeError(f"backend 'cuda' runs CUDA kernels and needs CUDA tensors, got device {tensor.device}; "
+                           "on CPU use backend 'torch'")
     problem = _cuda_extension_problem()
     if problem:
         raise RuntimeError(f"backend 'cuda' is unavailable: {problem}")

@@ -74,15 +74,26 @@ def save_safetensors(state_dict: dict, path: str, metadata: dict | None = None) 
 
 
 def load(path: str) -> dict:
-    """Load a training checkpoint on CPU with ``weights_only=True``; errors name the file."""
+    """Load a checkpoint on CPU as {'model': state_dict, ...}; errors name the file.
+
+    Takes this trainer's checkpoints (``torch.load`` with ``weights_only=True``) and weights alone: a bare
+    state_dict in a .pth (e.g. a release checkpoint without its wrapper) or a .safetensors file (this
+    trainer's model.safetensors)."""
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path} does not exist or is not a file")
     try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(path)}
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
+    except Exception as e:  # torch and safetensors raise several types for truncated or foreign files
         raise TrainError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {"model": ckpt}  # weights only
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise TrainError(f"{path} is not a training checkpoint (no 'model' entry)")
+        raise TrainError(f"{path} holds neither a training checkpoint nor model weights "
+                         "(expected {'model': state_dict, ...} or a state_dict)")
     return ckpt
 
 

@@ -18,7 +18,7 @@ from .data import DATASETS
 # Architectures: the release's four sizes (patch 16) plus a small CPU demo.
 MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS}
 
-# The MAE / CRATE-MAE ImageNet-1K recipe (docs/SPEC.md); the model sizes use it as is.
+# The MAE / CRATE-MAE ImageNet-1K recipe (MAE's main_pretrain.py defaults); the model sizes use it as is.
 DEFAULTS = dict(
     model="demo", input_size=224, patch_size=16, mask_ratio=0.75, norm_pix_loss=False,
     batch_size=64, accum_iter=1, epochs=800, max_steps=0, warmup_epochs=40.0, warmup_steps=None,
@@ -27,7 +27,7 @@ DEFAULTS = dict(
     output_dir="./output_dir", log_dir=None, tensorboard=True,
     device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=10, pin_mem=True,
     log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
-    backend="auto", amp="auto", dist_backend="auto",
+    backend=None, amp="auto", dist_backend="auto",
 )
 
 # What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
@@ -87,7 +87,7 @@ FLAGS = {
     "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
     "eval_every": (int, "optimizer steps between coding-rate/sparsity measurements and reconstructions "
                         "(0: off)", None),
-    "backend": (str, "operator backend (crate_kernels.ops)", BACKENDS),
+    "backend": (str, "operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto", BACKENDS),
     "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
                  "off on CPU", ("auto", "bf16", "fp16", "off")),
     "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
@@ -186,6 +186,7 @@ def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     validate(cfg)
     if cfg["lr"] is None:
         cfg["lr"] = cfg["blr"] * effective_batch(cfg, world_size) / 256
+        cfg["lr_from_blr"] = True
     return cfg
 
 
@@ -215,8 +216,15 @@ def validate(cfg: dict) -> None:
 
 
 def save_yaml(cfg: dict, path: str, header: str = "") -> str:
-    """The resolved configuration as YAML text (returned, and written to ``path``)."""
-    text = header + yaml.safe_dump({k: cfg[k] for k in FLAGS if k in cfg}, sort_keys=False)
+    """The resolved configuration as YAML text (returned, and written to ``path``).
+
+    An lr derived from --blr is written as a comment, not a value: reused as --config, the file then still
+    scales the lr with --blr and the batch size given beside it."""
+    values = {k: cfg[k] for k in FLAGS if k in cfg}
+    if cfg.get("lr_from_blr"):
+        header += f"# lr = blr x effective batch / 256 = {cfg['lr']:.6g}\n"
+        values["lr"] = None
+    text = header + yaml.safe_dump(values, sort_keys=False)
     atomic_write(path, lambda f: f.write(text.encode()))
     return text
 

@@ -6,7 +6,9 @@ import importlib.util
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from .. import analysis
 from ..model import CRATEMAE, load_checkpoint
+from ..ops.backend import get_backend, resolve_backend
 from . import checkpoint, distributed
 from .checkpoint import TrainError
 from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
@@ -272,6 +275,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        """Train to the end, or until SIGTERM: then finish the step, save checkpoint-last.pth and stop."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return self._run()
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            return self._run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM (a collective, so every rank stops at the same step)."""
+        return not self.dist.all_true(self.stop_signal is None)
+
+    def _run(self) -> dict:
         cfg, dist = self.cfg, self.dist
         path = self.resume_path()
         if path:
@@ -314,6 +336,15 @@ class Trainer:
                 if epoch_end or final or self.step % cfg["save_every"] == 0:
                     self.save(numbered=final or (epoch_end and (epoch + 1) % cfg["save_every_epochs"] == 0))
                 window[2] += time.perf_counter() - paused  # img/s counts training only
+                if self._stop_requested():
+                    if self.last_saved != self.step:
+                        self.save(numbered=False)
+                    signum = self.stop_signal or signal.SIGTERM
+                    message = (f"stopped by {signal.Signals(signum).name} at step {self.step}; "
+                               f"{os.path.join(self.out, 'checkpoint-last.pth')} holds it: run the same command "
+                               "again to continue")
+                    self.say(message)
+                    raise StopRequested(signum, message)
                 if epoch_end:
                     break
         if dist.is_main:
@@ -338,13 +369,31 @@ class Trainer:
         return (
             f"crate-train: model {cfg['model']} ({params / 1e6:.2f}M parameters, {len(m.blocks)}+"
             f"{len(m.decoder_blocks)} layers, width {m.cls_token.shape[-1]}, {cfg['input_size']}px, "
-            f"patch {cfg['patch_size']}, backend {cfg['backend']})\n"
+            f"patch {cfg['patch_size']}, backend {cfg['backend'] or get_backend()})\n"
             f"  data: {self.data_desc}\n"
             f"  {self.dist.world_size} process(es) on {self.device}, amp {amp}; effective batch {self.global_batch}, "
             f"lr {cfg['lr']:.3g}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
             f"warmup {self.warmup_steps}, mask ratio {cfg['mask_ratio']}\n"
             f"  output: {self.out}" + (f" (resuming at step {self.step})" if self.step else "")
         )
+
+
+class StopRequested(Exception):
+    """SIGTERM (a scheduler's preemption or ``kill``) arrived: the run saved its state and stopped."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _check_backend(backend: str | None, device: torch.device) -> None:
+    """Refuse, before any output is written, an operator backend that cannot run on ``device``."""
+    name = get_backend() if backend is None else backend
+    probe = torch.empty(0, device=device)
+    try:
+        resolve_backend(name, probe, ("reference", "torch", "triton", "cuda"))
+    except (RuntimeError, NotImplementedError) as e:
+        raise TrainError(f"--backend {name} cannot run on {device}: {e}") from e
 
 
 def train(cfg: dict) -> dict:
@@ -356,6 +405,7 @@ def train(cfg: dict) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     dist = distributed.init(cfg["device"], cfg["dist_backend"])
+    _check_backend(cfg["backend"], dist.device)
     lock = checkpoint.OutputLock(cfg["output_dir"])
     try:
         error = None
@@ -397,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"crate-train: error: {e}", file=sys.stderr)
         return 1
+    except StopRequested as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("crate-train: interrupted; run the same command again to resume from checkpoint-last.pth",
               file=sys.stderr)
