@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from . import cuda_ext
 from .backend import (
     accumulate_dtype, autocast_input, device_guard, fp32_dot_precision, resolve_backend, triton_available,
     triton_interpreting,
@@ -322,7 +321,14 @@ if triton_available():
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _forward_triton
-    _BACKWARD["cuda"] = cuda_ext.mssa_backward
+
+    def _backward_cuda(dout, w, out, lse, scale):
+        """The CUDA-extension backward (csrc/, imported and built on first use)."""
+        from . import cuda_ext
+
+        return cuda_ext.mssa_backward(dout, w, out, lse, scale)
+
+    _BACKWARD["cuda"] = _backward_cuda
 
 
 # ----------------------------------------------------------------------------------------------
