@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEMAE, load_checkpoint
-from crate_kernels.train import checkpoint, main
+from crate_kernels.train import checkpoint, load_run, main
 from crate_kernels.train.checkpoint import OutputLock
 from crate_kernels.train.config import resolve
 from crate_kernels.train.loop import build_model
@@ -71,6 +71,13 @@ def test_run_writes_every_output_and_a_finished_run_resumes_to_nothing(tmp_path)
     torch.testing.assert_close(model.state_dict(), ckpt["model"], rtol=0, atol=0)
     assert main(args) == 0  # auto-resume of a finished run: no step, same files
     assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+    trained = load_run(out)
+    assert not trained.training and trained.patch_size == 4
+    torch.testing.assert_close(trained.state_dict(), ckpt["model"], rtol=0, atol=0)
+    os.remove(os.path.join(out, "model.safetensors"))  # a run still going: its last checkpoint
+    torch.testing.assert_close(load_run(out).state_dict(), ckpt["model"], rtol=0, atol=0)
+    with pytest.raises(checkpoint.TrainError, match="no args.yaml"):
+        load_run(str(tmp_path))
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):

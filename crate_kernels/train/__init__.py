@@ -4,7 +4,11 @@ With no arguments it trains the small ``demo`` model on scikit-image's bundled p
 minutes. ``--model crate_mae_base --data_path /path/to/imagenet`` (under torchrun for several GPUs) runs the
 MAE recipe. Submodules: config (flags, presets), data (datasets, augmentation, sampler), loop (the run),
 checkpoint (atomic files, RNG state, lock), distributed (torchrun), monitor (logs).
+``load_run(output_dir)`` gives back the model a run trained.
 """
+from __future__ import annotations
+
+import os
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,3 +16,27 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import main as run  # imported here so that importing crate_kernels.train.data stays light
 
     return run(argv)
+
+
+def load_run(output_dir: str, backend: str | None = None):
+    """The CRATEMAE a ``crate-train`` run wrote to ``output_dir``, on CPU, in eval mode.
+
+    The architecture comes from the run's args.yaml (model, input and patch size), the weights from
+    model.safetensors (written when the run finished) or else checkpoint-last.pth (a run still going or
+    stopped). ``backend`` sets the operator backend (None: the process-wide default).
+    """
+    from ..model import load_checkpoint
+    from .checkpoint import TrainError, load
+    from .config import resolve
+    from .loop import build_model
+
+    args = os.path.join(output_dir, "args.yaml")
+    if not os.path.isfile(args):
+        raise TrainError(f"{output_dir} holds no crate-train run (no args.yaml)")
+    cfg = resolve(["--config", args])
+    model = build_model({**cfg, "backend": backend})
+    final = os.path.join(output_dir, "model.safetensors")
+    weights = final if os.path.isfile(final) else os.path.join(output_dir, "checkpoint-last.pth")
+    load_checkpoint(model, load(weights))
+    return model.eval()
+
