@@ -54,6 +54,17 @@ def test_image_folder(tmp_path):
     assert len(build_dataset("imagefolder", str(tmp_path), EvalTransform(8), train=False)) == 4
 
 
+def test_flat_folder_of_unlabelled_images(tmp_path):
+    """Pretraining needs no labels: images directly in --data_path form one class."""
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((10, 12, 3), 60 * i, np.uint8)).save(tmp_path / "photos" / f"{i}.jpg")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    ds = build_dataset("auto", str(tmp_path / "photos"), EvalTransform(8))
+    assert isinstance(ds, ImageFolder) and ds.classes == ["photos"] and len(ds) == 3
+    assert ds[2][0].shape == (3, 8, 8) and ds[2][1] == 0
+
+
 def test_empty_missing_and_unreadable_datasets_are_named(tmp_path):
     with pytest.raises(DatasetError, match=f"no images found in {tmp_path}"):
         ImageFolder(str(tmp_path), EvalTransform(8))

@@ -64,8 +64,8 @@ FLAGS = {
     "min_lr": (float, "lr at the end of the cosine schedule", None),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls/mask tokens)", None),
     "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
-    "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), "
-                       "or a folder holding cifar-10-batches-py / cifar-100-python", None),
+    "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), a folder of "
+                       "unlabelled images, or a folder holding cifar-10-batches-py / cifar-100-python", None),
     "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
     "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset", None),
     "eval_images": (int, "images in the fixed evaluation batch", None),
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, help_text, choices) in FLAGS.items():
         shown = "" if name == "config" else f" (default: {DEFAULTS[name]}"
         if name in PRESETS["demo"]:
-            shown += f"; demo preset: {PRESETS['demo'][name]}"
+            shown = f" (crate_mae_* models: {DEFAULTS[name]}; demo, the default --model: {PRESETS['demo'][name]}"
         shown += ")" if shown else ""
         if choices:
             help_text += f"; one of: {', '.join(choices)}"

@@ -175,7 +175,8 @@ class SkimagePhotos(ImageDataset):
 
 
 class ImageFolder(ImageDataset):
-    """ImageNet layout: ``root/<class>/<image>``; classes are the sorted sub-folder names."""
+    """ImageNet layout ``root/<class>/<image>`` (classes: the sorted sub-folder names), or unlabelled images
+    directly in ``root`` (one class) when no sub-folder holds any: pretraining needs no labels."""
 
     def __init__(self, root: str, transform):
         super().__init__(transform)
@@ -189,9 +190,13 @@ class ImageFolder(ImageDataset):
                 self.samples += [
                     (os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
                 ]
+        if not self.samples:  # a flat folder of unlabelled images
+            self.classes = [os.path.basename(os.path.normpath(root))]
+            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
+                            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
         if not self.samples:
             raise DatasetError(
-                f"no images found in {root}: expected the ImageNet layout {root}/<class>/<image> "
+                f"no images found in {root}: expected images in it or the ImageNet layout {root}/<class>/<image>, "
                 f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
             )
 
