@@ -214,6 +214,12 @@ def test_backend_the_device_cannot_run_is_refused_before_any_output(tmp_path, ca
     assert not out.exists()
 
 
+def test_misspelt_backend_variable_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CRATE_KERNELS_BACKEND", "Torch")
+    assert main(IN_PROCESS + ["--max_steps", "1", "--output_dir", str(tmp_path / "run")]) == 1
+    assert "CRATE_KERNELS_BACKEND" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_backend_defaults_to_the_process_wide_setting(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CRATE_KERNELS_BACKEND", "reference")
     assert resolve([])["backend"] is None

@@ -388,7 +388,10 @@ class StopRequested(Exception):
 
 def _check_backend(backend: str | None, device: torch.device) -> None:
     """Refuse, before any output is written, an operator backend that cannot run on ``device``."""
-    name = get_backend() if backend is None else backend
+    try:
+        name = get_backend() if backend is None else backend
+    except ValueError as e:  # a misspelt $CRATE_KERNELS_BACKEND
+        raise TrainError(str(e)) from e
     probe = torch.empty(0, device=device)
     try:
         resolve_backend(name, probe, ("reference", "torch", "triton", "cuda"))
