@@ -127,24 +127,27 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
                                load_file(os.path.join(one, "model.safetensors")), rtol=1e-3, atol=1e-4)
 
 
-def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(tmp_path):
-    """A scheduler's SIGTERM (preemption) loses no step: the run saves checkpoint-last.pth and exits 143."""
-    args = TINY + ["--threads", "1", "--max_steps", "200", "--save_every", "1000"]
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_to_the_whole_job_saves_the_step_and_resumes_from_it(tmp_path, signum):
+    """A scheduler's SIGTERM or a Ctrl-C reaches every process of the job (data-loading workers too): the run
+    finishes its step, saves checkpoint-last.pth, exits 128 + signal, and the same command continues from there."""
+    args = TINY + ["--threads", "1", "--max_steps", "200", "--save_every", "1000", "--num_workers", "2"]
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-m", "crate_kernels.train", *args, "--output_dir", out],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not any(r["step"] >= 8 for r in _records(out)):
         assert proc.poll() is None, "the run finished before it could be stopped"
         assert time.time() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)  # the process group: main process and its workers, as a scheduler or terminal does
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert proc.returncode == 128 + signum, stderr[-2000:]
     stopped_at = checkpoint.load(os.path.join(out, "checkpoint-last.pth"))["step"]
     assert 8 <= stopped_at < 200  # periodic saves come every 1000 steps and at epoch ends (every 6 steps)
-    assert f"stopped by SIGTERM at step {stopped_at}" in stdout
+    assert f"stopped by {signal.Signals(signum).name} at step {stopped_at}" in stdout
     assert max(r["step"] for r in _records(out)) == stopped_at  # no step ran after the one it saved
+    assert "Traceback" not in stderr, stderr[-2000:]
     resumed = _ok(_cli(args + ["--max_steps", str(stopped_at + 2), "--output_dir", out]))
     assert f"resumed from {out}/checkpoint-last.pth at step {stopped_at}" in resumed.stdout
 

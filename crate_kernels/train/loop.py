@@ -124,7 +124,7 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             MaskedViews(dataset, self.num_patches), batch_sampler=self.sampler, num_workers=cfg["num_workers"],
             pin_memory=cfg["pin_mem"] and self.device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
-            generator=torch.Generator().manual_seed(cfg["seed"]),
+            generator=torch.Generator().manual_seed(cfg["seed"]), worker_init_fn=_leave_stop_signals_to_the_main,
         )
         self.steps_per_epoch = self.sampler.num_batches // cfg["accum_iter"]
         self.total_steps = cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch
@@ -275,22 +275,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        """Train to the end, or until SIGTERM: then finish the step, save checkpoint-last.pth and stop."""
+        """Train to the end, or until SIGTERM or SIGINT: then finish the step, save checkpoint-last.pth and stop
+        (a second SIGINT stops at once, keeping the last checkpoint)."""
         self.stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             return self._run()
 
         def request_stop(signum, frame):
+            if signum == signal.SIGINT and self.stop_signal is not None:
+                raise KeyboardInterrupt
             self.stop_signal = signum
+            if signum == signal.SIGINT and self.dist.is_main:
+                print("crate-train: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
+                      flush=True)
 
-        previous = signal.signal(signal.SIGTERM, request_stop)
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return self._run()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM (a collective, so every rank stops at the same step)."""
+        """Whether any rank got SIGTERM or SIGINT (a collective, so every rank stops at the same step)."""
         return not self.dist.all_true(self.stop_signal is None)
 
     def _run(self) -> dict:
@@ -378,8 +385,15 @@ class Trainer:
         )
 
 
+def _leave_stop_signals_to_the_main(worker_id: int) -> None:
+    """Data-loading workers ignore SIGTERM and SIGINT, which schedulers and terminals send to every process of a
+    job: the main process finishes its step, saves, and then ends the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopRequested(Exception):
-    """SIGTERM (a scheduler's preemption or ``kill``) arrived: the run saved its state and stopped."""
+    """SIGTERM (a scheduler's preemption, ``kill``) or SIGINT (Ctrl-C) arrived: the run saved its state and stopped."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
