@@ -1,4 +1,6 @@
 """Shared helpers for the benchmark suites (imported by the benchmark files, which pytest puts on sys.path)."""
+import time
+
 import pytest
 import torch
 
@@ -9,6 +11,33 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (this suit
 def synchronize():
     if CUDA:
         torch.cuda.synchronize()
+
+
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` over ``reps`` runs after one warm-up (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_flops_per_second(n: int, dtype: torch.dtype, reps: int) -> float:
+    """Measured rate of one dense n x n x n product on random data (the ceiling MFU is stated against)."""
+    device = "cuda" if CUDA else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, reps)
 
 
 def saved_bytes(fn):

@@ -91,37 +91,17 @@ def test_outcome(rc: int, out: str) -> dict:
 def ceilings(cuda: bool) -> dict:
     """Measured dense-matmul rate and device-to-device copy bandwidth (median of several runs)."""
     import torch
-
-    device = "cuda" if cuda else "cpu"
-
-    def median_seconds(fn, reps):
-        fn()
-        times = []
-        for _ in range(reps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    from bench_utils import matmul_flops_per_second, median_seconds
 
     n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm = median_seconds(lambda: a @ b, 20 if cuda else 3)
+    flops = matmul_flops_per_second(n, dtype, 20 if cuda else 3)
     numel = (1 << 30) // 2 if cuda else (1 << 24)  # 1 GiB of bf16 on the GPU
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    src = torch.randn(numel, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
     dst = torch.empty_like(src)
     cp = median_seconds(lambda: dst.copy_(src), 20 if cuda else 3)
     return {
         "matmul": f"{n}^3 {str(dtype).replace('torch.', '')}",
-        "matmul_tflops": 2 * n ** 3 / mm / 1e12,
+        "matmul_tflops": flops / 1e12,
         "copy_bytes": 2 * src.numel() * src.element_size(),
         "copy_gbps": 2 * src.numel() * src.element_size() / cp / 1e9,
     }

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import crate_kernels
-from bench_utils import CUDA, crate_mae_train_flops, peak_memory, saved_bytes, synchronize
+from bench_utils import CUDA, crate_mae_train_flops, matmul_flops_per_second, peak_memory, saved_bytes, synchronize
 
 DEVICE = "cuda" if CUDA else "cpu"
 BATCH = int(os.environ.get("CRATE_BENCH_BATCH", 128 if CUDA else 8))
@@ -23,19 +23,9 @@ PROVIDERS = ["auto", "reference", "compile-reference"] if CUDA else ["reference"
 @pytest.fixture(scope="module")
 def matmul_ceiling():
     """Measured dense-matmul FLOP/s of this device (bf16 8192^3 on CUDA, fp32 2048^3 on CPU)."""
-    import time
-
-    n, dtype = (8192, torch.bfloat16) if CUDA else (2048, torch.float32)
-    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize()
-    reps = 20 if CUDA else 3
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    if CUDA:
+        return matmul_flops_per_second(8192, torch.bfloat16, 20)
+    return matmul_flops_per_second(2048, torch.float32, 3)
 
 
 def _build(name, provider):

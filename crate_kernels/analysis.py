@@ -13,14 +13,13 @@ Measurements run in float32 without gradients and accept a DDP-wrapped model. Im
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train.checkpoint import temporary_name
+from .train.checkpoint import atomic_write
 from .train.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -205,19 +204,7 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str, nrow: int = 8,
         raise ValueError(f"images must be (C, H, W) or (B, C, H, W) with C in (1, 3), got {tuple(x.shape)}")
     pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    _replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def _replace_atomically(path: str, write) -> None:
-    """``write(temporary path)``, then rename it over ``path``."""
-    tmp = temporary_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def plot_whitebox_curves(evals: list[dict], path: str, losses: list[tuple[int, float]] | None = None) -> None:
@@ -253,7 +240,7 @@ def plot_whitebox_curves(evals: list[dict], path: str, losses: list[tuple[int, f
         ax.set_xticks(np.arange(1, len(evals[0][key]) + 1))
     if len(evals) <= 8:
         axes[0].legend(fontsize=7)
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def extract_features(model, batches: Iterable, device: torch.device | str | None = None):
