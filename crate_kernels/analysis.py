@@ -165,11 +165,30 @@ def _tile(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
     return out
 
 
+def _with_row_labels(grid: torch.Tensor, labels: list[str], cell: int, pad: int) -> torch.Tensor:
+    """``grid`` (C, H, W), tiled in rows of ``cell``-pixel images, with a white column of row labels on its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=max(9, min(24, cell // 5)))
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font) for text in labels]
+    canvas = Image.new("L", (max(b[2] for b in boxes) + 2 * pad + 4, grid.shape[1]), 255)
+    draw = ImageDraw.Draw(canvas)
+    for row, (text, box) in enumerate(zip(labels, boxes)):
+        top = pad + row * (cell + pad) + (cell - (box[3] - box[1])) // 2 - box[1]
+        draw.text((pad + 2, top), text, fill=0, font=font)
+    column = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return torch.cat([column.expand(grid.shape[0], -1, -1), grid], dim=2)
+
+
 def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD, pad: int = 2) -> torch.Tensor:
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD, pad: int = 2, labels: bool = True) -> torch.Tensor:
     """A (3, H', W') image in [0, 1]; rows: original | masked | prediction | prediction with the visible patches
-    pasted back; one column per image. ``mean``/``std`` undo the input normalisation; with norm_pix_loss the
-    prediction is un-normalised with each target patch's own mean and variance (MAE's visualisation).
+    pasted back; one column per image, and with ``labels`` a column naming the rows on the left. ``mean``/``std``
+    undo the input normalisation; with norm_pix_loss the prediction is un-normalised with each target patch's
+    own mean and variance (MAE's visualisation).
     """
     with _Measuring(model, imgs) as (model, imgs):
         _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=None if noise is None else noise.to(imgs.device))
@@ -184,7 +203,11 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noi
         prediction = (model.unpatchify(pred, grid) * std_t + mean_t).clamp(0, 1)
         masked = original * (1 - m) + 0.5 * m
         pasted = original * (1 - m) + prediction * m
-        return _tile([x.float().cpu() for x in (original, masked, prediction, pasted)], pad)
+        grid = _tile([x.float().cpu() for x in (original, masked, prediction, pasted)], pad)
+    if labels:
+        names = ["original", f"masked {mask_ratio:.0%}", "prediction", "visible + pred."]
+        grid = _with_row_labels(grid, names, imgs.shape[-2], pad)
+    return grid
 
 
 def save_image_grid(images: torch.Tensor | np.ndarray, path: str, nrow: int = 8, pad: int = 2) -> None:

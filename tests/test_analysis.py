@@ -86,7 +86,7 @@ def test_reconstruction_grid_layout(model, norm_pix):
     model.norm_pix_loss = norm_pix
     imgs = torch.randn(3, 3, 16, 16) * 0.2
     noise = torch.rand(3, 16)
-    grid = analysis.reconstruction_grid(model, imgs, mask_ratio=0.75, noise=noise, pad=2)
+    grid = analysis.reconstruction_grid(model, imgs, mask_ratio=0.75, noise=noise, pad=2, labels=False)
     assert grid.shape == (3, 4 * 18 + 2, 3 * 18 + 2) and 0 <= grid.min() and grid.max() <= 1
     cell = lambda r, c: grid[:, 2 + r * 18: 2 + r * 18 + 16, 2 + c * 18: 2 + c * 18 + 16]
     mask = model.unpatchify(model.random_masking(3, 16, 0.75, noise, "cpu").unsqueeze(-1).expand(-1, -1, 48), (4, 4))
@@ -95,6 +95,19 @@ def test_reconstruction_grid_layout(model, norm_pix):
         torch.testing.assert_close(cell(3, c)[visible], cell(0, c)[visible])  # visible patches pasted back
         torch.testing.assert_close(cell(3, c)[~visible], cell(2, c)[~visible])  # prediction where masked
         assert torch.all(cell(1, c)[~visible] == 0.5)
+
+
+def test_reconstruction_grid_names_its_rows(model):
+    imgs, noise = torch.randn(2, 3, 16, 16) * 0.2, torch.rand(2, 16)
+    plain = analysis.reconstruction_grid(model, imgs, noise=noise, labels=False)
+    labelled = analysis.reconstruction_grid(model, imgs, noise=noise)
+    margin = labelled.shape[2] - plain.shape[2]
+    assert labelled.shape[:2] == plain.shape[:2] and margin > 20
+    torch.testing.assert_close(labelled[:, :, margin:], plain, rtol=0, atol=0)
+    for row in range(4):  # dark text in every row's band of the label column, white between the bands
+        band = labelled[:, 2 + row * 18: 2 + row * 18 + 16, :margin]
+        assert band.min() < 0.3
+    assert labelled[:, :2, :margin].min() == 1.0
 
 
 def test_save_image_grid_and_curves(tmp_path):

@@ -386,3 +386,15 @@ def test_cuda_ext_names_what_is_missing(monkeypatch):
     assert not cuda_ext.available() and "CPU-only build" in cuda_ext.why_unavailable()
     with pytest.raises(RuntimeError, match="CPU-only build"):
         cuda_ext.load()
+
+
+def test_build_without_a_visible_gpu_asks_for_the_architectures(monkeypatch, capsys):
+    """A CUDA build of torch on a machine without a GPU: --build names TORCH_CUDA_ARCH_LIST instead of failing
+    inside torch's architecture detection."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert cuda_ext.main(["--build"]) == 1
+    assert "set TORCH_CUDA_ARCH_LIST" in capsys.readouterr().err
+

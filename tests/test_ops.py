@@ -355,3 +355,30 @@ def test_flop_counter_sees_fused_ista_work():
     frozen_x = x.detach()  # no dx: the backward runs x^T G alone
     counted = _counted_flops(lambda: ops.ista_step(frozen_x, weight, backend="torch").sum().backward())
     assert counted == 2 * token + 2 * cube
+
+
+def test_without_triton_the_package_works_and_a_triton_backend_says_what_is_missing():
+    """triton is optional (CUDA builds of torch bring it): without it the model runs on `auto`/`torch`, and an
+    explicit Triton backend names the package."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["triton"] = None  # as if it were not installed
+import torch, crate_kernels
+from crate_kernels import ops
+model = crate_kernels.CRATEMAE(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+loss = model(torch.randn(2, 3, 16, 16))[0]
+loss.backward()
+assert torch.isfinite(loss)
+try:
+    ops.mssa_attention(torch.randn(1, 1, 4, 8), backend="triton")
+except RuntimeError as e:
+    print(e)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "needs the 'triton' package, which is not installed" in result.stdout
+    assert "pip install triton" in result.stdout

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from crate_kernels.train.data import (
-    CIFAR, DatasetError, EvalTransform, ImageFolder, MaskedViews, ShardedBatchSampler, SkimagePhotos, TrainTransform,
-    build_dataset, resolve_dataset,
+    CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, DatasetError, EvalTransform, ImageFolder, MaskedViews,
+    ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImage, UnreadableImages, build_dataset,
+    collate_views, default_num_workers, fixed_batch, resolve_dataset,
 )
 
 
@@ -34,11 +35,16 @@ def test_transforms_shapes_normalisation_and_determinism():
     assert white.shape == (3, 8, 8) and torch.allclose(white, expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
 
 
-def test_skimage_photos_are_bundled_rgb():
+def test_skimage_photos_are_bundled_rgb_and_the_eval_split_is_held_out():
     ds = SkimagePhotos(EvalTransform(32), epoch_size=40)
-    assert len(ds) == 40 and len(ds.images) >= 9
+    assert len(ds) == 40 and len(ds.images) == len(SKIMAGE_PHOTOS) == 7
     assert all(img.dtype == torch.uint8 and img.shape[0] == 3 for img in ds.images)
     assert ds[3][0].shape == (3, 32, 32) and resolve_dataset("auto", None) == "skimage"
+    held_out = build_dataset("skimage", None, EvalTransform(32), train=False)
+    assert held_out.names == SKIMAGE_HELD_OUT and len(held_out) == 2 and not set(SKIMAGE_HELD_OUT) & set(ds.names)
+    train_pixels = {img.numpy().tobytes() for img in ds.images}
+    assert not any(img.numpy().tobytes() in train_pixels for img in held_out.images)
+    assert "held out of training: chelsea.png, coffee.png" in held_out.describe()
 
 
 def test_image_folder(tmp_path):
@@ -72,7 +78,7 @@ def test_empty_missing_and_unreadable_datasets_are_named(tmp_path):
         ImageFolder(str(tmp_path / "nowhere"), EvalTransform(8))
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(DatasetError, match="broken.jpg"):
+    with pytest.raises(UnreadableImage, match="broken.jpg"):
         ImageFolder(str(tmp_path), EvalTransform(8))[0]
     with pytest.raises(DatasetError, match="cifar-10-batches-py"):
         build_dataset("cifar10", str(tmp_path), EvalTransform(8))
@@ -116,6 +122,79 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_shards_global_batches():
 
 def test_masked_views_are_deterministic_per_sample():
     views = MaskedViews(SkimagePhotos(TrainTransform(16), epoch_size=8), num_patches=16)
-    (a, noise_a), (b, noise_b) = views[(2, 99)], views[(2, 99)]
-    assert torch.equal(a, b) and torch.equal(noise_a, noise_b) and noise_a.shape == (16,)
+    (a, noise_a, fail_a), (b, noise_b, fail_b) = views[(2, 99)], views[(2, 99)]
+    assert torch.equal(a, b) and torch.equal(noise_a, noise_b) and noise_a.shape == (16,) and fail_a == fail_b == []
     assert not torch.equal(views[(2, 100)][0], a)
+
+
+def _folder_with_bad_files(root, good=12, bad=("b/bad.jpg", "a/bad_truncated.png")):
+    """An ImageNet-style folder of random images in which the ``bad`` files are truncated or not images."""
+    for i in range(good):
+        cls = "ab"[i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.randint(0, 256, (20, 24, 3), np.uint8)).save(root / cls / f"{i}.png")
+    for k, name in enumerate(bad):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if k % 2:
+            Image.fromarray(np.random.randint(0, 256, (20, 24, 3), np.uint8)).save(root / name)
+            data = (root / name).read_bytes()
+            (root / name).write_bytes(data[: len(data) // 2])  # truncated
+        else:
+            (root / name).write_bytes(b"\xff\xd8 not a jpeg")
+    return ImageFolder(str(root), TrainTransform(8))
+
+
+def test_unreadable_images_are_replaced_by_a_deterministic_other_sample(tmp_path):
+    ds = _folder_with_bad_files(tmp_path)
+    views = MaskedViews(ds, num_patches=4)
+    bad = [i for i, (path, _) in enumerate(ds.samples) if "bad" in path]
+    assert len(bad) == 2
+    for index in bad:
+        img, noise, failures = views[(index, 1234 + index)]
+        again = views[(index, 1234 + index)]
+        assert img.shape == (3, 8, 8) and torch.isfinite(img).all() and noise.shape == (4,)
+        assert torch.equal(img, again[0]) and torch.equal(noise, again[1])  # a function of (index, seed)
+        assert failures and failures[0][0] == ds.samples[index][0] and failures[0][1]
+    batch = collate_views([views[(i, 7 * i)] for i in range(len(ds))])
+    assert batch[0].shape == (len(ds), 3, 8, 8) and {p for p, _ in batch[2]} == {ds.samples[i][0] for i in bad}
+
+
+def test_a_sample_with_no_readable_image_gives_a_batch_of_none(tmp_path):
+    ds = _folder_with_bad_files(tmp_path, good=0, bad=("a/0.jpg", "a/1.jpg"))
+    imgs, noise, failures = collate_views([MaskedViews(ds, num_patches=4, attempts=3)[(0, 5)]])
+    assert imgs is None and noise is None and len(failures) == 3
+    with pytest.raises(DatasetError, match=r"no readable image in any file it tried \(3 failed reads"):
+        UnreadableImages(0.5, lambda text: None).add(failures, None)
+
+
+def test_unreadable_tally_warns_once_per_file_and_stops_past_the_fraction():
+    warnings = []
+    tally = UnreadableImages(0.01, warnings.append, min_reads=1000)
+    for _ in range(3):
+        tally.add([("/data/x.jpg", "truncated")], 63)
+    assert len(warnings) == 1 and "/data/x.jpg" in warnings[0] and (tally.failed, tally.reads) == (3, 192)
+    for k in range(7):  # 10 failed reads: at the allowance of 1% of at least 1000 reads
+        tally.add([(f"/data/y{k}.jpg", "bad")], 63)
+    with pytest.raises(DatasetError, match=r"11 of 704 image reads failed \(9 files\), more than --max_unreadable 0.01"):
+        tally.add([("/data/z.jpg", "bad")], 63)
+    strict = UnreadableImages(0.0, warnings.append)
+    with pytest.raises(DatasetError, match="more than --max_unreadable 0"):
+        strict.add([("/data/x.jpg", "bad")], 7)
+
+
+def test_eval_batch_skips_unreadable_images_and_is_fixed(tmp_path):
+    ds = _folder_with_bad_files(tmp_path)
+    a, noise_a, failures = fixed_batch(ds, 14, 4, seed=3)
+    b, noise_b, _ = fixed_batch(ds, 14, 4, seed=3)
+    assert a.shape == (14, 3, 8, 8) and torch.equal(a, b) and torch.equal(noise_a, noise_b) and failures
+
+
+def test_default_workers_fit_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_num_workers() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers() == 10
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers() == 7
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(1)), raising=False)
+    assert default_num_workers() == 1

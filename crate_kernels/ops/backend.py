@@ -70,9 +70,15 @@ def device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _require_triton(tensor: torch.Tensor, backend: str) -> None:
+def _require_triton_package(backend: str) -> None:
     if not triton_available():
-        raise RuntimeError(f"backend {backend!r} needs the 'triton' package, which is not installed")
+        raise RuntimeError(
+            f"backend {backend!r} needs the 'triton' package, which is not installed (CUDA builds of torch bring "
+            "it; otherwise pip install triton, or pip install 'crate_kernels[test]' for the interpreter tests)"
+        )
+
+
+def _require_triton(tensor: torch.Tensor, backend: str) -> None:
     if not tensor.is_cuda and not triton_interpreting():
         raise RuntimeError(
             f"backend {backend!r} runs Triton kernels, which need CUDA tensors (got device {tensor.device}); "
@@ -92,6 +98,8 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
         if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and "triton" in has and triton_available():
             return "triton"
         return "torch"
+    if name in ("triton", "cuda"):
+        _require_triton_package(name)  # before ``has``: operators list their Triton backends only when it imports
     if name not in has:
         raise NotImplementedError(f"backend {name!r} is not implemented for this operator (available: {has})")
     if name == "cuda":

@@ -79,6 +79,9 @@ def _missing_for_build() -> str | None:
     """Why the extension cannot be built here, or None."""
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is a CPU-only build; the CUDA extension needs a CUDA build of torch"
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return ("no CUDA device is visible to choose the GPU architecture from; to build for GPUs elsewhere, "
+                "set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0')")
     missing = [name for name in _SOURCES if not (csrc_dir() / name).is_file()]
     if missing:
         return (f"its sources {missing} are not in {csrc_dir()} (install crate_kernels from a source checkout, "

@@ -23,9 +23,9 @@ DEFAULTS = dict(
     model="demo", input_size=224, patch_size=16, mask_ratio=0.75, norm_pix_loss=False,
     batch_size=64, accum_iter=1, epochs=800, max_steps=0, warmup_epochs=40.0, warmup_steps=None,
     blr=1.5e-4, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None,
-    data_path=None, dataset="auto", epoch_size=4096, eval_images=8,
+    data_path=None, dataset="auto", epoch_size=4096, eval_images=8, max_unreadable=0.01,
     output_dir="./output_dir", log_dir=None, tensorboard=True,
-    device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=10, pin_mem=True,
+    device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True,
     log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
     backend=None, amp="auto", dist_backend="auto",
 )
@@ -68,7 +68,9 @@ FLAGS = {
                        "unlabelled images, or a folder holding cifar-10-batches-py / cifar-100-python", None),
     "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
     "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset", None),
-    "eval_images": (int, "images in the fixed evaluation batch", None),
+    "eval_images": (int, "images in the fixed evaluation batch (held-out images where the dataset has them)", None),
+    "max_unreadable": (float, "fraction of image reads allowed to fail (each unreadable image is skipped with a "
+                              "warning and replaced by another sample) before the run stops", None),
     "output_dir": (str, "where checkpoints, logs and images go", None),
     "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
     "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
@@ -80,7 +82,8 @@ FLAGS = {
                     "(e.g. a release checkpoint) initialises the model", None),
     "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists (it takes precedence "
                             "over --resume, so re-running a command continues it)", None),
-    "num_workers": (int, "data-loading worker processes", None),
+    "num_workers": (int, "data-loading worker processes (None: fit the machine, the cores per process less one, "
+                         "1 to 10)", None),
     "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
     "log_every": (int, "optimizer steps between log lines", None),
     "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
@@ -205,6 +208,8 @@ def validate(cfg: dict) -> None:
     for name in ("blr", "lr", "clip_grad"):
         if cfg[name] is not None and cfg[name] <= 0:
             raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
+    if not 0.0 <= cfg["max_unreadable"] <= 1.0:
+        raise ConfigError(f"--max_unreadable must lie in [0, 1], got {cfg['max_unreadable']}")
     if not 0.0 <= cfg["mask_ratio"] < 1.0:
         raise ConfigError(f"--mask_ratio must lie in [0, 1), got {cfg['mask_ratio']}")
     if cfg["input_size"] % cfg["patch_size"]:

@@ -21,14 +21,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100")
 
 # The colour photographs that ship inside the scikit-image wheel (no download); grey ones are left out.
+# Training crops come from the first seven; the last two are held out for the evaluation batch.
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
-    "ihc.png", "retina.jpg", "motorcycle_right.png",
+    "astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg",
+    "motorcycle_right.png",
 )
+SKIMAGE_HELD_OUT = ("chelsea.png", "coffee.png")
 
 
 class DatasetError(RuntimeError):
     """A dataset that cannot be found, read, or used; the message names the path."""
+
+
+class UnreadableImage(DatasetError):
+    """One image file that fails to open or decode (``path``, ``reason``)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # picklable across data-loading worker processes
+        return type(self), (self.path, self.reason)
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -106,14 +119,16 @@ class EvalTransform(_Normalize):
 
 # ---------------------------------------------------------------------------------------------- datasets
 def read_image(path: str) -> torch.Tensor:
-    """Decode an image file with PIL into a uint8 RGB (3, H, W) tensor; errors name the file."""
+    """Decode an image file with PIL into a uint8 RGB (3, H, W) tensor; ``UnreadableImage`` names the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy())
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from e
+    # PIL reports missing, truncated and malformed files as OSError (UnidentifiedImageError), SyntaxError
+    # (broken PNG chunks), ValueError, EOFError or DecompressionBombError
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(path, str(e) or type(e).__name__) from e
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -136,6 +151,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(img, None), label
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``, ``1 class``, ``3 classes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def skimage_data_dir() -> str:
     """Folder of the images bundled with scikit-image (found without importing its data module)."""
     spec = importlib.util.find_spec("skimage")
@@ -147,7 +167,8 @@ def skimage_data_dir() -> str:
 class SkimagePhotos(ImageDataset):
     """The natural photographs bundled with scikit-image; an epoch is ``epoch_size`` views cycling over them.
 
-    Labels are the photo indices. ``epoch_size=None`` gives one item per photo.
+    Labels are the photo indices. ``epoch_size=None`` gives one item per photo. ``names``: the training photos
+    by default, ``SKIMAGE_HELD_OUT`` for evaluation.
     """
 
     def __init__(self, transform, epoch_size: int | None = None, names=SKIMAGE_PHOTOS):
@@ -167,7 +188,9 @@ class SkimagePhotos(ImageDataset):
         return self.epoch_size
 
     def describe(self) -> str:
-        return f"scikit-image's bundled photographs ({len(self.images)} photos, {len(self)} random crops per epoch)"
+        held_out = "" if self.names == SKIMAGE_PHOTOS else f" held out of training: {', '.join(self.names)}"
+        crops = f", {len(self)} random crops per epoch" if self.epoch_size != len(self.images) else ""
+        return f"scikit-image's bundled photographs ({counted(len(self.images), 'photo')}{held_out}{crops})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         k = index % len(self.images)
@@ -204,7 +227,7 @@ class ImageFolder(ImageDataset):
         return len(self.samples)
 
     def describe(self) -> str:
-        return f"image folder {self.root} ({len(self)} images, {len(self.classes)} classes)"
+        return f"image folder {self.root} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -247,7 +270,7 @@ class CIFAR(ImageDataset):
         return len(self.labels)
 
     def describe(self) -> str:
-        return f"{self.name} ({len(self)} images)"
+        return f"{self.name} ({counted(len(self), 'image')})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.data[index], self.labels[index]
@@ -268,10 +291,11 @@ def resolve_dataset(name: str, data_path: str | None) -> str:
 def build_dataset(name: str, data_path: str | None, transform, train: bool = True,
                   epoch_size: int | None = None) -> ImageDataset:
     """The dataset ``name`` (see ``resolve_dataset``). ImageNet layout: ``data_path/train`` and ``data_path/val``
-    when present, else ``data_path`` itself; the eval split falls back to the training one."""
+    when present, else ``data_path`` itself; the eval split falls back to the training one. The scikit-image
+    photos' eval split is the two photos held out of training."""
     name = resolve_dataset(name, data_path)
     if name == "skimage":
-        return SkimagePhotos(transform, epoch_size if train else None)
+        return SkimagePhotos(transform, epoch_size) if train else SkimagePhotos(transform, names=SKIMAGE_HELD_OUT)
     if not data_path:
         raise DatasetError(f"--dataset {name} needs --data_path")
     if name in ("cifar10", "cifar100"):
@@ -291,19 +315,76 @@ def seed_for(*keys: int) -> int:
 
 
 class MaskedViews(torch.utils.data.Dataset):
-    """(index, seed) -> (augmented image, masking noise of shape (num_patches,)), both from one seeded generator."""
+    """(index, seed) -> (augmented image, masking noise of shape (num_patches,), unreadable files).
 
-    def __init__(self, dataset: ImageDataset, num_patches: int):
-        self.dataset, self.num_patches = dataset, num_patches
+    Image and noise come from one generator seeded by the sample's seed. An image that cannot be read is
+    replaced by another sample drawn from ``seed_for(seed, attempt)`` (up to ``attempts`` tries), so a batch
+    still depends only on its (index, seed) pairs; the third item lists each failed read as (path, reason).
+    When every try fails, image and noise are None (``collate_views`` then returns a batch of None).
+    """
+
+    def __init__(self, dataset: ImageDataset, num_patches: int, attempts: int = 8):
+        self.dataset, self.num_patches, self.attempts = dataset, num_patches, attempts
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        gen = torch.Generator().manual_seed(seed)
-        img = self.dataset.view(index, gen)
-        return img, torch.rand(self.num_patches, generator=gen)
+        failures = []
+        for attempt in range(self.attempts):
+            gen = torch.Generator().manual_seed(seed if attempt == 0 else seed_for(seed, attempt))
+            if attempt:
+                index = int(torch.randint(len(self.dataset), (), generator=gen))
+            try:
+                img = self.dataset.view(index, gen)
+            except UnreadableImage as e:
+                failures.append((e.path, e.reason))
+                continue
+            return img, torch.rand(self.num_patches, generator=gen), failures
+        return None, None, failures
+
+
+def collate_views(samples: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
+    """A batch of ``MaskedViews`` items -> (images (B, 3, S, S), noise (B, num_patches), failed reads).
+
+    Images and noise are None when some sample had no readable image at all."""
+    failures = [f for sample in samples for f in sample[2]]
+    if any(sample[0] is None for sample in samples):
+        return None, None, failures
+    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), failures
+
+
+class UnreadableImages:
+    """The main process's tally of failed image reads: one warning per file, a stop past ``max_fraction``.
+
+    ``add(failures, images)`` takes one batch's failed reads and its number of images; it raises
+    ``DatasetError`` when no image could be read for a sample, or when failed reads exceed ``max_fraction`` of
+    all reads (counted over at least ``min_reads``, so a few bad files early in a run do not stop it).
+    """
+
+    def __init__(self, max_fraction: float, warn, min_reads: int = 1000, failed: int = 0, reads: int = 0):
+        self.max_fraction, self.warn, self.min_reads = max_fraction, warn, min_reads
+        self.failed, self.reads = failed, reads
+        self.seen: set[str] = set()
+
+    def add(self, failures: list[tuple[str, str]], images: int | None) -> None:
+        for path, reason in failures:
+            if path not in self.seen:
+                self.seen.add(path)
+                self.warn(f"warning: skipped unreadable image {path} ({reason}); a deterministic other sample "
+                          "replaces it")
+        self.failed += len(failures)
+        self.reads += len(failures) + (images or 0)
+        if images is None:
+            raise DatasetError(f"a sample found no readable image in any file it tried ({len(failures)} failed reads "
+                               f"in its batch); the last: {failures[-1][0]} ({failures[-1][1]})")
+        if self.failed > self.max_fraction * max(self.reads, self.min_reads):
+            raise DatasetError(
+                f"{self.failed} of {self.reads} image reads failed ({len(self.seen)} files), more than "
+                f"--max_unreadable {self.max_fraction:g} of the reads; the last: {failures[-1][0]} "
+                f"({failures[-1][1]})"
+            )
 
 
 class ShardedBatchSampler:
@@ -339,9 +420,44 @@ class ShardedBatchSampler:
 
 
 def fixed_batch(dataset: ImageDataset, count: int, num_patches: int, seed: int):
-    """A fixed evaluation batch: ``count`` items evenly spaced over the dataset (cycled if it is smaller), and
-    masking noise from ``seed``."""
+    """A fixed evaluation batch: ``count`` views of items evenly spaced over the dataset (cycled if it is
+    smaller), each with its own seed from ``seed``; unreadable images are replaced as in training.
+
+    Returns (images (count, 3, S, S), noise (count, num_patches), failed reads)."""
     stride = max(1, len(dataset) // count)
-    imgs = torch.stack([dataset.view(i * stride % len(dataset)) for i in range(count)])
-    noise = torch.rand(count, num_patches, generator=torch.Generator().manual_seed(seed))
-    return imgs, noise
+    views = MaskedViews(dataset, num_patches)
+    imgs, noise, failures = collate_views([views[(i * stride % len(dataset), seed_for(seed, i))]
+                                           for i in range(count)])
+    if imgs is None:
+        raise DatasetError(f"no readable image for the evaluation batch; the last tried: {failures[-1][0]} "
+                           f"({failures[-1][1]})")
+    return imgs, noise, failures
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def default_num_workers() -> int:
+    """Data-loading workers that fit this machine: the cores this process may use, shared among the processes
+    of the node (torchrun's LOCAL_WORLD_SIZE), less one for the training process; at least 1, at most 10."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(10, per_process - 1))
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End a DataLoader's worker processes now and wait for them.
+
+    The training workers ignore SIGTERM and SIGINT (a signal to the whole job is for the main process), so the
+    exit hook of multiprocessing, which terminates daemonic children with SIGTERM and then joins them without a
+    time limit, would wait forever for a worker still alive at exit. This shuts them down through the
+    DataLoader's own protocol and kills any that did not end."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    workers = list(getattr(iterator, "_workers", ()))
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)

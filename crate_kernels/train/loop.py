@@ -21,7 +21,8 @@ from . import checkpoint, distributed
 from .checkpoint import TrainError
 from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
 from .data import (
-    DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, build_dataset, fixed_batch,
+    DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, UnreadableImages, build_dataset,
+    collate_views, counted, default_num_workers, fixed_batch, resolve_dataset, stop_workers,
 )
 from .monitor import Monitor
 
@@ -121,19 +122,45 @@ class Trainer:
                 f"the dataset, {self.data_desc}, is smaller than one optimizer step: "
                 f"batch_size x accum_iter x processes = {self.global_batch} images"
             )
+        self.num_workers = default_num_workers() if cfg["num_workers"] is None else cfg["num_workers"]
         self.loader = torch.utils.data.DataLoader(
-            MaskedViews(dataset, self.num_patches), batch_sampler=self.sampler, num_workers=cfg["num_workers"],
-            pin_memory=cfg["pin_mem"] and self.device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
-            generator=torch.Generator().manual_seed(cfg["seed"]), worker_init_fn=_leave_stop_signals_to_the_main,
+            MaskedViews(dataset, self.num_patches), batch_sampler=self.sampler, num_workers=self.num_workers,
+            collate_fn=collate_views, pin_memory=cfg["pin_mem"] and self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(cfg["seed"]),
+            worker_init_fn=_leave_stop_signals_to_the_main,
         )
+        self.unreadable = UnreadableImages(cfg["max_unreadable"], self._warn)
         self.steps_per_epoch = self.sampler.num_batches // cfg["accum_iter"]
         self.total_steps = cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch
         self.warmup_steps = (cfg["warmup_steps"] if cfg["warmup_steps"] is not None
                              else round(cfg["warmup_epochs"] * self.steps_per_epoch))
-        self.eval_batch = None
+        self.eval_batch, self.eval_desc = None, None
         if dist.is_main and cfg["eval_every"]:
-            eval_set = build_dataset(cfg["dataset"], cfg["data_path"], EvalTransform(size), False)
-            self.eval_batch = fixed_batch(eval_set, cfg["eval_images"], self.num_patches, cfg["seed"])
+            self._build_eval_batch(size)
+
+    def _build_eval_batch(self, size: int) -> None:
+        """The fixed evaluation batch: held-out images where the dataset has them (the scikit-image photos kept
+        out of training, a val/ folder, CIFAR's test split), as seeded random crops when there are fewer images
+        than --eval_images, else centre crops."""
+        cfg = self.cfg
+        eval_set = build_dataset(cfg["dataset"], cfg["data_path"], EvalTransform(size), False)
+        crops = len(eval_set) < cfg["eval_images"]
+        if crops:
+            eval_set.transform = TrainTransform(size)
+        imgs, noise, failures = fixed_batch(eval_set, cfg["eval_images"], self.num_patches, cfg["seed"])
+        for path, reason in dict(failures).items():
+            self._warn(f"warning: the evaluation batch skipped unreadable image {path} ({reason})")
+        self.eval_batch = imgs, noise
+        held_out = (resolve_dataset(cfg["dataset"], cfg["data_path"]) != "imagefolder"
+                    or os.path.isdir(os.path.join(cfg["data_path"], "val")))
+        self.eval_desc = (f"{cfg['eval_images']} {'random crops' if crops else 'centre crops'} of "
+                          f"{eval_set.describe()}" + ("" if held_out else " (no val/ split: training images)"))
+
+    def _warn(self, text: str) -> None:
+        if self.monitor is not None:
+            self.monitor.say(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -154,6 +181,10 @@ class Trainer:
         """This run's own checkpoint-last.pth (with --auto_resume), else --resume, else None."""
         last = os.path.join(self.out, "checkpoint-last.pth")
         if self.cfg["auto_resume"] and os.path.isfile(last):
+            if self.cfg["resume"] and os.path.abspath(self.cfg["resume"]) != os.path.abspath(last):
+                self._warn(f"note: --resume {self.cfg['resume']} is not used: {last} continues this output "
+                           "directory's own run (--auto_resume); to start from the --resume file, use a new "
+                           "--output_dir")
             return last
         return self.cfg["resume"]
 
@@ -175,6 +206,9 @@ class Trainer:
         self.step = self.last_saved = int(ckpt["step"])
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[self.dist.rank % len(rng)])
+        counts = ckpt["data"].get("unreadable", [])
+        if counts:
+            self.unreadable.failed, self.unreadable.reads = counts[self.dist.rank % len(counts)]
         saved = ckpt.get("args", {})
         changed = [f"{k} {saved[k]!r} -> {self.cfg[k]!r}" for k in _RECIPE_KEYS if k in saved and saved[k] != self.cfg[k]]
         if saved.get("world_size", self.dist.world_size) != self.dist.world_size:
@@ -199,7 +233,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, numbered: bool) -> None:
         """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``numbered``), written by rank 0 only."""
-        rng = self.dist.gather(checkpoint.rng_state())  # collective: every rank calls save at the same steps
+        # collective: every rank calls save at the same steps
+        per_rank = self.dist.gather((checkpoint.rng_state(), (self.unreadable.failed, self.unreadable.reads)))
         if not self.dist.is_main:
             return
         epoch = self.step // self.steps_per_epoch
@@ -212,8 +247,9 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "data": {"seed": self.cfg["seed"], "epoch": epoch,
                      "batches_done": self.step % self.steps_per_epoch * self.cfg["accum_iter"],
-                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch},
-            "rng": rng,
+                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                     "unreadable": [counts for _, counts in per_rank]},  # (failed reads, reads) per rank
+            "rng": [rng for rng, _ in per_rank],
             "args": {**self.cfg, "world_size": self.dist.world_size},
         }
         checkpoint.save(state, os.path.join(self.out, "checkpoint-last.pth"))
@@ -230,7 +266,8 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for i in range(accum):
-            imgs, noise = next(batches)
+            imgs, noise, failures = next(batches)
+            self.unreadable.add(failures, None if imgs is None else len(imgs))
             imgs, noise = imgs.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
             sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -268,6 +305,12 @@ class Trainer:
         if importlib.util.find_spec("matplotlib") is not None:
             analysis.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
                                           self.monitor.losses)
+
+    def close(self) -> None:
+        """End the data-loading workers and close the logs (every way a run ends goes through here)."""
+        stop_workers(self.loader)
+        if self.monitor is not None:
+            self.monitor.close()
 
     def say(self, text: str) -> None:
         if self.dist.is_main:
@@ -330,7 +373,7 @@ class Trainer:
                 if self.step % log_every == 0 or self.step == self.total_steps:
                     seconds = time.perf_counter() - window[2]
                     self.monitor.train(self.step, epoch, window[0] / window[1], lr,
-                                       window[1] * self.global_batch / seconds)
+                                       window[1] * self.global_batch / seconds, self.unreadable.failed)
                     window = [0.0, 0, time.perf_counter()]
                 epoch_end, final = self.step % spe == 0, self.step == self.total_steps
                 if epoch_end:
@@ -360,7 +403,9 @@ class Trainer:
         summary = {"step": self.step, "loss": loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
-        self.say(f"done: {self.step} steps; outputs in {self.out}")
+        skipped = (f"; skipped {self.unreadable.failed} unreadable image reads ({len(self.unreadable.seen)} files "
+                   "in this session)" if self.unreadable.failed else "")
+        self.say(f"done: {self.step} steps; outputs in {self.out}{skipped}")
         return summary
 
     def write_config(self) -> None:
@@ -377,11 +422,13 @@ class Trainer:
             f"crate-train: model {cfg['model']} ({params / 1e6:.2f}M parameters, {len(m.blocks)}+"
             f"{len(m.decoder_blocks)} layers, width {m.cls_token.shape[-1]}, {cfg['input_size']}px, "
             f"patch {cfg['patch_size']}, backend {cfg['backend'] or get_backend()})\n"
-            f"  data: {self.data_desc}\n"
-            f"  {self.dist.world_size} process(es) on {self.device}, amp {amp}; effective batch {self.global_batch}, "
-            f"lr {cfg['lr']:.3g}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+            f"  data: {self.data_desc}, {counted(self.num_workers, 'loading worker')}\n"
+            f"  {counted(self.dist.world_size, 'process')} on {self.device}, amp {amp}; effective batch {self.global_batch}, "
+            f"lr {cfg['lr']:.3g}, {counted(self.total_steps, 'step')} ({self.steps_per_epoch} per epoch), "
             f"warmup {self.warmup_steps}, mask ratio {cfg['mask_ratio']}\n"
+            f"  eval: {self.eval_desc or 'off'}\n"
             f"  output: {self.out}" + (f" (resuming at step {self.step})" if self.step else "")
+            + f"; TensorBoard: {self.monitor.tensorboard}"
         )
 
 
@@ -424,6 +471,8 @@ def train(cfg: dict) -> dict:
     dist = distributed.init(cfg["device"], cfg["dist_backend"])
     _check_backend(cfg["backend"], dist.device)
     lock = checkpoint.OutputLock(cfg["output_dir"])
+    created = not os.path.exists(cfg["output_dir"])
+    trainer = None
     try:
         error = None
         if dist.is_main:
@@ -439,14 +488,17 @@ def train(cfg: dict) -> dict:
         if dist.is_main:
             checkpoint.remove_stale_temporaries(cfg["output_dir"])
         trainer = Trainer(cfg, dist)
-        try:
-            summary = trainer.run()
-        finally:
-            if trainer.monitor is not None:
-                trainer.monitor.close()
+        summary = trainer.run()
         dist.barrier()  # all ranks done (rank 0 writes last) before the process group goes away
         return summary
     finally:
+        if trainer is not None:
+            trainer.close()
+        if lock.file is not None and os.listdir(cfg["output_dir"]) == [".lock"]:  # a start that wrote nothing
+            os.remove(lock.path)
+            lock.release()
+            if created:
+                os.rmdir(cfg["output_dir"])
         lock.release()
         distributed.shutdown()
 

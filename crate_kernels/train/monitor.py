@@ -1,7 +1,7 @@
 """Where training reports go (rank 0 only): log.txt (JSON lines), a progress bar or plain lines, TensorBoard.
 
 log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_every steps: step, epoch,
-loss, lr, img_s, elapsed), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
+loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
 with their std) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
 so the log reads as if the run had never stopped.
 """
@@ -61,6 +61,8 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir, purge_step=start_step or None)
+        self.tensorboard = ("off" if not tensorboard else f"events in {log_dir}" if self.tb is not None
+                            else "no events, the tensorboard package is not installed (pip install tensorboard)")
         self.t0 = time.perf_counter()
 
     def say(self, text: str) -> None:
@@ -81,12 +83,13 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
 
-    def train(self, step: int, epoch: int, loss: float, lr: float, img_s: float) -> None:
+    def train(self, step: int, epoch: int, loss: float, lr: float, img_s: float, unreadable: int = 0) -> None:
+        """A log line; ``unreadable``: failed image reads so far (skipped and replaced)."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0
         self._write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                     "img_s": round(img_s, 1), "elapsed": round(elapsed, 1)})
+                     "img_s": round(img_s, 1), "elapsed": round(elapsed, 1), "unreadable_reads": unreadable})
         self.losses.append((step, loss))
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
