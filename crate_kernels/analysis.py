@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train.checkpoint import atomic_write
-from .train.data import IMAGENET_MEAN, IMAGENET_STD
+from .pipeline.checkpoint import atomic_write
+from .pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "encoder_activations", "coding_rate", "sparsity", "coding_rate_and_sparsity", "attention_maps", "pca_maps",
@@ -285,7 +285,7 @@ def linear_probe(model, train: Iterable, test: Iterable, C: float = 1.0, max_ite
     """Test accuracy of a logistic regression on standardised [CLS] features (the paper's linear probe).
 
     ``train`` and ``test`` yield (images, labels) batches, e.g. DataLoaders over a dataset with
-    ``crate_kernels.train.data.EvalTransform``. Needs scikit-learn.
+    ``crate_kernels.pipeline.data.EvalTransform``. Needs scikit-learn.
     """
     try:
         from sklearn.linear_model import LogisticRegression

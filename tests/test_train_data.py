@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_kernels.train.data import (
+from crate_kernels.pipeline.data import (
     CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, DatasetError, EvalTransform, ImageFolder, MaskedViews,
     ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImage, UnreadableImages, build_dataset,
     collate_views, default_num_workers, fixed_batch, resolve_dataset,

@@ -2,8 +2,8 @@
 
 With no arguments it trains the small ``demo`` model on scikit-image's bundled photographs on CPU in a few
 minutes. ``--model crate_mae_base --data_path /path/to/imagenet`` (under torchrun for several GPUs) runs the
-MAE recipe. Submodules: config (flags, presets), data (datasets, augmentation, sampler), loop (the run),
-checkpoint (atomic files, RNG state, lock), distributed (torchrun), monitor (logs).
+MAE recipe. Submodules: config (flags, presets) and loop (the run), on top of the shared layer
+crate_kernels.pipeline (data, checkpoint, distributed, monitor).
 ``load_run(output_dir)`` gives back the model a run trained.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 run failed, 2 bad arguments)."""
-    from .loop import main as run  # imported here so that importing crate_kernels.train.data stays light
+    from .loop import main as run  # imported here so that importing crate_kernels.train stays light
 
     return run(argv)
 
@@ -26,7 +26,7 @@ def load_run(output_dir: str, backend: str | None = None):
     stopped). ``backend`` sets the operator backend (None: the process-wide default).
     """
     from ..model import load_checkpoint
-    from .checkpoint import TrainError, load
+    from ..pipeline.checkpoint import TrainError, load
     from .config import resolve
     from .loop import build_model
 

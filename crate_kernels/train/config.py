@@ -12,8 +12,8 @@ import yaml
 
 from ..model import CONFIGS
 from ..ops.backend import BACKENDS
-from .checkpoint import atomic_write
-from .data import DATASETS
+from ..pipeline.checkpoint import atomic_write
+from ..pipeline.data import DATASETS
 
 # Architectures: the release's four sizes (patch 16) plus a small CPU demo.
 MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS}

@@ -17,14 +17,14 @@ import torch
 from .. import analysis
 from ..model import CRATEMAE, load_checkpoint
 from ..ops.backend import get_backend, resolve_backend
-from . import checkpoint, distributed
-from .checkpoint import TrainError
+from ..pipeline import checkpoint, distributed
+from ..pipeline.checkpoint import TrainError
 from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
-from .data import (
+from ..pipeline.data import (
     DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, UnreadableImages, build_dataset,
     collate_views, counted, default_num_workers, fixed_batch, resolve_dataset, stop_workers,
 )
-from .monitor import Monitor
+from ..pipeline.monitor import Monitor
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
