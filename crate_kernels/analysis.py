@@ -233,8 +233,9 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str, nrow: int = 8,
 def plot_whitebox_curves(evals: list[dict], path: str, losses: list[tuple[int, float]] | None = None) -> None:
     """PNG of coding rate and sparsity per encoder layer, one line per measurement (coloured by step).
 
-    ``evals``: dicts with ``step`` and the lists from ``coding_rate_and_sparsity``; ``losses``: optional
-    (step, training loss) pairs drawn in a first panel. Needs matplotlib.
+    ``evals``: dicts with ``step`` and the lists from ``coding_rate_and_sparsity`` (and optionally ``eval_loss``);
+    ``losses``: optional (step, training loss) pairs drawn in a first panel, with the evaluation losses beside
+    them. Needs matplotlib.
     """
     try:
         from matplotlib import colormaps
@@ -249,8 +250,12 @@ def plot_whitebox_curves(evals: list[dict], path: str, losses: list[tuple[int, f
     axes = fig.subplots(1, len(panels) + bool(losses), squeeze=False)[0]
     if losses:
         steps, values = zip(*losses)
-        axes[0].plot(steps, values, lw=1)
-        axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="masked-patch loss")
+        axes[0].plot(steps, values, lw=1, label="training batches")
+        held_out = [(e["step"], e["eval_loss"]) for e in evals if "eval_loss" in e]
+        if held_out:
+            axes[0].plot(*zip(*held_out), "o-", ms=3, lw=1, label="evaluation batch")
+            axes[0].legend(fontsize=7)
+        axes[0].set(xlabel="step", ylabel="loss", yscale="log", title="masked-patch loss")
         axes = axes[1:]
     cmap = colormaps["viridis"]
     last = max(e["step"] for e in evals) or 1

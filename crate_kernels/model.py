@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import DecoderBlock, EncoderBlock, _BackendMixin
 from .ops.backend import _check_name
@@ -90,6 +91,7 @@ class CRATEMAE(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(embed_dim, patch_size ** 2 * in_chans)
+        self.grad_checkpointing = False
         self._init_weights()
         self.set_backend(backend)
 
@@ -119,6 +121,18 @@ class CRATEMAE(nn.Module):
             if isinstance(m, _BackendMixin):
                 m.set_backend(backend)
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "CRATEMAE":
+        """Recompute each encoder and decoder layer in backward instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward per layer."""
+        self.grad_checkpointing = enable
+        return self
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        return x
 
     @property
     def patch_size(self) -> int:
@@ -183,15 +197,11 @@ class CRATEMAE(nn.Module):
         x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         x = x + self._table(grid).to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x), mask
+        return self.norm(self._run_blocks(self.blocks, x)), mask
 
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (B, 1 + N, d) -> pred (B, N, p*p*C)."""
-        x = latent
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self._run_blocks(self.decoder_blocks, latent)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -215,9 +225,7 @@ class CRATEMAE(nn.Module):
         x = self.patch_embed(imgs)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + self._table(grid).to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(self._run_blocks(self.blocks, x))
 
 
 CONFIGS = {

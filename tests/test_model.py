@@ -244,3 +244,46 @@ def test_submodules_run_as_released_without_autograd():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert seen == [(1, 17, 96)]
+
+
+def test_grad_checkpointing_recomputes_layers_with_equal_gradients_and_fewer_saved_bytes():
+    model = CRATEMAE(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, backend="torch")
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model(imgs, noise=noise)[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    loss, grads, plain_bytes = step()
+    model.set_grad_checkpointing(True)
+    loss_ckpt, grads_ckpt, ckpt_bytes = step()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert ckpt_bytes < 0.5 * plain_bytes
+    with torch.no_grad():  # inference is untouched
+        torch.testing.assert_close(model.forward_features(imgs), model.set_grad_checkpointing(False).forward_features(imgs))
+
+
+def test_whole_model_compiles_as_one_graph_through_inductor():
+    """The custom operators are registered with torch.library, so torch.compile(fullgraph=True) captures forward
+    and backward with no graph break; Inductor's numerics equal eager within float32 tolerance."""
+    torch._dynamo.reset()
+    model = CRATEMAE(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 4)
+    loss = model(imgs, noise=noise)[0]
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c = compiled(imgs, noise=noise)[0]
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,15 +1,18 @@
-"""Data: torch-only MAE transforms, datasets (scikit-image photos, ImageFolder, CIFAR), deterministic sampler."""
+"""Data: uint8 MAE transforms (JPEGs decoded at reduced size where the crop allows), datasets (scikit-image photos, ImageFolder, CIFAR), deterministic sampler."""
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from crate_kernels.pipeline import data
 from crate_kernels.pipeline.data import (
     CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, DatasetError, EvalTransform, ImageFolder, MaskedViews,
     ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImage, UnreadableImages, build_dataset,
-    collate_views, default_num_workers, fixed_batch, resolve_dataset,
+    collate_views, default_num_workers, fixed_batch, normalize, read_image, resolve_dataset, skimage_data_dir,
 )
 
 
@@ -24,15 +27,82 @@ def test_random_resized_crop_boxes_follow_the_recipe():
                 assert 0.2 * 64 * 64 * 0.9 <= h * w <= 64 * 64 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
 
 
-def test_transforms_shapes_normalisation_and_determinism():
+def _float_view(img: torch.Tensor, box, size: int, flip: bool) -> torch.Tensor:
+    """The view computed the slow, exact way (the pipeline's earlier path): crop a uint8 (3, H, W) image, resize in
+    float32 with antialiased bicubic interpolation, flip; values in [0, 1]."""
+    top, left, h, w = box
+    x = img[:, top:top + h, left:left + w].unsqueeze(0).float() / 255
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+    return x.flip(-1) if flip else x
+
+
+def test_transforms_are_uint8_deterministic_and_match_the_exact_float_view():
     img = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    img = F.avg_pool2d(img.float().unsqueeze(0), 5, 1, 2)[0].round().to(torch.uint8)  # photo-like smoothness
     t = TrainTransform(16)
-    a = t(img, torch.Generator().manual_seed(1))
-    b = t(img, torch.Generator().manual_seed(1))
-    assert a.shape == (3, 16, 16) and torch.equal(a, b)
-    white = EvalTransform(8)(torch.full((3, 20, 30), 255, dtype=torch.uint8))
+    a = t(img.permute(1, 2, 0), torch.Generator().manual_seed(1))
+    b = t(img.permute(1, 2, 0), torch.Generator().manual_seed(1))
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8 and torch.equal(a, b)
+    flips = 0
+    for seed in range(20):  # the same crops and flips, from the same random draws, as the float path
+        gen = torch.Generator().manual_seed(seed)
+        box = t.crop_box(50, 70, gen)
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        flips += flip
+        view = t(img.permute(1, 2, 0), torch.Generator().manual_seed(seed)).float() / 255
+        exact = _float_view(img, box, 16, flip)
+        assert (view - exact).abs().max() <= 1.01 / 255  # uint8 rounding only
+    assert 3 <= flips <= 17
+    white = EvalTransform(8)(torch.full((20, 30, 3), 255, dtype=torch.uint8))
+    assert white.shape == (3, 8, 8) and white.dtype == torch.uint8 and (white == 255).all()
     expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
-    assert white.shape == (3, 8, 8) and torch.allclose(white, expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
+    torch.testing.assert_close(normalize(white), expected.view(3, 1, 1).expand(3, 8, 8))
+
+
+def _photo_jpeg(path, width, height):
+    """A JPEG with photo-like content: a bundled photograph resized to width x height."""
+    Image.open(os.path.join(skimage_data_dir(), "astronaut.png")).convert("RGB").resize(
+        (width, height), Image.BICUBIC).save(path, quality=92)
+
+
+def test_jpegs_decode_at_reduced_size_when_the_crop_allows_and_stay_close_to_the_full_decode(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    _photo_jpeg(tmp_path / "big.jpg", 1200, 900)
+    _photo_jpeg(tmp_path / "small.jpg", 500, 375)
+    scales = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def observed_draft(im, mode, size):  # record the decoder's scale without changing it
+        result = original_draft(im, mode, size)
+        scales.append(im.decoderconfig[0] if im.decoderconfig else 1)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", observed_draft)
+    monkeypatch.setattr(data, "_SIMPLEJPEG", False)  # PIL's decoder (simplejpeg's is compared with it below)
+    for name, size, expect_reduced in [("big.jpg", 64, True), ("small.jpg", 224, False), ("big.jpg", 224, None)]:
+        ds = ImageFolder(str(tmp_path), TrainTransform(size))
+        index = [p for p, _ in ds.samples].index(str(tmp_path / name))
+        full = read_image(ds.samples[index][0])
+        for seed in range(6):
+            gen = torch.Generator().manual_seed(seed)
+            box = ds.transform.crop_box(full.shape[1], full.shape[2], gen)
+            flip = bool(torch.rand((), generator=gen) < 0.5)
+            scales[:] = []
+            view = ds.view(index, torch.Generator().manual_seed(seed)).float() / 255
+            reduced = max(scales, default=1) > 1
+            assert expect_reduced in (None, reduced), (name, size, seed, scales)
+            error = (view - _float_view(full, box, size, flip)).abs().mean().item()
+            # reduced: the DCT-scaled decode, its region's edges snapped to its grid (< half an output pixel)
+            assert error < (8 / 255 if reduced else 1 / 255), (name, size, seed, error)
+
+
+def test_normalize_on_the_batch_device():
+    batch = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(normalize(batch), (batch.double() / 255 - mean.double()) / std.double(),
+                               check_dtype=False)
+    assert normalize(batch).dtype == torch.float32
 
 
 def test_skimage_photos_are_bundled_rgb_and_the_eval_split_is_held_out():
@@ -198,3 +268,22 @@ def test_default_workers_fit_the_cores(monkeypatch):
     assert default_num_workers() == 7
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(1)), raising=False)
     assert default_num_workers() == 1
+
+
+def test_simplejpeg_and_pil_decode_the_same_views(tmp_path, monkeypatch):
+    """With simplejpeg installed, JPEGs take its faster decoder; the views are those of PIL's (same libjpeg-turbo
+    decode, same DCT scaling), and what it refuses (a CMYK JPEG here) still decodes through PIL."""
+    pytest.importorskip("simplejpeg")
+    _photo_jpeg(tmp_path / "a.jpg", 640, 480)
+    _photo_jpeg(tmp_path / "b.jpg", 375, 500)
+    Image.open(tmp_path / "a.jpg").convert("CMYK").save(tmp_path / "c_cmyk.jpg", quality=90)
+    for size in (224, 64):
+        views = {}
+        for fast in (True, False):
+            monkeypatch.setattr(data, "_SIMPLEJPEG", fast)
+            ds = ImageFolder(str(tmp_path), TrainTransform(size))
+            kinds = [type(ds.open(i)).__name__ for i in range(len(ds))]
+            assert ("EncodedJPEG" in kinds) == fast
+            views[fast] = [ds.view(i, torch.Generator().manual_seed(10 * i + s)) for i in range(3) for s in range(4)]
+        for fast_view, pil_view in zip(views[True], views[False]):
+            assert torch.equal(fast_view, pil_view)

@@ -268,9 +268,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(CRATEMAE, "forward_loss", poisoned)
     out = tmp_path / "run"
-    assert main(IN_PROCESS + ["--max_steps", "20", "--save_every", "4", "--output_dir", str(out)]) == 1
-    err = capsys.readouterr().err  # saved at steps 4, 6 (epoch end), 8; step 11 is poisoned
-    assert "loss is nan at step 11" in err and f"{out}/checkpoint-last.pth (step 8), was kept" in err
+    # the loss is read only at log steps (every 10) and before checkpoints (steps 4, 6 (epoch end), 8, 12):
+    # step 11 is poisoned, found at step 12's save, which is not written
+    args = IN_PROCESS + ["--max_steps", "20", "--save_every", "4", "--log_every", "10", "--output_dir", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the loss is not finite at step 11 (epoch 1)" in err and f"{out}/checkpoint-last.pth (step 8), was kept" in err
     ckpt = checkpoint.load(str(out / "checkpoint-last.pth"))
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (out / "model.safetensors").exists()
@@ -355,3 +358,69 @@ def test_second_run_on_the_same_output_dir_is_refused(tmp_path, capsys):
 def test_bad_flag_values_exit_2_naming_the_flag(capsys):
     assert main(["--mask_ratio", "1.5"]) == 2
     assert "--mask_ratio must lie in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_the_step_loop_reads_the_loss_only_at_reports(tmp_path, monkeypatch):
+    """The loss stays on the device: 40 steps with one report and one checkpoint read it a handful of times,
+    not once per step (each read makes the host wait for the GPU)."""
+    reads = []
+    item = torch.Tensor.item
+
+    def counted_item(self):  # reads made by this package (torch's CPU AdamW reads its CPU step counts)
+        caller = sys._getframe(1).f_code.co_filename
+        if os.sep + "crate_kernels" + os.sep in caller:
+            reads.append(caller)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    args = IN_PROCESS + ["--epoch_size", "200", "--max_steps", "40", "--log_every", "100", "--save_every", "1000",
+                         "--output_dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert [r["step"] for r in _records(str(tmp_path / "run"))] == [40]
+    assert 1 <= len(reads) <= 6, f"{len(reads)} reads of device values in 40 steps"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA synchronisation exists only on a GPU")
+def test_cuda_train_steps_never_synchronise(tmp_path, monkeypatch):
+    from crate_kernels.train.loop import Trainer
+
+    step = Trainer.train_step
+    calls = []
+
+    def strict_step(self, batches):
+        calls.append(1)
+        if len(calls) == 1:  # the first step allocates and autotunes
+            return step(self, batches)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(self, batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "train_step", strict_step)
+    args = IN_PROCESS + ["--device", "cuda", "--max_steps", "5", "--log_every", "100", "--output_dir", str(tmp_path)]
+    assert main(args) == 0 and len(calls) == 5
+
+
+def _losses(out):
+    return torch.tensor([r["loss"] for r in _records(out)])
+
+
+def test_grad_checkpointing_and_compile_train_the_same_steps(tmp_path, monkeypatch, capsys):
+    """--grad_checkpointing recomputes layers with the same losses; --compile runs the step's model under
+    torch.compile (here through the aot_eager backend, to keep the test short: Inductor is tested on the model)
+    with losses equal to eager within float32 tolerance and its compilation time said once."""
+    base = IN_PROCESS + ["--max_steps", "6"]
+    assert main(base + ["--output_dir", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--grad_checkpointing", "--output_dir", str(tmp_path / "ckpt")]) == 0
+    torch.testing.assert_close(_losses(str(tmp_path / "ckpt")), _losses(str(tmp_path / "plain")), rtol=1e-6, atol=0)
+    compile_ = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: compiled.append(model) or compile_(model, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    capsys.readouterr()
+    assert main(base + ["--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
+    out = capsys.readouterr().out
+    assert len(compiled) == 1 and out.count("torch.compile: the first step (compiling the model) took") == 1
+    torch.testing.assert_close(_losses(str(tmp_path / "compiled")), _losses(str(tmp_path / "plain")), rtol=1e-5, atol=0)

@@ -1,12 +1,16 @@
-"""Datasets and MAE augmentation in plain torch (no torchvision), with a deterministic sharded sampler.
+"""Datasets and MAE augmentation (PIL, no torchvision), with a deterministic sharded sampler.
 
+Views are uint8: the transforms crop and resize with PIL (JPEGs decoded at reduced size where the crop allows),
+data-loading workers ship uint8 batches, and the training step normalises them on its device (``normalize``).
 Every random choice of a training sample (crop, flip, masking noise) is drawn from a generator seeded by
 that sample's own seed, and the seeds and the order are a function of (seed, epoch). So the batches do not
 depend on the number of workers or ranks, and a resumed run sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
 import os
 import pickle
@@ -27,6 +31,8 @@ SKIMAGE_PHOTOS = (
     "motorcycle_right.png",
 )
 SKIMAGE_HELD_OUT = ("chelsea.png", "coffee.png")
+# JPEGs decode through simplejpeg where it is installed (pip install simplejpeg; the `jpeg` extra), else PIL.
+_SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None
 
 
 class DatasetError(RuntimeError):
@@ -45,31 +51,107 @@ class UnreadableImage(DatasetError):
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (3, h, w) -> float (3, *size) in [0, 1], bicubic with antialiasing."""
-    x = img.unsqueeze(0).float().div_(255.0)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return x[0].clamp_(0.0, 1.0)
+def _pil():
+    from PIL import Image
+
+    return Image
 
 
-class _Normalize:
-    def __init__(self, mean, std):
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+def image_size(im) -> tuple[int, int]:
+    """(height, width) of a PIL image or of a uint8 (H, W, 3) tensor."""
+    return tuple(im.shape[:2]) if isinstance(im, torch.Tensor) else (im.size[1], im.size[0])
 
 
-class TrainTransform(_Normalize):
-    """MAE's view: RandomResizedCrop(size, scale, ratio, bicubic), horizontal flip (p 0.5), mean/std normalisation.
+class EncodedJPEG:
+    """A JPEG file read but not decoded: what ``ImageFolder.open`` gives the transform when simplejpeg is
+    installed. It decodes with libjpeg-turbo straight into a numpy array, about twice as fast as PIL's decode
+    and copy, at the scale ``draft`` asked for; data simplejpeg refuses (CMYK, recoverable corruption) is
+    handed to PIL, so what decodes and what counts as unreadable is PIL's call, as without simplejpeg."""
 
-    Called as ``transform(uint8 (3, H, W) image, generator)``; ``generator=None`` uses torch's global one.
+    mode = "RGB"
+
+    def __init__(self, data: bytes):
+        import simplejpeg
+
+        self.data, self.scale = data, 1
+        height, width, self.colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        self.size = (width, height)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def draft(self, mode: str, size: tuple[int, int]) -> None:
+        """Decode at 1/2, 1/4 or 1/8 scale where the image holds that many times ``size`` = (width, height) on
+        each side (PIL's rule for JPEGs)."""
+        factor = min(self.size[0] // size[0], self.size[1] // size[1])
+        self.scale = max(s for s in (1, 2, 4, 8) if s <= max(1, factor))
+
+    def decode(self) -> np.ndarray:
+        """(H, W, 3) uint8, ``ceil`` of the original sides over the scale."""
+        import simplejpeg
+
+        try:
+            return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=-(-self.size[0] // self.scale),
+                                          min_height=-(-self.size[1] // self.scale))
+        except ValueError:
+            with _pil().open(io.BytesIO(self.data)) as im:
+                im.draft("RGB", (self.size[0] // self.scale, self.size[1] // self.scale))
+                return np.array(im.convert("RGB"))
+
+
+def _decode_region(im, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The region ``box`` = (top, left, h, w) of an image (a lazily opened PIL image or ``EncodedJPEG``, or a uint8
+    (H, W, 3) tensor held in memory), resized to ``size`` x ``size`` with antialiased bicubic resampling: uint8
+    (3, size, size).
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when the region stays at least twice ``size`` on each
+    side, so a large photo cropped to a small view is never decoded whole; the region's edges then snap to that
+    coarser pixel grid (a shift under half an output pixel). The resize runs on uint8 channels-last data
+    (PyTorch's vectorised CPU kernel, several times faster than PIL's or a float resize)."""
+    top, left, h, w = box
+    if isinstance(im, torch.Tensor):
+        pixels = im
+    else:
+        width, height = im.size
+        reduce = 1
+        while reduce < 8 and min(h, w) >= 4 * reduce * size:  # after doubling: at least 2 * size per side
+            reduce *= 2
+        if reduce > 1:
+            im.draft("RGB", (width // reduce, height // reduce))
+        if isinstance(im, EncodedJPEG):
+            pixels = torch.from_numpy(im.decode())
+        else:
+            pixels = torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB")))
+        sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
+        top, left, h, w = int(top * sy), int(left * sx), max(1, round(h * sy)), max(1, round(w * sx))
+    region = pixels[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)  # a channels-last view, no copy
+    if region.shape[-2:] != (size, size):
+        region = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return region[0]
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, on the images' device (the training
+    step normalises its uint8 batches on the GPU; the constants are Python numbers, so nothing is copied to the
+    device and nothing waits for it)."""
+    x = images.float()
+    for c in range(3):
+        x[..., c, :, :].sub_(255.0 * mean[c]).div_(255.0 * std[c])
+    return x
+
+
+class TrainTransform:
+    """MAE's view in uint8: RandomResizedCrop(size, scale, ratio, bicubic) and a horizontal flip (p 0.5).
+
+    Called as ``transform(image, generator) -> uint8 (3, size, size)`` with a PIL image or a uint8 (H, W, 3)
+    tensor; ``generator=None`` uses torch's global one. A lazily opened JPEG is decoded at reduced size where the
+    crop allows (see ``_decode_region``).
     """
 
-    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__(mean, std)
+    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def crop_box(self, height: int, width: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
@@ -95,44 +177,48 @@ class TrainTransform(_Normalize):
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        top, left, h, w = self.crop_box(img.shape[1], img.shape[2], gen)
-        x = _resize(img[:, top:top + h, left:left + w], (self.size, self.size))
-        if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
-        return self.normalize(x)
+    def __call__(self, im, gen: torch.Generator | None = None) -> torch.Tensor:
+        view = _decode_region(im, self.crop_box(*image_size(im), gen), self.size)
+        return view.flip(-1) if torch.rand((), generator=gen) < 0.5 else view
 
 
-class EvalTransform(_Normalize):
-    """Resize the shorter side to ``size`` (bicubic), centre crop ``size`` x ``size``, normalise."""
+class EvalTransform:
+    """Resize the shorter side to ``size`` (bicubic) and centre crop ``size`` x ``size``: PIL image or uint8
+    (H, W, 3) tensor -> uint8 (3, size, size)."""
 
-    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__(mean, std)
+    def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        h, w = img.shape[1:]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        return self.normalize(_resize(img[:, top:top + side, left:left + side], (self.size, self.size)))
+    def __call__(self, im, gen: torch.Generator | None = None) -> torch.Tensor:
+        height, width = image_size(im)
+        side = min(width, height)
+        return _decode_region(im, ((height - side) // 2, (width - side) // 2, side, side), self.size)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-def read_image(path: str) -> torch.Tensor:
-    """Decode an image file with PIL into a uint8 RGB (3, H, W) tensor; ``UnreadableImage`` names the file."""
-    from PIL import Image
+# How PIL reports missing, truncated and malformed files: OSError (UnidentifiedImageError), SyntaxError (broken
+# PNG chunks), ValueError, EOFError, DecompressionBombError.
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    return OSError, SyntaxError, ValueError, EOFError, _pil().DecompressionBombError
 
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode an image file whole with PIL into a uint8 RGB (3, H, W) tensor; ``UnreadableImage`` names the file."""
     try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy())
-    # PIL reports missing, truncated and malformed files as OSError (UnidentifiedImageError), SyntaxError
-    # (broken PNG chunks), ValueError, EOFError or DecompressionBombError
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        with _pil().open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) view of (H, W, 3)
+    except _pil_errors() as e:
         raise UnreadableImage(path, str(e) or type(e).__name__) from e
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Base: ``load(i)`` gives a uint8 (3, H, W) image and an int label; ``transform(img, generator)`` the view."""
+    """Base of the datasets: item ``index`` has an image and an int label.
+
+    ``load(i)``: (uint8 (3, H, W) image decoded whole, label). ``open(i)``: the transform's input in a context
+    manager, a uint8 (H, W, 3) tensor (file-backed datasets override it to open a PIL image lazily, so the
+    transform can decode a JPEG at reduced size).
+    ``view(i, generator)``: ``transform(image, generator)``, uint8. ``dataset[i]``: (normalised float view, label).
+    """
 
     def __init__(self, transform):
         self.transform = transform
@@ -143,12 +229,25 @@ class ImageDataset(torch.utils.data.Dataset):
     def describe(self) -> str:
         raise NotImplementedError
 
+    def open(self, index: int):
+        return contextlib.nullcontext(self.load(index)[0].permute(1, 2, 0))
+
+    def label(self, index: int) -> int:
+        return self.load(index)[1]
+
+    def source(self, index: int) -> str:
+        """Where item ``index`` comes from (named by ``UnreadableImage``)."""
+        return f"item {index} of {self.describe()}"
+
     def view(self, index: int, gen: torch.Generator | None = None) -> torch.Tensor:
-        return self.transform(self.load(index)[0], gen)
+        try:
+            with self.open(index) as im:
+                return self.transform(im, gen)
+        except _pil_errors() as e:
+            raise UnreadableImage(self.source(index), str(e) or type(e).__name__) from e
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img, label = self.load(index)
-        return self.transform(img, None), label
+        return normalize(self.view(index)), self.label(index)
 
 
 def counted(n: int, noun: str) -> str:
@@ -196,6 +295,9 @@ class SkimagePhotos(ImageDataset):
         k = index % len(self.images)
         return self.images[k], k
 
+    def label(self, index: int) -> int:
+        return index % len(self.images)
+
 
 class ImageFolder(ImageDataset):
     """ImageNet layout ``root/<class>/<image>`` (classes: the sorted sub-folder names), or unlabelled images
@@ -227,11 +329,35 @@ class ImageFolder(ImageDataset):
         return len(self.samples)
 
     def describe(self) -> str:
-        return f"image folder {self.root} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
+        decoder = "simplejpeg" if _SIMPLEJPEG else "PIL (pip install simplejpeg decodes them faster)"
+        return (f"image folder {self.root} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')}; "
+                f"JPEG decoder {decoder})")
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return read_image(path), label
+
+    def open(self, index: int):
+        """The image, not yet decoded: an ``EncodedJPEG`` for a JPEG in the colours simplejpeg decodes, when it
+        is installed (the fast path); else a lazily opened PIL image."""
+        path = self.samples[index][0]
+        if _SIMPLEJPEG and path.lower().endswith((".jpg", ".jpeg")):
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                jpeg = EncodedJPEG(data)
+            except ValueError:  # not a JPEG simplejpeg can read: PIL decides
+                jpeg = None
+            if jpeg is not None and jpeg.colorspace in ("RGB", "YCbCr", "Gray"):
+                return jpeg
+            return _pil().open(io.BytesIO(data))
+        return _pil().open(path)
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def source(self, index: int) -> str:
+        return self.samples[index][0]
 
 
 class CIFAR(ImageDataset):
@@ -262,7 +388,7 @@ class CIFAR(ImageDataset):
                 labels += list(batch[label_key])
             except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
                 raise DatasetError(f"cannot read CIFAR file {path}: {e!r}") from e
-        self.data = torch.from_numpy(np.concatenate(data))
+        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
         self.labels = labels
         self.name = f"CIFAR-{num_classes} {'train' if train else 'test'} split in {base}"
 
@@ -273,7 +399,13 @@ class CIFAR(ImageDataset):
         return f"{self.name} ({counted(len(self), 'image')})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.data[index], self.labels[index]
+        return torch.from_numpy(self.data[index]).permute(2, 0, 1), self.labels[index]
+
+    def open(self, index: int):
+        return contextlib.nullcontext(torch.from_numpy(self.data[index]))
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
 
 
 def resolve_dataset(name: str, data_path: str | None) -> str:
@@ -423,7 +555,7 @@ def fixed_batch(dataset: ImageDataset, count: int, num_patches: int, seed: int):
     """A fixed evaluation batch: ``count`` views of items evenly spaced over the dataset (cycled if it is
     smaller), each with its own seed from ``seed``; unreadable images are replaced as in training.
 
-    Returns (images (count, 3, S, S), noise (count, num_patches), failed reads)."""
+    Returns (uint8 images (count, 3, S, S), noise (count, num_patches), failed reads)."""
     stride = max(1, len(dataset) // count)
     views = MaskedViews(dataset, num_patches)
     imgs, noise, failures = collate_views([views[(i * stride % len(dataset), seed_for(seed, i))]

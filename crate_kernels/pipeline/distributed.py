@@ -22,6 +22,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    control: object = None  # a gloo group for host-side flags and objects when the main group is NCCL
 
     @property
     def is_main(self) -> bool:
@@ -39,12 +40,20 @@ class Dist:
             value /= self.world_size
         return value
 
+    def minimum(self, value: torch.Tensor) -> torch.Tensor:
+        """Minimum of a tensor over ranks (the tensor itself in a single process)."""
+        if self.active:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value
+
     def all_true(self, flag: bool) -> bool:
-        """True only when every rank passes True (so all ranks take the same branch)."""
+        """True only when every rank passes True (so all ranks take the same branch). Runs on the host (the
+        gloo control group beside NCCL), so asking every step does not wait for the GPU."""
         if not self.active:
             return flag
-        t = torch.tensor([0 if flag else 1], device=self.device)
-        dist.all_reduce(t)
+        t = torch.tensor([0 if flag else 1], device="cpu" if self.control is not None else self.device)
+        dist.all_reduce(t, group=self.control)
         return int(t.item()) == 0
 
     def gather(self, obj) -> list:
@@ -52,7 +61,7 @@ class Dist:
         if not self.active:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.control)
         return out
 
     def barrier(self) -> None:
@@ -87,12 +96,16 @@ def init(device: str = "auto", backend: str = "auto") -> Dist:
     world_size = world_size_from_env()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return Dist(rank, world_size, local_rank, dev)
+    control = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            if backend == "auto":
+                backend = "nccl" if dev.type == "cuda" else "gloo"
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+        if dist.get_backend() != "gloo":
+            control = dist.new_group(backend="gloo")
+    return Dist(rank, world_size, local_rank, dev, control)
 
 
 def shutdown() -> None:

@@ -1,7 +1,9 @@
 """Where training reports go (rank 0 only): log.txt (JSON lines), a progress bar or plain lines, TensorBoard.
 
 log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_every steps: step, epoch,
-loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
+loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced, data_wait: the
+fraction of the time the step waited for the data loader, and on CUDA peak_mem_gib and mfu: model FLOPs
+utilisation against the GPU's datasheet bf16/fp16 peak), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
 with their std) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
 so the log reads as if the run had never stopped.
 """
@@ -14,6 +16,10 @@ import sys
 import time
 
 from .checkpoint import atomic_write
+
+
+_LABELS = {"data_wait": "data wait", "peak_mem_gib": "peak mem GiB", "mfu": "MFU"}
+_FORMATS = {"data_wait": ".0%", "peak_mem_gib": ".1f", "mfu": ".1%"}
 
 
 def _fmt_time(seconds: float) -> str:
@@ -83,25 +89,31 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
 
-    def train(self, step: int, epoch: int, loss: float, lr: float, img_s: float, unreadable: int = 0) -> None:
-        """A log line; ``unreadable``: failed image reads so far (skipped and replaced)."""
+    def train(self, step: int, epoch: int, loss: float, lr: float, img_s: float, unreadable: int = 0,
+              **extra: float) -> None:
+        """A log line; ``unreadable``: failed image reads so far (skipped and replaced); ``extra``: further
+        figures (data_wait, and on CUDA peak_mem_gib and mfu), logged and sent to TensorBoard as they are."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0
         self._write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                     "img_s": round(img_s, 1), "elapsed": round(elapsed, 1), "unreadable_reads": unreadable})
+                     "img_s": round(img_s, 1), "elapsed": round(elapsed, 1), "unreadable_reads": unreadable, **extra})
         self.losses.append((step, loss))
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
             self.tb.add_scalar("train/img_per_s", img_s, step)
+            for key, value in extra.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+        figures = f"loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s" + "".join(
+            f" {_LABELS[key]} {value:{_FORMATS[key]}}" for key, value in extra.items() if key in _LABELS)
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s", refresh=False)
+            self.bar.set_postfix_str(figures, refresh=False)
         else:
             done = step - self.start_step
             eta = elapsed / done * (self.total - step) if done else 0.0
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s "
-                  f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}", flush=True)
+            print(f"step {step}/{self.total} epoch {epoch} {figures} elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}",
+                  flush=True)
 
     def epoch(self, epoch: int, step: int, train_loss: float, lr: float, seconds: float) -> None:
         if self.enabled:

@@ -27,7 +27,7 @@ DEFAULTS = dict(
     output_dir="./output_dir", log_dir=None, tensorboard=True,
     device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True,
     log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
-    backend=None, amp="auto", dist_backend="auto",
+    backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
 )
 
 # What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
@@ -94,6 +94,9 @@ FLAGS = {
     "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
                  "off on CPU", ("auto", "bf16", "fp16", "off")),
     "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
+    "compile": ("bool", "run the training step's model under torch.compile (compiled once, on the first step)", None),
+    "grad_checkpointing": ("bool", "recompute each layer in backward instead of keeping its activations (less "
+                                   "memory, about one more forward pass)", None),
 }
 
 

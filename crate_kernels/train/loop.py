@@ -22,7 +22,7 @@ from ..pipeline.checkpoint import TrainError
 from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
 from ..pipeline.data import (
     DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, UnreadableImages, build_dataset,
-    collate_views, counted, default_num_workers, fixed_batch, resolve_dataset, stop_workers,
+    collate_views, counted, default_num_workers, fixed_batch, normalize, resolve_dataset, stop_workers,
 )
 from ..pipeline.monitor import Monitor
 
@@ -94,6 +94,70 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+# Dense bf16/fp16 tensor-core peaks (FLOP/s, datasheets) of the GPUs MFU is reported for, by name fragment.
+_PEAK_FLOPS = (("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+               ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
+
+
+def peak_flops(device: torch.device, amp: torch.dtype | None) -> float | None:
+    """The datasheet bf16/fp16 dense peak of ``device`` when training in mixed precision, else None."""
+    if device.type != "cuda" or amp is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in _PEAK_FLOPS if fragment in name), None)
+
+
+def train_flops_per_image(model: CRATEMAE, cfg: dict, device: torch.device, amp: torch.dtype | None) -> float:
+    """FLOPs of one training image, forward and backward, counted by FlopCounterMode (the fused operators count
+    as the reference's products; recomputation under --grad_checkpointing is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grid = cfg["input_size"] // cfg["patch_size"]
+    imgs = torch.zeros(1, 3, cfg["input_size"], cfg["input_size"], device=device)
+    noise = torch.linspace(0, 1, grid * grid, device=device).unsqueeze(0)  # no draw from the training RNG
+    recompute, model.grad_checkpointing = model.grad_checkpointing, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = model(imgs, mask_ratio=cfg["mask_ratio"], noise=noise)[0]
+            loss.backward()
+    finally:
+        model.grad_checkpointing = recompute
+        model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+class LossMeter:
+    """Step losses kept on the device: sums over the reporting window and the epoch, and the first step whose
+    loss was not finite (inf when none). Nothing is read back until a report asks (``take_window``)."""
+
+    def __init__(self, device: torch.device):
+        self.window = torch.zeros((), device=device)
+        self.epoch = torch.zeros((), device=device)
+        self.window_steps = self.epoch_steps = 0
+        self.first_bad = torch.full((), math.inf, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.window += loss
+        self.epoch += loss
+        self.window_steps += 1
+        self.epoch_steps += 1
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=float(step)))
+
+    def take_window(self, dist: distributed.Dist) -> tuple[int, float]:
+        """(steps, mean loss over them and over ranks) of the window, which restarts."""
+        steps, mean = self.window_steps, dist.mean(self.window / max(1, self.window_steps)).item()
+        self.window.zero_()
+        self.window_steps = 0
+        return steps, mean
+
+    def epoch_mean(self, dist: distributed.Dist) -> float:
+        mean = dist.mean(self.epoch / max(1, self.epoch_steps)).item()
+        self.epoch.zero_()
+        self.epoch_steps = 0
+        return mean
+
+
 class Trainer:
     """One pretraining run (one process of it under torchrun)."""
 
@@ -106,6 +170,10 @@ class Trainer:
         self._build_model()
         self.amp = amp_dtype(cfg["amp"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+        self.losses = LossMeter(self.device)
+        self.data_wait, self.last_loss, self.compile_seconds = 0.0, float("nan"), None
+        self.flops_per_image = (train_flops_per_image(self.model, cfg, self.device, self.amp)
+                                if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ set-up
     def _build_data(self) -> None:
@@ -150,7 +218,7 @@ class Trainer:
         imgs, noise, failures = fixed_batch(eval_set, cfg["eval_images"], self.num_patches, cfg["seed"])
         for path, reason in dict(failures).items():
             self._warn(f"warning: the evaluation batch skipped unreadable image {path} ({reason})")
-        self.eval_batch = imgs, noise
+        self.eval_batch = normalize(imgs), noise
         held_out = (resolve_dataset(cfg["dataset"], cfg["data_path"]) != "imagefolder"
                     or os.path.isdir(os.path.join(cfg["data_path"], "val")))
         self.eval_desc = (f"{cfg['eval_images']} {'random crops' if crops else 'centre crops'} of "
@@ -170,10 +238,13 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
+        self.model.set_grad_checkpointing(cfg["grad_checkpointing"])
         self.ddp = self.model
         if self.dist.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # what the step calls: under --compile the (DDP-wrapped) model compiled as one graph per bucket
+        self.step_model = torch.compile(self.ddp) if cfg["compile"] else self.ddp
         seed_everything(cfg["seed"] + self.dist.rank)
 
     # ------------------------------------------------------------------ resume
@@ -232,7 +303,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, numbered: bool) -> None:
-        """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``numbered``), written by rank 0 only."""
+        """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``numbered``), written by rank 0 only, after
+        checking that no step since the last check had a non-finite loss."""
+        self.check_finite()
         # collective: every rank calls save at the same steps
         per_rank = self.dist.gather((checkpoint.rng_state(), (self.unreadable.failed, self.unreadable.reads)))
         if not self.dist.is_main:
@@ -258,29 +331,29 @@ class Trainer:
         self.last_saved = self.step
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, batches) -> tuple[float, float]:
-        """One optimizer step over ``accum_iter`` batches; returns (loss averaged over ranks, lr)."""
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over ``accum_iter`` batches; returns this rank's mean loss as a device scalar.
+
+        Nothing here waits for the device: the loss stays on it (``self.losses`` sums it and notes the first
+        non-finite step), and ``report``/``save`` read it."""
         cfg, accum = self.cfg, self.cfg["accum_iter"]
         lr = lr_at(self.step, cfg["lr"], cfg["min_lr"], self.warmup_steps, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for i in range(accum):
+            waited = time.perf_counter()
             imgs, noise, failures = next(batches)
+            self.data_wait += time.perf_counter() - waited
             self.unreadable.add(failures, None if imgs is None else len(imgs))
-            imgs, noise = imgs.to(self.device, non_blocking=True), noise.to(self.device, non_blocking=True)
+            imgs = normalize(imgs.to(self.device, non_blocking=True))
+            noise = noise.to(self.device, non_blocking=True)
             sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    loss = self.ddp(imgs, mask_ratio=cfg["mask_ratio"], noise=noise)[0]
+                    loss = self.step_model(imgs, mask_ratio=cfg["mask_ratio"], noise=noise)[0]
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach().float()
-        value = self.dist.mean(total / accum).item()
-        if not math.isfinite(value):
-            where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
-                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
-            raise TrainError(f"training diverged: loss is {value} at step {self.step + 1} "
-                             f"(epoch {self.step // self.steps_per_epoch}); stopped without saving; {where}")
         if cfg["clip_grad"]:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
@@ -288,7 +361,17 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return value, lr
+        self.losses.add(total / accum, self.step)
+        return total / accum
+
+    def check_finite(self) -> None:
+        """Stop, naming the first step whose loss was NaN or inf on any rank, before anything is written after it."""
+        first_bad = self.dist.minimum(self.losses.first_bad).item()
+        if math.isfinite(first_bad):
+            where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
+                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
+            raise TrainError(f"training diverged: the loss is not finite at step {int(first_bad)} "
+                             f"(epoch {(int(first_bad) - 1) // self.steps_per_epoch}); stopped without saving; {where}")
 
     def evaluate(self) -> None:
         """Rank 0: eval loss, per-layer coding rate and sparsity, reconstruction grid and curves on the fixed batch."""
@@ -356,36 +439,35 @@ class Trainer:
             self.say(self.banner())
         if self.step == 0 and cfg["eval_every"]:
             self.evaluate()
-        spe, log_every = self.steps_per_epoch, cfg["log_every"]
-        window = [0.0, 0, time.perf_counter()]  # loss sum, steps, start time
-        epoch_loss = [0.0, 0, time.perf_counter()]
-        loss = lr = float("nan")
+        spe = self.steps_per_epoch
+        self.window_start = self.epoch_start = time.perf_counter()
         while self.step < self.total_steps:
             epoch = self.step // spe
             self.sampler.set_epoch(epoch, self.step % spe * cfg["accum_iter"])
             batches = iter(self.loader)
             while self.step < self.total_steps:
-                loss, lr = self.train_step(batches)
+                first = cfg["compile"] and self.compile_seconds is None
+                started = time.perf_counter()
+                self.train_step(batches)
+                if first:
+                    self.compile_seconds = time.perf_counter() - started
+                    self.say(f"torch.compile: the first step (compiling the model) took {self.compile_seconds:.1f} s")
+                    self.window_start = time.perf_counter()  # img/s counts trained steps, not the compilation
                 self.monitor.advance()
-                for acc in (window, epoch_loss):
-                    acc[0] += loss
-                    acc[1] += 1
-                if self.step % log_every == 0 or self.step == self.total_steps:
-                    seconds = time.perf_counter() - window[2]
-                    self.monitor.train(self.step, epoch, window[0] / window[1], lr,
-                                       window[1] * self.global_batch / seconds, self.unreadable.failed)
-                    window = [0.0, 0, time.perf_counter()]
                 epoch_end, final = self.step % spe == 0, self.step == self.total_steps
+                if self.step % cfg["log_every"] == 0 or final:
+                    self.report(epoch)
                 if epoch_end:
-                    self.monitor.epoch(epoch, self.step, epoch_loss[0] / epoch_loss[1], lr,
-                                       time.perf_counter() - epoch_loss[2])
-                    epoch_loss = [0.0, 0, time.perf_counter()]
+                    self.check_finite()
+                    self.monitor.epoch(epoch, self.step, self.losses.epoch_mean(self.dist), self.lr(),
+                                       time.perf_counter() - self.epoch_start)
+                    self.epoch_start = time.perf_counter()
                 paused = time.perf_counter()
                 if cfg["eval_every"] and (self.step % cfg["eval_every"] == 0 or final) and dist.is_main:
                     self.evaluate()
                 if epoch_end or final or self.step % cfg["save_every"] == 0:
                     self.save(numbered=final or (epoch_end and (epoch + 1) % cfg["save_every_epochs"] == 0))
-                window[2] += time.perf_counter() - paused  # img/s counts training only
+                self.window_start += time.perf_counter() - paused  # img/s counts training only
                 if self._stop_requested():
                     if self.last_saved != self.step:
                         self.save(numbered=False)
@@ -397,16 +479,38 @@ class Trainer:
                     raise StopRequested(signum, message)
                 if epoch_end:
                     break
+        self.check_finite()
         if dist.is_main:
             checkpoint.save_safetensors(self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
                                         metadata={"model": cfg["model"], "step": str(self.step)})
-        summary = {"step": self.step, "loss": loss}
+        summary = {"step": self.step, "loss": self.last_loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
         skipped = (f"; skipped {self.unreadable.failed} unreadable image reads ({len(self.unreadable.seen)} files "
                    "in this session)" if self.unreadable.failed else "")
         self.say(f"done: {self.step} steps; outputs in {self.out}{skipped}")
         return summary
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def report(self, epoch: int) -> None:
+        """A log line for the steps since the last one: mean loss over ranks (the one point where the host waits
+        for the device), img/s, the fraction of the time spent waiting for data, and on CUDA peak memory and
+        model FLOPs utilisation."""
+        self.check_finite()
+        steps, loss = self.losses.take_window(self.dist)
+        self.last_loss = loss
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        img_s = steps * self.global_batch / seconds
+        extra = {"data_wait": round(min(1.0, self.data_wait / seconds), 3)}
+        if self.device.type == "cuda":
+            extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
+            peak = peak_flops(self.device, self.amp)
+            if peak and self.flops_per_image:
+                extra["mfu"] = round(self.flops_per_image * img_s / self.dist.world_size / peak, 4)
+        self.monitor.train(self.step, epoch, loss, self.lr(), img_s, self.unreadable.failed, **extra)
+        self.window_start, self.data_wait = time.perf_counter(), 0.0
 
     def write_config(self) -> None:
         header = (f"# crate-train resolved configuration ({time.strftime('%Y-%m-%d %H:%M:%S')}); processes: "
