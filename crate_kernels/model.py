@@ -263,16 +263,13 @@ def clean_state_dict(checkpoint: Mapping) -> dict:
 def load_checkpoint(model: CRATEMAE, checkpoint, strict: bool = True):
     """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model``.
 
-    Shape mismatches are reported by tensor name before anything is copied.
+    Shape mismatches are reported by tensor name before anything is copied; a file written by this package
+    whose bytes no longer match their checksum is refused (``crate_kernels.pipeline.checkpoint.load``).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        from .pipeline.checkpoint import load
 
-            checkpoint = load_file(path)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load(os.fspath(checkpoint))
     state = clean_state_dict(checkpoint)
     own = model.state_dict()
     mismatched = [

@@ -23,3 +23,20 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (the soak test)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests left out of the default run (--run-slow or CRATE_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("CRATE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or CRATE_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

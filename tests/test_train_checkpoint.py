@@ -67,3 +67,35 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
     first.release()
     assert second.acquire()
     second.release()
+
+
+def _flip_byte(path, position):
+    data = bytearray(open(path, "rb").read())
+    data[position] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("where", [0.05, 0.5, 0.98])
+def test_a_corrupted_checkpoint_is_refused_naming_it(tmp_path, where):
+    """torch.load itself reads flipped tensor bytes without complaint; the SHA-256 in the archive's comment
+    catches them, wherever they are."""
+    path = str(tmp_path / "checkpoint-last.pth")
+    state = {"model": {"w": torch.randn(300, 300), "b": torch.randn(5)}, "step": 7}
+    checkpoint.save(state, path)
+    torch.testing.assert_close(checkpoint.load(path)["model"], state["model"], rtol=0, atol=0)
+    size = os.path.getsize(path)
+    _flip_byte(path, int(size * where))
+    with pytest.raises(TrainError, match=f"checkpoint {path} is corrupted"):
+        checkpoint.load(path)
+    plain = str(tmp_path / "release.pth")  # files written elsewhere carry no digest and load as before
+    torch.save(state, plain)
+    assert checkpoint.load(plain)["step"] == 7
+
+
+def test_a_corrupted_safetensors_file_is_refused(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    checkpoint.save_safetensors({"w": torch.randn(200, 200), "half": torch.randn(9).half()}, path)
+    assert checkpoint.load(path)["model"]["half"].dtype == torch.float16
+    _flip_byte(path, os.path.getsize(path) - 100)
+    with pytest.raises(TrainError, match="is corrupted"):
+        checkpoint.load(path)

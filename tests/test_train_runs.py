@@ -424,3 +424,50 @@ def test_grad_checkpointing_and_compile_train_the_same_steps(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert len(compiled) == 1 and out.count("torch.compile: the first step (compiling the model) took") == 1
     torch.testing.assert_close(_losses(str(tmp_path / "compiled")), _losses(str(tmp_path / "plain")), rtol=1e-5, atol=0)
+
+
+def test_a_corrupted_last_checkpoint_offers_the_previous_numbered_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = IN_PROCESS + ["--save_every_epochs", "1", "--output_dir", str(out)]
+    assert main(args + ["--max_steps", "13"]) == 0  # epochs of 6 steps: checkpoint-0.pth, -1.pth, -2.pth (final)
+    last = out / "checkpoint-last.pth"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    last.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(args + ["--max_steps", "14"]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {last} is corrupted" in err
+    assert f"the newest readable earlier checkpoint is {out}/checkpoint-2.pth" in err
+    assert main(args + ["--max_steps", "14", "--resume", str(out / "checkpoint-1.pth")]) == 0
+    captured = capsys.readouterr()
+    assert "written with it; continuing from --resume" in captured.err
+    assert f"resumed from {out}/checkpoint-1.pth at step 12" in captured.out
+    assert checkpoint.load(str(last))["step"] == 14  # the corrupted file was replaced
+
+
+def test_a_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    save = checkpoint.save
+    calls = []
+
+    def disk_fills(obj, path):
+        calls.append(path)
+        if len(calls) == 3:  # saves at steps 2, 4, then the disk is full at step 6
+            with open(path + ".partial", "wb") as f:
+                f.write(b"x")
+            os.remove(path + ".partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save", disk_fills)
+    out = tmp_path / "run"
+    assert main(IN_PROCESS + ["--max_steps", "10", "--save_every", "2", "--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "checkpoint-last.pth (step 4) is intact" in err
+    assert err.count("crate-train: error") == 1 and "Traceback" not in err
+    monkeypatch.undo()
+    assert checkpoint.load(str(out / "checkpoint-last.pth"))["step"] == 4
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert main(IN_PROCESS + ["--max_steps", "10", "--save_every", "2", "--output_dir", str(out)]) == 0

@@ -1,14 +1,19 @@
-"""Crash-safe checkpoints, RNG state capture, and the output-directory lock.
+"""Crash-safe, checksummed checkpoints, RNG state capture, and the output-directory lock.
 
 Files are written to a temporary file in the destination folder, flushed, fsync'ed and renamed over the
 target (``os.replace`` is atomic on POSIX), so a crash mid-write leaves the previous file intact. Checkpoints
 hold only tensors, plain containers, numbers and strings, and load with ``torch.load(weights_only=True)``.
+A ``.pth`` written here carries the SHA-256 of its bytes in the ZIP archive's comment (torch.save writes ZIP
+archives; any ZIP reader, torch.load included, ignores the comment), so ``load`` refuses a corrupted file
+instead of returning wrong weights; a ``.safetensors`` carries the digest of its tensors in its metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import secrets
+import struct
 
 import numpy as np
 import torch
@@ -60,33 +65,112 @@ def remove_stale_temporaries(folder: str) -> None:
             os.remove(os.path.join(folder, name))
 
 
+_EOCD = b"PK\x05\x06"  # the ZIP end-of-central-directory record: 22 bytes, then a comment of up to 65535
+_DIGEST_TAG = b"crate_kernels sha256 "
+
+
+class _DigestWriter:
+    """A file wrapper for torch.save that hashes what is written, except the archive's final 22-byte record,
+    and at ``close`` stores the digest as that record's comment."""
+
+    def __init__(self, file):
+        self.file, self.sha, self.tail = file, hashlib.sha256(), b""
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        pending = self.tail + data
+        self.file.write(pending[:-22])
+        self.sha.update(pending[:-22])
+        self.tail = pending[-22:]
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.tail.startswith(_EOCD):
+            raise ValueError("torch.save did not end with a ZIP end-of-central-directory record")
+        comment = _DIGEST_TAG + self.sha.hexdigest().encode()
+        self.file.write(self.tail[:20] + struct.pack("<H", len(comment)) + comment)
+
+
+def _verify_digest(path: str) -> None:
+    """Raise TrainError when a .pth written by ``save`` no longer matches its digest (files without one pass)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 22 - len(_DIGEST_TAG) - 64))
+        end = f.read()
+        start = end.rfind(_EOCD)
+        if start < 0 or not end[start + 22:].startswith(_DIGEST_TAG):
+            return
+        expected = end[start + 22 + len(_DIGEST_TAG):].decode(errors="replace")
+        body = size - len(end) + start
+        sha, done = hashlib.sha256(), 0
+        f.seek(0)
+        while done < body:
+            chunk = f.read(min(1 << 24, body - done))
+            if not chunk:
+                break
+            sha.update(chunk)
+            done += len(chunk)
+    if sha.hexdigest() != expected:
+        raise TrainError(f"checkpoint {path} is corrupted: its contents no longer match the SHA-256 written with it")
+
+
 def save(obj, path: str) -> None:
-    """``torch.save`` made atomic."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` made atomic and checksummed (see the module docstring)."""
+
+    def write(f):
+        writer = _DigestWriter(f)
+        torch.save(obj, writer)
+        writer.close()
+
+    atomic_write(path, write)
+
+
+def _tensors_digest(tensors: dict) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        sha.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return sha.hexdigest()
 
 
 def save_safetensors(state_dict: dict, path: str, metadata: dict | None = None) -> None:
-    """A state_dict as .safetensors (atomic); loadable with ``crate_kernels.load_checkpoint``."""
+    """A state_dict as .safetensors (atomic, with the SHA-256 of its tensors in the metadata); loadable with
+    ``crate_kernels.load_checkpoint``."""
     from safetensors.torch import save as to_bytes
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    metadata = {**(metadata or {}), "sha256": _tensors_digest(tensors)}
     atomic_write(path, lambda f: f.write(to_bytes(tensors, metadata=metadata)))
 
 
 def load(path: str) -> dict:
     """Load a checkpoint on CPU as {'model': state_dict, ...}; errors name the file.
 
-    Takes this trainer's checkpoints (``torch.load`` with ``weights_only=True``) and weights alone: a bare
-    state_dict in a .pth (e.g. a release checkpoint without its wrapper) or a .safetensors file (this
-    trainer's model.safetensors)."""
+    Takes this trainer's checkpoints (``torch.load`` with ``weights_only=True``, after checking their digest)
+    and weights alone: a bare state_dict in a .pth (e.g. a release checkpoint without its wrapper) or a
+    .safetensors file (this trainer's model.safetensors)."""
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path} does not exist or is not a file")
     try:
         if path.endswith(".safetensors"):
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return {"model": load_file(path)}
+            with safe_open(path, "pt") as f:
+                expected = (f.metadata() or {}).get("sha256")
+            tensors = load_file(path)
+            if expected is not None and _tensors_digest(tensors) != expected:
+                raise TrainError(f"checkpoint {path} is corrupted: its tensors no longer match the SHA-256 "
+                                 "written with them")
+            return {"model": tensors}
+        _verify_digest(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except TrainError:
+        raise
     except Exception as e:  # torch and safetensors raise several types for truncated or foreign files
         raise TrainError(f"cannot read checkpoint {path}: {e}") from e
     if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):

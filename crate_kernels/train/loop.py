@@ -248,20 +248,45 @@ class Trainer:
         seed_everything(cfg["seed"] + self.dist.rank)
 
     # ------------------------------------------------------------------ resume
-    def resume_path(self) -> str | None:
-        """This run's own checkpoint-last.pth (with --auto_resume), else --resume, else None."""
-        last = os.path.join(self.out, "checkpoint-last.pth")
+    def resume_source(self) -> tuple[str, dict] | None:
+        """(path, checkpoint) to start from: this run's own checkpoint-last.pth (with --auto_resume), else
+        --resume, else None. An unreadable or corrupted checkpoint-last.pth gives way to --resume when one is
+        given; otherwise the error names the newest readable numbered checkpoint to continue from."""
+        last, asked = os.path.join(self.out, "checkpoint-last.pth"), self.cfg["resume"]
         if self.cfg["auto_resume"] and os.path.isfile(last):
-            if self.cfg["resume"] and os.path.abspath(self.cfg["resume"]) != os.path.abspath(last):
-                self._warn(f"note: --resume {self.cfg['resume']} is not used: {last} continues this output "
-                           "directory's own run (--auto_resume); to start from the --resume file, use a new "
-                           "--output_dir")
-            return last
-        return self.cfg["resume"]
+            try:
+                ckpt = checkpoint.load(last)
+            except TrainError as e:
+                if asked:
+                    self._warn(f"warning: {e}; continuing from --resume {asked} instead")
+                    return asked, checkpoint.load(asked)
+                older = self._newest_readable_numbered_checkpoint()
+                offer = (f"the newest readable earlier checkpoint is {older}: to continue from it, run the same "
+                         f"command with --resume {older}" if older else "no earlier numbered checkpoint is readable")
+                raise TrainError(f"{e}; {offer}") from e
+            if asked and os.path.abspath(asked) != os.path.abspath(last):
+                self._warn(f"note: --resume {asked} is not used: {last} continues this output directory's own run "
+                           "(--auto_resume); to start from the --resume file, use a new --output_dir")
+            return last, ckpt
+        return (asked, checkpoint.load(asked)) if asked else None
 
-    def resume(self, path: str) -> None:
-        """Restore model, optimizer, scaler, step and RNG states; a weights-only file just initialises the model."""
-        ckpt = checkpoint.load(path)
+    def _newest_readable_numbered_checkpoint(self) -> str | None:
+        numbered = []
+        for name in os.listdir(self.out):
+            stem = name[len("checkpoint-"):-len(".pth")] if name.startswith("checkpoint-") else ""
+            if name.endswith(".pth") and stem.isdigit():
+                numbered.append((int(stem), os.path.join(self.out, name)))
+        for _, path in sorted(numbered, reverse=True):
+            try:
+                checkpoint.load(path)
+                return path
+            except TrainError:
+                continue
+        return None
+
+    def resume(self, path: str, ckpt: dict) -> None:
+        """Restore model, optimizer, scaler, step and RNG states from the checkpoint ``ckpt`` read from ``path``;
+        a weights-only file just initialises the model."""
         try:
             load_checkpoint(self.model, ckpt)
         except (ValueError, RuntimeError) as e:
@@ -325,10 +350,22 @@ class Trainer:
             "rng": [rng for rng, _ in per_rank],
             "args": {**self.cfg, "world_size": self.dist.world_size},
         }
-        checkpoint.save(state, os.path.join(self.out, "checkpoint-last.pth"))
-        if numbered:
-            checkpoint.save(state, os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
+        self._write(checkpoint.save, state, os.path.join(self.out, "checkpoint-last.pth"))
         self.last_saved = self.step
+        if numbered:
+            self._write(checkpoint.save, state,
+                        os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
+
+    def _write(self, save, obj, path: str, **kwargs) -> None:
+        """``save(obj, path)``; a failed write (a full disk, a lost mount) stops the run with one message, and the
+        previous file at ``path`` is intact (writes are atomic)."""
+        try:
+            save(obj, path, **kwargs)
+        except OSError as e:
+            kept = (f"checkpoint-last.pth (step {self.last_saved}) is intact" if self.last_saved
+                    else "no checkpoint was written before")
+            raise TrainError(f"cannot write {path}: {e.strerror or e}; {kept}; free space (or fix the output "
+                             "directory) and run the same command again to continue") from e
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches) -> torch.Tensor:
@@ -428,9 +465,9 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg, dist = self.cfg, self.dist
-        path = self.resume_path()
-        if path:
-            self.resume(path)
+        source = self.resume_source()
+        if source:
+            self.resume(*source)
         if dist.is_main:
             self.write_config()
         self.monitor = Monitor(self.out, cfg["log_dir"] or self.out, cfg["tensorboard"], self.total_steps,
@@ -481,8 +518,9 @@ class Trainer:
                     break
         self.check_finite()
         if dist.is_main:
-            checkpoint.save_safetensors(self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
-                                        metadata={"model": cfg["model"], "step": str(self.step)})
+            self._write(checkpoint.save_safetensors, self.model.state_dict(),
+                        os.path.join(self.out, "model.safetensors"),
+                        metadata={"model": cfg["model"], "step": str(self.step)})
         summary = {"step": self.step, "loss": self.last_loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
