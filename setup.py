@@ -23,7 +23,7 @@ setup(
     ],
     entry_points={"console_scripts": ["crate-train = crate_kernels.train:main"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'"],
         "jpeg": ["simplejpeg>=1.6"],  # JPEG decoding straight to numpy, about twice PIL's rate (pipeline.data)
         "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1"],
         "tensorboard": ["tensorboard>=2.10"],
