@@ -6,8 +6,9 @@ bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and x^T G bac
 `reference` (eager release math); `compile-reference` (torch.compile of it); `cuda` (Triton forward, csrc/
 CUDA-extension backward; skipped with the reason when the extension cannot build); `torch` (the fused
 algorithm in PyTorch, ista_step with that backend).
-extra_info: device_ms and host_ms (bench_utils.record); from device time, tflops counted on the fused algorithm (2 rows d^2 + 2 d^3 forward for x M and W^T W;
-4 rows d^2 + 2 d^3 backward for G M^T, x^T G and W (dM + dM^T)), tflops_release counted on the release's
+extra_info: device_ms and host_ms (bench_utils.record); from device time, tflops counted on the fused
+algorithm (2 rows d^2 + 2 d^3 forward for x M and W^T W; 4 rows d^2 + 2 d^3 backward for G M^T, x^T G and
+W (dM + dM^T)), tflops_release counted on the release's
 three products (6 rows d^2 forward, 12 rows d^2 backward), gbps on the fewest bytes the fused passes move
 (x and out forward, x, dOut and dx backward, plus the bit mask), peak_memory_bytes above what was allocated
 before the call, and saved_bytes_unique/total (eager providers, passes that run the forward).
