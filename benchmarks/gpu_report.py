@@ -345,16 +345,17 @@ def _cell(value, fmt: str) -> str:
 
 
 def _short(name: str) -> str:
-    """test_mssa[base-n197-triton-fwd] -> mssa base-n197-triton-fwd"""
-    return re.sub(r"^test_", "", name).replace("train_step[", "train[").replace("[", " ").rstrip("]")
+    """test_mssa[base-n197-compile-reference-fwd] -> mssa base-n197-compile-fwd"""
+    name = re.sub(r"^test_", "", name).replace("train_step[", "train[").replace("compile-reference", "compile")
+    return name.replace("[", " ").rstrip("]")
 
 
 def summary_text(data: dict) -> str:
     """Benchmark rows (short names, the figures above) and the steps' outcomes, cut steps named."""
-    lines = [f"{'benchmark':<44}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
+    lines = [f"{'benchmark':<40}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
     for row in data["benchmarks"]:
         f = figures(row, data["ceilings"])
-        lines.append(f"{_short(row['name'])[:44]:<44}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
+        lines.append(f"{_short(row['name'])[:40]:<40}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
     ceil = data["ceilings"]
     lines.append("ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, device copy "
                                  f"{ceil['copy_gbps']:.0f} GB/s" if ceil else "not measured"))
