@@ -142,7 +142,7 @@ def environment(cuda: bool) -> dict:
 
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-            "host": platform.node()}
+            "host": platform.node(), "load_average": os.getloadavg()[0]}  # other work on the host at the start
     for module in ("triton", "numpy", "pytest_benchmark"):
         try:
             info[module] = __import__(module).__version__
