@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark suites (imported by the benchmark files, which pytest puts on sys.path)."""
+import os
 import time
 
 import pytest
@@ -11,6 +12,51 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (this suit
 def synchronize():
     if CUDA:
         torch.cuda.synchronize()
+
+
+def skip_if_excluded(provider: str) -> None:
+    """Skip a provider listed in $CRATE_BENCH_SKIP (comma-separated; the GPU report lists 'cuda' there when the
+    CUDA extension did not build, so that no suite waits on a build)."""
+    if provider in os.environ.get("CRATE_BENCH_SKIP", "").split(","):
+        pytest.skip(f"provider {provider!r} is excluded by $CRATE_BENCH_SKIP")
+
+
+def host_seconds(step, calls: int) -> float:
+    """Host time to issue one ``step()`` (Python, dispatch, launches), the device idle at the start: the cost per
+    call that device time does not show, and the floor of a small shape's time."""
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    seconds = (time.perf_counter() - start) / calls
+    synchronize()
+    return seconds
+
+
+def record(benchmark, step, rounds: int, host_calls: int = 10):
+    """Time a warmed-up ``step`` and return the seconds a suite's figures use (None under --benchmark-disable).
+
+    pytest-benchmark times ``step(); synchronize()`` ``rounds`` times: the command-line table (wall time, with the
+    Python of every call in it). On CUDA the returned time is device time: the median of CUDA events around
+    many calls after warm-up, with L2 flushed between calls (triton.testing.do_bench), recorded as device_ms;
+    the host time per call (host_seconds over ``host_calls`` calls) is recorded apart as host_ms. On CPU the
+    returned time is the wall median.
+    """
+    def timed():
+        step()
+        synchronize()
+
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    if not benchmark.stats:  # --benchmark-disable: ran once as a plain test
+        return None
+    wall = benchmark.stats.stats.median
+    if not CUDA:
+        return wall
+    from triton.testing import do_bench
+
+    device_ms = do_bench(step, warmup=1, rep=max(100.0, 5e3 * wall), return_mode="median")
+    benchmark.extra_info.update(device_ms=device_ms, host_ms=host_seconds(step, host_calls) * 1e3)
+    return device_ms / 1e3
 
 
 def median_seconds(fn, reps: int) -> float:

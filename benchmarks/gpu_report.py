@@ -1,20 +1,35 @@
-"""One reproducible GPU report: install, build, test, measure ceilings, benchmark, write results.
+"""One reproducible GPU report in one short run: install, ceilings, tests, build, benchmarks, results.
 
-    python benchmarks/gpu_report.py                 # on a CUDA machine (no network needed)
-    python benchmarks/gpu_report.py --dry-run       # on CPU: same steps with the CPU suites, results to a temp dir
+    python benchmarks/gpu_report.py                    # on a CUDA machine (no network needed)
+    python benchmarks/gpu_report.py --dry-run          # on CPU: every step in order, CPU suites, results to a temp dir
+    python benchmarks/gpu_report.py --plan             # print the steps and the budget split, run nothing
 
-On a lent GPU machine, whose files come back only from $OUT (then copy them to benchmarks/results/):
+On a lent GPU machine (15 minutes of device time for all tries; files come back only from $OUT, copy them to
+benchmarks/results/ afterwards), one call with a time limit that leaves room to rerun:
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT     (device timeout_s 480)
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT          (device timeout_s 450)
 
-Steps: `pip install --no-deps --no-build-isolation -e .`; build csrc/ when it exists; the tests only a GPU
-can run (the Triton kernels and the CUDA extension on the device, on pytest-xdist workers where installed);
-the device's measured ceilings (one large bf16 matrix product, one large device-to-device copy); the
-benchmark suites, most important first, each under its own time limit (rows kept per finished benchmark); then
-benchmarks/results/<gpu>-<date>.json and .md with device, driver, versions, git commit and command
-(rewritten after every step, so a run stopped from outside keeps what it measured), and a short summary
-table printed last. The whole run keeps within --budget seconds. README's performance section is then
-regenerated from the committed results by benchmarks/readme_perf.py.
+Steps, most valuable first, each under its own time limit inside one --budget (default 360 s): each step may
+use its share of the budget plus whatever earlier steps left unused, never the shares of the steps after it.
+Every step runs in its own process group (killed whole at its limit: no ninja or nvcc left behind), and the
+report (<gpu>-<date>.json, .md, .log) is rewritten after every step, so a run stopped from outside keeps what
+it measured.
+
+  install     pip install --no-deps --no-build-isolation -e .
+  ceilings    one large bf16 matrix product, one large device-to-device copy
+  tests       the Triton kernels' tests on the device: serial, one autotune config per kernel
+              (CRATE_KERNELS_AUTOTUNE=first), no autotuning cache written
+  build       the CUDA extension (csrc/), after removing a build lock a killed build left
+  tests-csrc  the CUDA extension's device tests (skipped when the build failed)
+  mssa, ista  the operator suites, baselines right after `triton` (SDPA flash/cuDNN/efficient; cuBLAS floor,
+              eager, torch.compile); `cuda` excluded when the build failed
+  model       training step: `auto` and `reference` first, torch.compile last
+  ops         the small per-operator suite
+
+Benchmark rows carry device time (CUDA events, bench_utils.record) and host time per call apart; each finished
+benchmark is kept even when its suite is cut. The summary printed last (ms, host ms, img/s, TFLOP/s, fraction
+of the measured ceilings, peak memory) says which steps were cut. README's performance section is regenerated
+from committed reports by benchmarks/readme_perf.py.
 """
 from __future__ import annotations
 
@@ -24,100 +39,111 @@ import json
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-# Benchmark suites in order of importance, each in its own pytest process under its own time limit (cut
-# to what is left of --budget); benchmarks/conftest.py appends each finished benchmark's row to a file,
-# so a suite stopped at its limit keeps what it measured.
-BENCH_SUITES = [
-    ("benchmarks/test_bench_model.py", 150),
-    ("benchmarks/test_bench_ista_gpu.py", 40),
-    ("benchmarks/test_bench_mssa_gpu.py", 60),
-    ("benchmarks/test_bench_ops.py", 15),
-]
-# What only a GPU can check: the Triton kernels on the device and the CUDA extension's device tests.
-# Everything else (the operator layer on CPU, csrc's compile and host-emulation tests, training) is CI's job.
-GPU_TESTS = [
-    "tests/test_mssa_triton.py", "tests/test_ista_triton.py",
-    "tests/test_csrc.py::test_cuda_mssa_backward", "tests/test_csrc.py::test_cuda_ista_backward",
-    "tests/test_csrc.py::test_cuda_ext_rejects_cpu_tensors_and_bad_dtypes",
-]
-# Children reuse Triton's autotuning results across processes (the tests, then each suite).
-CHILD_ENV = {"TRITON_CACHE_AUTOTUNING": "1"}
+DEFAULT_BUDGET = 360.0
+MIN_STEP_SECONDS = 5.0  # a step left less than this is not started
+# Tests only a GPU can run: the Triton kernels on the device; the CUDA extension's device tests
+TRITON_TESTS = ["tests/test_mssa_triton.py", "tests/test_ista_triton.py"]
+CSRC_TESTS = ["tests/test_csrc.py::test_cuda_mssa_backward", "tests/test_csrc.py::test_cuda_ista_backward",
+              "tests/test_csrc.py::test_cuda_ext_rejects_cpu_tensors_and_bad_dtypes"]
 
 
-def _text(stream) -> str:
-    """A subprocess stream as text (TimeoutExpired carries bytes even when run with text=True)."""
-    if stream is None:
-        return ""
-    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream
+class Stopped(Exception):
+    """The report itself got SIGTERM or SIGINT."""
 
 
-def sh(cmd: list[str], log: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[int, str]:
-    """Run a command from the repository root, echo the end of its output, keep all of it in ``log``;
-    return (exit status, output). A command stopped at ``timeout`` returns status 124."""
-    print(f"$ {' '.join(cmd)}  (limit {timeout:.0f}s)" if timeout else f"$ {' '.join(cmd)}", flush=True)
-    start = time.time()
+@dataclass
+class Step:
+    """One command of the report, run in its own process group under a time limit."""
+    name: str
+    seconds: float  # share of the budget
+    what: str
+    command: list[str]
+    env: Callable[["Report"], dict] = lambda report: {}  # decided when its turn comes, as is skip_if
+    skip_if: Callable[["Report"], str | None] = lambda report: None  # a reason not to run
+    collect: Callable[["Report", dict, str], None] = lambda report, result, output: None  # file its results
+
+
+def run_in_group(command: list[str], limit: float, env: dict, log_path: Path) -> tuple[int | None, bool]:
+    """Run ``command`` from the repository root in a new session (its own process group), output to ``log_path``;
+    at ``limit`` seconds, or when the report is stopped, kill the whole group. (exit status, killed at limit)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        try:
+            rc, timed_out = proc.wait(timeout=limit), False
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+        except BaseException:
+            _kill_group(proc)
+            raise
+        _kill_group(proc)  # also what the command left running after it exited
+    return rc, timed_out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s process group (SIGTERM, then SIGKILL for what is left after 5 s) and reap ``proc``."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out, rc = f"{_text(exc.stdout)}{_text(exc.stderr)}\nTIMEOUT after {timeout:.0f}s", 124
-    except OSError as exc:
-        out, rc = f"could not run: {exc}", 127
-    log.append(f"$ {' '.join(cmd)}  (rc={rc}, {time.time() - start:.1f}s)\n{out}")
-    print("\n".join(out.strip().splitlines()[-6:]) + f"\n[rc={rc}, {time.time() - start:.0f}s]", flush=True)
-    return rc, out
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # nothing of the group is left
+        proc.wait()
+        return
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # members that outlived the leader or ignored SIGTERM
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
-def test_outcome(rc: int, out: str) -> dict:
+def pytest_outcome(rc: int | None, out: str) -> dict:
     """Counts and failing test ids from pytest's output, also when it was stopped before its summary."""
-    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", out, flags=re.M)
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|skipped|deselected).*?)\s*=*$", out, flags=re.M)
     outcome = {"rc": rc, "summary": summary[-1] if summary else None,
                "failed": sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)))[:50]}
     if outcome["summary"] is None:  # stopped early: count the per-test lines of -v output
-        counts = {k: len(re.findall(rf"\b{k}\b tests/", out)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-        outcome["summary"] = (f"stopped (rc={rc}) after " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
-                              + "; " + ", ".join(sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/\S+)", out)))[:20]))
+        counts = {k: len(re.findall(rf"\b{k}\b", out)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        outcome["summary"] = f"stopped (rc={rc}) after " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
+        outcome["failed"] = sorted(set(re.findall(r"(tests/\S+) (?:FAILED|ERROR)", out)))[:50]
     return outcome
 
 
-def ceilings(cuda: bool) -> dict:
-    """Measured dense-matmul rate and device-to-device copy bandwidth (median of several runs)."""
+def measure_ceilings(path: Path) -> None:
+    """Measured dense-matmul rate and device-to-device copy bandwidth (medians), written to ``path`` as JSON."""
     import torch
-    from bench_utils import matmul_flops_per_second, median_seconds
+    from bench_utils import CUDA, matmul_flops_per_second, median_seconds
 
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    flops = matmul_flops_per_second(n, dtype, 20 if cuda else 3)
-    numel = (1 << 30) // 2 if cuda else (1 << 24)  # 1 GiB of bf16 on the GPU
-    src = torch.randn(numel, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    n, dtype = (8192, torch.bfloat16) if CUDA else (1024, torch.float32)
+    flops = matmul_flops_per_second(n, dtype, 20 if CUDA else 3)
+    numel = (1 << 30) // 2 if CUDA else (1 << 24)  # 1 GiB of bf16 on the GPU
+    src = torch.randn(numel, device="cuda" if CUDA else "cpu", dtype=torch.bfloat16 if CUDA else torch.float32)
     dst = torch.empty_like(src)
-    cp = median_seconds(lambda: dst.copy_(src), 20 if cuda else 3)
-    return {
-        "matmul": f"{n}^3 {str(dtype).replace('torch.', '')}",
-        "matmul_tflops": flops / 1e12,
-        "copy_bytes": 2 * src.numel() * src.element_size(),
-        "copy_gbps": 2 * src.numel() * src.element_size() / cp / 1e9,
-    }
+    seconds = median_seconds(lambda: dst.copy_(src), 20 if CUDA else 3)
+    nbytes = 2 * src.numel() * src.element_size()
+    path.write_text(json.dumps({"matmul": f"{n}^3 {str(dtype).replace('torch.', '')}", "matmul_tflops": flops / 1e12,
+                                "copy_bytes": nbytes, "copy_gbps": nbytes / seconds / 1e9}))
 
 
 def environment(cuda: bool) -> dict:
     import torch
 
-    info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "host": platform.node(),
-    }
-    for module in ("triton", "numpy"):
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+            "host": platform.node(), "load_average": os.getloadavg()[0]}  # other work on the host at the start
+    for module in ("triton", "numpy", "pytest_benchmark"):
         try:
             info[module] = __import__(module).__version__
         except ImportError:
@@ -134,45 +160,247 @@ def environment(cuda: bool) -> dict:
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    sm_count=props.multi_processor_count,
-                    capability=f"{props.major}.{props.minor}")
+                    sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}")
         info["driver"] = output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or None
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return info
 
 
-def summarize(bench_json: dict) -> list[dict]:
-    """Flatten pytest-benchmark JSON to rows: group, name, median ms, and the extra_info figures."""
-    rows = []
-    for b in bench_json.get("benchmarks", []):
-        rows.append({"group": b.get("group") or "", "name": b["name"], "median_ms": b["stats"]["median"] * 1e3,
-                     **b.get("extra_info", {})})
-    return rows
+class Report:
+    """The report's data and files; runs the steps under one budget."""
+
+    def __init__(self, out_dir: Path, stem: str, budget: float, info: dict, command: str,
+                 min_step_seconds: float = MIN_STEP_SECONDS):
+        self.out_dir, self.stem, self.budget, self.min_step_seconds = out_dir, stem, budget, min_step_seconds
+        self.start = time.time()
+        self.scratch = Path(tempfile.mkdtemp(prefix="gpu-report-"))
+        self.log: list[str] = []
+        self.data = {"environment": info, "command": command, "budget_seconds": budget, "plan": [], "steps": {},
+                     "build": "not run", "tests": {"summary": "not run"}, "tests_csrc": {"summary": "not run"},
+                     "ceilings": None, "benchmarks": [], "cut": [], "wall_seconds": 0.0}
+
+    def write(self) -> None:
+        """(Re)write the report files: after every step, so a run stopped from outside keeps its results."""
+        self.data["wall_seconds"] = time.time() - self.start
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"{self.stem}.json").write_text(json.dumps(self.data, indent=1, default=str))
+        (self.out_dir / f"{self.stem}.md").write_text(markdown(self.data))
+        (self.out_dir / f"{self.stem}.log").write_text("\n".join(self.log))
+
+    def run_all(self, steps: list[Step]) -> None:
+        """Run the steps in order: step i may use what is left of the budget less the shares of the steps after it."""
+        deadline = self.start + self.budget
+        self.data["plan"] = [{"step": s.name, "seconds": round(s.seconds, 1), "what": s.what} for s in steps]
+        print(plan_text(steps, self.budget), flush=True)
+        self.write()
+
+        def stop(signum, frame):
+            raise Stopped(signal.Signals(signum).name)
+
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i, step in enumerate(steps):
+                limit = deadline - time.time() - sum(s.seconds for s in steps[i + 1:])
+                reason = step.skip_if(self)
+                if reason:
+                    self._record(step, {"status": "skipped", "detail": reason})
+                elif limit < self.min_step_seconds:
+                    self._record(step, {"status": "cut", "detail": f"budget spent ({max(limit, 0):.0f}s left)"})
+                else:
+                    self._run(step, limit)
+        except Stopped as exc:
+            done = self.data["steps"]
+            for step in steps:
+                if step.name not in done or done[step.name]["status"] == "running":
+                    self._record(step, {"status": "cut", "detail": f"the report was stopped ({exc})"})
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.write()
+
+    def _run(self, step: Step, limit: float) -> None:
+        print(f"\n== {step.name} (limit {limit:.0f}s): {' '.join(step.command)}", flush=True)
+        log_path = self.scratch / f"{step.name}.log"
+        self.data["steps"][step.name] = {"status": "running", "limit": round(limit, 1)}
+        self.write()  # a report stopped from outside shows which step was running
+        start = time.time()
+        try:
+            rc, timed_out = run_in_group(step.command, limit, step.env(self), log_path)
+        finally:
+            output = log_path.read_text(errors="replace") if log_path.exists() else ""
+            self.log.append(f"$ {' '.join(step.command)}  ({time.time() - start:.1f}s of {limit:.0f}s)\n{output}")
+        status = "ok" if rc == 0 else "cut at its limit" if timed_out else f"failed (rc={rc})"
+        result = {"status": status, "rc": rc, "seconds": round(time.time() - start, 1), "limit": round(limit, 1)}
+        print("\n".join(output.strip().splitlines()[-5:]) + f"\n[{step.name}: {status}, {result['seconds']:.0f}s]",
+              flush=True)
+        step.collect(self, result, output)
+        self._record(step, result)
+
+    def _record(self, step: Step, result: dict) -> None:
+        self.data["steps"][step.name] = result
+        if result["status"].startswith("cut"):  # stopped at its limit, or never started for want of time
+            self.data["cut"].append(step.name)
+        self.write()
 
 
-def markdown(report: dict) -> str:
-    info, ceil, tests = report["environment"], report.get("ceilings"), report["tests"]
+def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
+    """The report's steps in order, with their shares of ``args.budget``; children's files go to ``scratch``."""
+    shares = {"install": 15, "ceilings": 15, "tests": 75, "build": 60, "tests-csrc": 20, "mssa": 70, "ista": 35,
+              "model": 60, "ops": 10}
+    seconds = {name: share * args.budget / sum(shares.values()) for name, share in shares.items()}
+    ceilings_file = scratch / "ceilings.json"
+
+    def pytest(*targets):
+        return [py, "-m", "pytest", *targets, "-p", "no:cacheprovider"]
+
+    def test_env(report):  # one config per kernel, nothing timed or cached
+        return {"CRATE_KERNELS_AUTOTUNE": "first", "TRITON_CACHE_AUTOTUNING": "0"}
+
+    def skip_tests(report):
+        return "--skip-tests given" if args.skip_tests else None
+
+    def suite(name: str, path: str, what: str) -> Step:
+        rows_file = scratch / f"rows-{name}.jsonl"
+
+        def env(report):
+            skip = "" if report.data["build"] == "ok" else "cuda"  # else every `cuda` case would wait on a build
+            return {"CRATE_BENCH_ROWS": str(rows_file), "CRATE_BENCH_SKIP": skip, "CRATE_KERNELS_AUTOTUNE": "full",
+                    "TRITON_CACHE_AUTOTUNING": "1"}
+
+        def collect(report, result, output):
+            rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+            report.data["benchmarks"] += rows
+            result["rows"] = len(rows)
+
+        command = pytest(path, "-q", "--benchmark-only", *(["-k", args.k] if args.k else []))
+        return Step(name, seconds[name], what, command, env=env, collect=collect)
+
+    def collect_ceilings(report, result, output):
+        if ceilings_file.exists():
+            report.data["ceilings"] = json.loads(ceilings_file.read_text())
+
+    def collect_build(report, result, output):
+        last = (output.strip().splitlines() or [""])[-1][:300]
+        report.data["build"] = "ok" if result["rc"] == 0 else f"{result['status']}: {last}"
+
+    def needs_build(report):
+        built = report.data["build"] == "ok"
+        return skip_tests(report) or (None if built else f"no CUDA extension (build {report.data['build'][:120]})")
+
+    return [
+        Step("install", seconds["install"], "pip install --no-deps --no-build-isolation -e .",
+             [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
+             skip_if=lambda report: "--skip-install given" if args.skip_install else None),
+        Step("ceilings", seconds["ceilings"], "the measured ceilings: one bf16 matrix product, one device copy",
+             [py, str(Path(__file__).resolve()), "--measure-ceilings", str(ceilings_file)], collect=collect_ceilings),
+        Step("tests", seconds["tests"], "Triton kernels on the device: serial, first autotune config, nothing cached",
+             pytest(*TRITON_TESTS, "-v", "-rfE"), env=test_env, skip_if=skip_tests,
+             collect=lambda report, result, output: report.data.update(tests=pytest_outcome(result["rc"], output))),
+        Step("build", seconds["build"], "the CUDA extension (csrc/), a stale build lock removed first",
+             [py, "-m", "crate_kernels.ops.cuda_ext", "--build", "--remove-stale-lock"], collect=collect_build),
+        Step("tests-csrc", seconds["tests-csrc"], "the CUDA extension's device tests",
+             pytest(*CSRC_TESTS, "-v", "-rfE"), env=test_env, skip_if=needs_build,
+             collect=lambda report, result, output: report.data.update(
+                 tests_csrc=pytest_outcome(result["rc"], output))),
+        suite("mssa", "benchmarks/test_bench_mssa_gpu.py",
+              "MSSA suite: triton, SDPA flash, cuDNN, efficient, eager, compile; then cuda, sdpa-math"),
+        suite("ista", "benchmarks/test_bench_ista_gpu.py",
+              "ISTA suite: triton, cuBLAS floor, eager, compile; then cuda, torch"),
+        suite("model", "benchmarks/test_bench_model.py", "training step: auto and reference, then torch.compile"),
+        suite("ops", "benchmarks/test_bench_ops.py", "the rest: per-operator fwd+bwd at a small shape"),
+    ]
+
+
+def plan_text(steps: list[Step], budget: float) -> str:
+    lines = [f"plan: {len(steps)} steps in {budget:.0f}s; each may use its share plus what earlier steps left"]
+    lines += [f"  {i + 1}. {s.name:<11} {s.seconds:>5.0f}s  {s.what}" for i, s in enumerate(steps)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the report shows: markdown file and the summary printed last
+# ------------------------------------------------------------------------------------------------------------
+def figures(row: dict, ceilings: dict | None) -> dict:
+    """The summary's figures of a benchmark row: ms (device time where measured), host ms, img/s, TFLOP/s,
+    fractions of the measured matmul and copy ceilings, peak memory GiB."""
+    tflops = row.get("model_tflops", row.get("tflops"))
+    out = {"ms": row.get("device_ms", row["median_ms"]), "host_ms": row.get("host_ms"),
+           "img_s": row.get("img_per_s"), "tflops": tflops, "mm": None, "bw": None,
+           "peak_gib": row["peak_memory_bytes"] / 2**30 if row.get("peak_memory_bytes") else None}
+    if ceilings and tflops:
+        out["mm"] = tflops / ceilings["matmul_tflops"]
+    if ceilings and row.get("gbps"):
+        out["bw"] = row["gbps"] / ceilings["copy_gbps"]
+    return out
+
+
+_COLUMNS = [("ms", "ms", "{:.3f}"), ("host_ms", "host ms", "{:.3f}"), ("img_s", "img/s", "{:.1f}"),
+            ("tflops", "TFLOP/s", "{:.1f}"), ("mm", "% mm", "{:.0%}"), ("bw", "% copy", "{:.0%}"),
+            ("peak_gib", "peak GiB", "{:.2f}")]
+
+
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def _short(name: str) -> str:
+    """test_mssa[base-n197-compile-reference-fwd] -> mssa base-n197-compile-fwd"""
+    name = re.sub(r"^test_", "", name).replace("train_step[", "train[").replace("compile-reference", "compile")
+    return name.replace("[", " ").rstrip("]")
+
+
+def summary_text(data: dict) -> str:
+    """Benchmark rows (short names, the figures above) and the steps' outcomes, cut steps named."""
+    lines = [f"{'benchmark':<40}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
+    for row in data["benchmarks"]:
+        f = figures(row, data["ceilings"])
+        lines.append(f"{_short(row['name'])[:40]:<40}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
+    ceil = data["ceilings"]
+    lines.append("ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, device copy "
+                                 f"{ceil['copy_gbps']:.0f} GB/s" if ceil else "not measured"))
+    lines.append(f"tests: {data['tests'].get('summary')}; build: {data['build'][:100]}; "
+                 f"tests-csrc: {data['tests_csrc'].get('summary')}")
+    lines += [f"  FAILED {t}" for t in (data["tests"].get("failed", []) + data["tests_csrc"].get("failed", []))[:10]]
+    lines.append("steps: " + ", ".join(f"{name} {r['status']}" + (f" ({r['rows']} rows)" if "rows" in r else "")
+                                       for name, r in data["steps"].items()))
+    lines.append(f"cut: {', '.join(data['cut'])}" if data["cut"] else "cut: none")
+    return "\n".join(lines)
+
+
+def markdown(data: dict) -> str:
+    info, ceil = data["environment"], data["ceilings"]
     lines = [f"# GPU report: {info.get('gpu') or 'CPU dry run'} ({info['date']})", "",
-             f"- command: `{report['command']}`",
-             *(f"- {k}: {v}" for k, v in info.items() if k != "date"),
-             f"- tests: {tests.get('summary')}",
-             *(f"  - failed: `{t}`" for t in tests.get("failed", [])),
-             f"- csrc build: {report.get('build')}",
+             f"- command: `{data['command']}`", *(f"- {k}: {v}" for k, v in info.items() if k != "date"),
+             f"- tests: {data['tests'].get('summary')}",
+             *(f"  - failed: `{t}`" for t in data["tests"].get("failed", [])),
+             f"- csrc build: {data['build']}", f"- tests-csrc: {data['tests_csrc'].get('summary')}",
+             *(f"  - failed: `{t}`" for t in data["tests_csrc"].get("failed", [])),
              "- ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s; device copy "
                               f"{ceil['copy_gbps']:.0f} GB/s (read+write)" if ceil else "not measured"),
-             *(f"- suite {k}: rc={v['rc']}, {v['seconds']:.0f}s, {v['rows']} benchmarks"
-               for k, v in report["suites"].items()),
-             f"- wall: {report['wall_seconds']:.0f}s"
-             + (f" (stopped early: {report['stopped']})" if report.get("stopped") else ""),
-             ""]
+             f"- wall: {data['wall_seconds']:.0f}s of a {data['budget_seconds']:.0f}s budget; cut: "
+             + (", ".join(data["cut"]) or "none"), "",
+             "| step | share s | limit s | took s | status |", "|---|---:|---:|---:|---|"]
+    for item in data["plan"]:
+        r = data["steps"].get(item["step"], {"status": "not reached"})
+        status = r["status"] + (f", {r['rows']} benchmarks" if "rows" in r else "") + (
+            f": {r['detail']}" if r.get("detail") else "")
+        lines.append(f"| {item['step']} | {item['seconds']:.0f} | {r.get('limit', '')} | {r.get('seconds', '')} "
+                     f"| {status} |")
+    lines += ["", "Times: ms is device time (CUDA events, median) where measured, else pytest-benchmark's wall "
+              "median; host ms is the host's time to issue one call.", ""]
     group = None
-    for r in report["benchmarks"]:
-        if r["group"] != group:
-            group = r["group"]
-            lines += ["", f"## {group}", "", "| name | median ms | figures |", "|---|---:|---|"]
-        extras = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("group", "name", "median_ms"))
-        lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {extras} |")
+    for row in data["benchmarks"]:
+        if row["group"] != group:
+            group = row["group"]
+            lines += ["", f"## {group}", "",
+                      "| name | " + " | ".join(t for _, t, _ in _COLUMNS) + " | other figures |",
+                      "|---|" + "---:|" * len(_COLUMNS) + "---|"]
+        f = figures(row, ceil)
+        shown = {"group", "name", "median_ms", "device_ms", "host_ms", "img_per_s", "tflops", "model_tflops",
+                 "peak_memory_bytes"}
+        extras = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in shown)
+        lines.append(f"| {row['name']} | " + " | ".join(_cell(f[k], fmt) for k, _, fmt in _COLUMNS) + f" | {extras} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,105 +415,39 @@ def _fmt(v):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="run on CPU; write results to a temp dir")
+    parser.add_argument("--plan", action="store_true", help="print the steps and the budget split, run nothing")
     parser.add_argument("--skip-install", action="store_true", help="do not pip install the checkout")
-    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true", help="skip both test steps")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--budget", type=float, default=360.0,
-                        help="seconds for the whole report; every step's limit is cut to what is left (default 360)")
-    parser.add_argument("--test-timeout", type=float, default=90.0)
-    parser.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers for the tests, if installed")
-    parser.add_argument("--bench-time-scale", type=float, default=1.0, help="multiply every suite's time limit")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help=f"seconds for the whole report, split among the steps (default {DEFAULT_BUDGET:.0f})")
     parser.add_argument("-k", default=None, help="pytest -k filter for the benchmarks")
+    parser.add_argument("--measure-ceilings", type=Path, default=None, metavar="FILE",
+                        help="(the ceilings step) measure the ceilings into FILE and exit")
     args = parser.parse_args(argv)
+    if args.measure_ceilings:
+        measure_ceilings(args.measure_ceilings)
+        return 0
+    if args.plan:
+        print(plan_text(plan(args, Path(tempfile.gettempdir())), args.budget))
+        return 0
 
     import torch
 
-    t0 = time.time()
-    deadline = t0 + args.budget
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         raise SystemExit("no CUDA GPU found: run with --dry-run to exercise the report on CPU")
     out_dir = args.out or (Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log: list[str] = []
-    py = sys.executable
     info = environment(cuda)
     stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', info.get('gpu') or 'cpu').strip('-').lower()}-{info['date'][:10]}"
-    report = {"environment": info, "command": "python " + " ".join(
-                  ["benchmarks/gpu_report.py", *(argv if argv is not None else sys.argv[1:])]),
-              "build": "not run", "tests": {"summary": "not run"}, "ceilings": None, "suites": {}, "benchmarks": [],
-              "wall_seconds": 0.0}
-
-    def write(stopped: str | None = None) -> None:
-        """(Re)write the report files: called after every step, so a run stopped from outside keeps its results."""
-        report["wall_seconds"] = time.time() - t0
-        if stopped:
-            report["stopped"] = stopped
-        (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-        (out_dir / f"{stem}.md").write_text(markdown(report))
-        (out_dir / f"{stem}.log").write_text("\n".join(log))
-
-    def limit(seconds: float, reserve: float = 10.0) -> float:
-        return min(seconds, deadline - time.time() - reserve)
-
-    write()
-    if not args.skip_install:  # not fatal: every step below runs from the repository root anyway
-        sh([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."], log, timeout=limit(120))
-    if (ROOT / "csrc").is_dir() and any((ROOT / "csrc").glob("*.cu")) and limit(120) > 20:
-        rc, out = sh([py, "-c", "from crate_kernels.ops import cuda_ext; raise SystemExit(cuda_ext.main(['--build']))"],
-                     log, timeout=limit(120))
-        report["build"] = "ok" if rc == 0 else f"failed (rc={rc}): {(out.strip().splitlines() or [''])[-1][:300]}"
-        write()
-
-    if not args.skip_tests and limit(args.test_timeout) > 20:
-        cmd = [py, "-m", "pytest", *GPU_TESTS, "-v", "-rfE", "-p", "no:cacheprovider"]
-        try:
-            import xdist  # noqa: F401  (present on the GPU machines' image)
-
-            cmd += ["-n", str(args.test_workers)]
-        except ImportError:
-            pass
-        rc, out = sh(cmd, log, timeout=limit(args.test_timeout), env=CHILD_ENV)
-        report["tests"] = test_outcome(rc, out)
-        write()
-
-    report["ceilings"] = ceilings(cuda)
-    if cuda:
-        torch.cuda.empty_cache()  # the suites run in child processes: hand the ceilings' buffers back
-    write()
-
-    for suite, seconds in BENCH_SUITES:
-        budget = limit(seconds * args.bench_time_scale)
-        if budget < 15:
-            report["suites"][suite] = {"rc": None, "seconds": 0.0, "rows": 0}
-            write(stopped=f"budget spent before {suite}")
-            continue
-        rows_file = out_dir / f"rows-{Path(suite).stem}.jsonl"
-        rows_file.unlink(missing_ok=True)
-        cmd = [py, "-m", "pytest", suite, "-q", "-p", "no:cacheprovider", "--benchmark-only"]
-        if args.k:
-            cmd += ["-k", args.k]
-        start = time.time()
-        rc, _ = sh(cmd, log, timeout=budget, env={**CHILD_ENV, "CRATE_BENCH_ROWS": str(rows_file)})
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-        rows_file.unlink(missing_ok=True)
-        report["benchmarks"] += rows
-        report["suites"][suite] = {"rc": rc, "seconds": time.time() - start, "rows": len(rows)}
-        write()
-
-    write()
-    ceil, tests = report["ceilings"], report["tests"]
-    print(f"\nwrote {out_dir / stem}.json/.md/.log in {time.time() - t0:.0f}s")
-    print(f"build: {report['build']}; tests: {tests['summary']}; matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
-          f"copy {ceil['copy_gbps']:.0f} GB/s")
-    for name in tests.get("failed", [])[:10]:
-        print(f"  FAILED {name}")
-    print(f"{'benchmark':<64} {'ms':>10}  key figures")
-    for r in report["benchmarks"]:
-        keys = [k for k in ("img_per_s", "mfu", "model_tflops", "tflops", "gbps", "peak_memory_bytes",
-                            "saved_bytes_unique") if k in r]
-        print(f"{r['name'][:64]:<64} {r['median_ms']:>10.3f}  " + " ".join(f"{k}={_fmt(r[k])}" for k in keys))
-    return 0 if tests.get("rc", 0) == 0 else 1
+    command = "python " + " ".join(["benchmarks/gpu_report.py", *(argv if argv is not None else sys.argv[1:])])
+    report = Report(out_dir, stem, args.budget, info, command)
+    report.run_all(plan(args, report.scratch))
+    shutil.rmtree(report.scratch, ignore_errors=True)  # the children's logs are in the report's .log
+    print("\n" + summary_text(report.data))
+    print(f"wrote {out_dir / stem}.json/.md/.log in {time.time() - report.start:.0f}s")
+    failed = any(report.data[k].get("rc") not in (0, None) for k in ("tests", "tests_csrc"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

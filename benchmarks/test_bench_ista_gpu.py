@@ -1,12 +1,14 @@
 """ISTA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
 
 Shape: CRATE-MAE-Base, 256 images x 197 tokens = 50,432 rows, d = 768, x and W in bf16.
-Providers: `triton`, `cuda` (Triton forward, csrc/ CUDA-extension backward; skipped with the reason when the
-extension cannot build) and `torch` (the fused algorithm, ista_step with that backend), `reference` (eager
-release math), `compile-reference` (torch.compile of it), and `cublas-floor`: the bare bf16 products of
-the fused algorithm on cuBLAS (x M forward; G M^T and x^T G backward), no epilogue, no mask.
-extra_info: tflops counted on the fused algorithm (2 rows d^2 + 2 d^3 forward for x M and W^T W;
-4 rows d^2 + 2 d^3 backward for G M^T, x^T G and W (dM + dM^T)), tflops_release counted on the release's
+Providers, in this order (`triton` first, its baselines right after it): `triton`; `cublas-floor`, the bare
+bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and x^T G backward), no epilogue, no mask;
+`reference` (eager release math); `compile-reference` (torch.compile of it); `cuda` (Triton forward, csrc/
+CUDA-extension backward; skipped with the reason when the extension cannot build); `torch` (the fused
+algorithm in PyTorch, ista_step with that backend).
+extra_info: device_ms and host_ms (bench_utils.record); from device time, tflops counted on the fused
+algorithm (2 rows d^2 + 2 d^3 forward for x M and W^T W; 4 rows d^2 + 2 d^3 backward for G M^T, x^T G and
+W (dM + dM^T)), tflops_release counted on the release's
 three products (6 rows d^2 forward, 12 rows d^2 backward), gbps on the fewest bytes the fused passes move
 (x and out forward, x, dOut and dx backward, plus the bit mask), peak_memory_bytes above what was allocated
 before the call, and saved_bytes_unique/total (eager providers, passes that run the forward).
@@ -14,15 +16,16 @@ before the call, and saved_bytes_unique/total (eager providers, passes that run 
 import pytest
 import torch
 
-from bench_utils import peak_memory, requires_cuda, saved_bytes, synchronize
+from bench_utils import peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize
 from crate_kernels.ops import ista_reference, ista_step
 
 pytestmark = requires_cuda
 
 ROWS, D, DTYPE = 256 * 197, 768, torch.bfloat16
 STEP_SIZE, LAMBD = 0.1, 0.5
-PROVIDERS = ["triton", "cuda", "torch", "reference", "compile-reference", "cublas-floor"]
+PROVIDERS = ["triton", "cublas-floor", "reference", "compile-reference", "cuda", "torch"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
+CASES = [(provider, mode) for provider in PROVIDERS for mode in MODES]
 _COMPILED = {}
 
 
@@ -58,9 +61,9 @@ def _cublas_step(mode: str, x, m, dout):
     return step
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider, mode", CASES, ids=["-".join(case) for case in CASES])
 def test_ista(benchmark, provider, mode):
+    skip_if_excluded(provider)
     benchmark.group = f"ista {mode} rows={ROWS} d={D} bf16"
     torch.manual_seed(0)
     x = torch.randn(ROWS, D, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -98,10 +101,6 @@ def test_ista(benchmark, provider, mode):
         unique, total, _ = saved_bytes(lambda: fn(x, weight))
         benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
 
-    def timed():
-        step()
-        synchronize()
-
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
-    if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info.update(_figures(mode, benchmark.stats.stats.median))
+    seconds = record(benchmark, step, rounds=5)
+    if seconds:
+        benchmark.extra_info.update(_figures(mode, seconds))

@@ -1,27 +1,31 @@
 """MSSA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
 
 Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024, n=4096, smaller B).
-Providers: `triton` (the fused kernels), `cuda` (the Triton forward with the csrc/ CUDA-extension backward;
-skipped with the reason when the extension cannot build), `reference` (eager release math), `compile-reference`
-(torch.compile of it), and F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
-(`sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math`; one that cannot run the shape is skipped).
-extra_info: tflops (4 n^2 p per head forward, 2.5x that backward), gbps (the fewest bytes each pass must
-move: w and out forward; w, out, dout and dw backward; plus the fp32 lse), peak_memory_bytes above what
-was allocated before the timed call, and saved_bytes_unique/total (eager providers only).
+Providers: `triton` (the fused kernels), F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
+(`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math`; one that cannot run the shape is skipped),
+`reference` (eager release math), `compile-reference` (torch.compile of it), and `cuda` (the Triton forward with
+the csrc/ CUDA-extension backward; skipped with the reason when the extension cannot build).
+Order: shape by shape, and within a shape `triton` first with its baselines right after it (SDPA flash, cuDNN,
+efficient, eager, compile), then the rest, so a suite stopped at its time limit has the comparisons that matter.
+extra_info: device_ms and host_ms (bench_utils.record), tflops (4 n^2 p per head forward, 2.5x that backward)
+and gbps (the fewest bytes each pass must move: w and out forward; w, out, dout and dw backward; plus the fp32
+lse) from device time, peak_memory_bytes above what was allocated before the timed call, and
+saved_bytes_unique/total (eager providers only).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import peak_memory, requires_cuda, saved_bytes, synchronize
+from bench_utils import peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize
 from crate_kernels.ops import mssa_attention, mssa_reference
 
 pytestmark = requires_cuda
 
 SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
-PROVIDERS = ["triton", "cuda", "reference", "compile-reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+PROVIDERS = ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference", "cuda",
              "sdpa-math"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
+CASES = [(shape, provider, mode) for shape in SHAPES for provider in PROVIDERS for mode in MODES]
 DTYPE = torch.bfloat16
 _COMPILED = {}
 
@@ -66,10 +70,9 @@ def _figures(mode: str, b: int, h: int, n: int, p: int, seconds: float) -> dict:
     return {"tflops": flops / seconds / 1e12, "gbps": nbytes / seconds / 1e9}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape, provider, mode", CASES, ids=["-".join(case) for case in CASES])
 def test_mssa(benchmark, shape, provider, mode):
+    skip_if_excluded(provider)
     b, h, n, p = SHAPES[shape]
     benchmark.group = f"mssa {mode} {shape} B={b} H={h} n={n} p={p} bf16"
     torch.manual_seed(0)
@@ -91,10 +94,6 @@ def test_mssa(benchmark, shape, provider, mode):
         unique, total, _ = saved_bytes(lambda: fn(w))
         benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
 
-    def timed():
-        step()
-        synchronize()
-
-    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
-    if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info.update(_figures(mode, b, h, n, p, benchmark.stats.stats.median))
+    seconds = record(benchmark, step, rounds=5)
+    if seconds:
+        benchmark.extra_info.update(_figures(mode, b, h, n, p, seconds))

@@ -1,13 +1,14 @@
 """Per-operator forward+backward, `reference` vs fused `torch` backend (and `triton` on CUDA), side by side.
 
 Shapes are one CRATE-MAE-Tiny layer at a small batch (CPU-sized): MSSA (B=8, H=6, n=197, p=64) and ISTA
-(8*197 rows x 384). extra_info carries the bytes autograd saved for backward. GPU-sized shapes live in
+(8*197 rows x 384). extra_info carries the bytes autograd saved for backward, and on CUDA device_ms and host_ms
+(bench_utils.record: at these shapes the host time per call is often the larger). GPU-sized shapes live in
 test_bench_mssa_gpu.py and test_bench_ista_gpu.py.
 """
 import pytest
 import torch
 
-from bench_utils import CUDA, saved_bytes, synchronize
+from bench_utils import CUDA, record, saved_bytes, synchronize
 from crate_kernels import ops
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -17,12 +18,7 @@ BACKENDS = ["reference", "torch"] + (["triton"] if CUDA else [])
 def _bench(benchmark, step, rounds=5):
     step()  # warm-up (also compiles kernels on the GPU)
     synchronize()
-
-    def run():
-        step()
-        synchronize()
-
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    record(benchmark, step, rounds)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

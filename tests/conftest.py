@@ -6,6 +6,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU: one autotune config per kernel (the first the pruning keeps), nothing timed or cached
+os.environ.setdefault("CRATE_KERNELS_AUTOTUNE", "first")
 
 import pytest  # noqa: E402
 

@@ -380,6 +380,18 @@ def test_cli_without_arguments_prints_help():
     assert result.returncode == 0 and "--build" in result.stdout, result.stderr
 
 
+def test_remove_stale_lock(monkeypatch, tmp_path):
+    """The lock a killed build leaves in torch's extension folder goes; without one nothing happens."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    lock = Path(cpp_extension._get_build_directory("crate_kernels_cuda", verbose=False)) / "lock"
+    lock.write_text("")
+    assert cuda_ext.remove_stale_lock() == lock and not lock.exists()
+    assert cuda_ext.remove_stale_lock() is None
+
+
 def test_cuda_ext_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(cuda_ext, "_module", None)

@@ -242,3 +242,27 @@ def test_triton_fp32_follows_tf32_setting():
     for name, g, r, t in zip(("out", "dx", "dW"), got, ref_tf32, ref):
         assert rel_err(g, t) <= 2 * rel_err(r, t) + 1e-4, (name, rel_err(g, t), rel_err(r, t))
     assert rel_err(got[2], ref[2]) > 1e-5, "dW as exact as fp32: TF32 was not used"
+
+
+@pytest.mark.parametrize("mode", ["full", "first"])
+def test_autotune_pruning(monkeypatch, mode):
+    """bf16/fp16: every tensor-core tile; TF32: those whose pipelined tiles fit Hopper's shared memory; exact fp32:
+    the FMA tiles; in autotune mode 'first' only the first (crate_kernels.ops.aot checks it fits sm_90 and sm_80)."""
+    import triton
+
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", mode)
+    space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+             for m, n, k, w, s in ista._TILES + ista._EXACT_FP32_TILES]
+
+    def pruned(dtype, precision):
+        kept = ista._prune(space, {"x_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
+        return [ista._tile(c) for c in kept]
+
+    def expect(tiles):
+        return list(tiles)[:1] if mode == "first" else list(tiles)
+
+    assert pruned(torch.bfloat16, "ieee") == pruned(torch.float16, "ieee") == expect(ista._TILES)
+    assert pruned(torch.float32, "ieee") == expect(ista._EXACT_FP32_TILES)
+    tf32 = pruned(torch.float32, "tf32")
+    assert tf32 == expect(t for t in ista._TILES if t not in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4)))
+    assert tf32[0] == (128, 128, 64, 8, 3)

@@ -281,30 +281,54 @@ def test_auto_picks_triton_on_cuda():
     assert_close_fp32(dw, ref_dw)
 
 
-def _tile_configs(pairs):
+def _space(tiles):
+    """The kernel's full autotuning space as a GPU sees it (the interpreter keeps one config)."""
     import triton
 
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in pairs]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def test_autotune_pruning_keeps_a_config_that_fits_shared_memory():
-    """On a GPU the autotuner launches its first config when none fits; the pruners must leave one that does."""
-    bwd = _tile_configs([(64, 64), (64, 32), (32, 64), (128, 32), (32, 32)])
-    fwd = _tile_configs([(64, 64), (128, 64), (64, 32), (32, 64)])
+def _tiles(configs):
+    return [mssa_ops._tile(c) for c in configs]
 
-    def tiles(configs):
-        return sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
 
-    def named(dtype):
-        return {"W": torch.empty(1, dtype=dtype)}
+@pytest.mark.parametrize("mode", ["full", "first"])
+def test_autotune_pruning(monkeypatch, mode):
+    """Tensor-core tiles that fit shared memory for the row size, FMA tiles for exact fp32 products; in autotune mode
+    'first' only the first of them (crate_kernels.ops.aot checks on sm_90 and sm_80 that the first one fits)."""
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", mode)
+    fwd = _space(mssa_ops._FWD_TILES + mssa_ops._FWD_EXACT_FP32_TILES)
+    bwd = _space(mssa_ops._BWD_TILES + mssa_ops._BWD_EXACT_FP32_TILES)
 
-    # fp32 p = 256 and fp64 p = 128 (1 KB rows): only the 32 x 32 backward tile fits in 227 KB
-    assert tiles(mssa_ops._prune_bwd(bwd, named(torch.float32), BLOCK_D=256)) == [(32, 32)]
-    assert tiles(mssa_ops._prune_bwd(bwd, named(torch.float64), BLOCK_D=128)) == [(32, 32)]
-    assert (128, 64) not in tiles(mssa_ops._prune_fwd(fwd, named(torch.float32), BLOCK_D=256))
-    # 512-byte rows keep everything (the small tile as the fallback on GPUs with less shared memory)
-    assert len(mssa_ops._prune_bwd(bwd, named(torch.bfloat16), BLOCK_D=256)) == len(bwd)
-    # the model's shapes (bf16 p = 64) skip the fallback and keep the full space
-    model_shape = mssa_ops._prune_bwd(bwd, named(torch.bfloat16), BLOCK_D=64)
-    assert tiles(model_shape) == [(32, 64), (64, 32), (64, 64), (128, 32)]
-    assert len(mssa_ops._prune_fwd(fwd, named(torch.bfloat16), BLOCK_D=64)) == len(fwd)
+    def pruned(dtype, block_d, precision="ieee"):
+        args, kwargs = {"W": torch.empty(1, dtype=dtype)}, {"BLOCK_D": block_d, "PRECISION": precision}
+        return _tiles(mssa_ops._prune_fwd(fwd, args, **kwargs)), _tiles(mssa_ops._prune_bwd(bwd, args, **kwargs))
+
+    def expect(tiles):
+        return list(tiles)[:1] if mode == "first" else list(tiles)
+
+    all_but_fallback = [t for t in mssa_ops._BWD_TILES if t[0] * t[1] > 32 * 32]
+    # the model's shapes (bf16 p = 64) and TF32 p = 64: every tile but the backward's 32 x 32 fallback
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
+        assert pruned(dtype, 64, precision) == (expect(mssa_ops._FWD_TILES), expect(all_but_fallback))
+    # exact fp32: the FMA tiles
+    assert pruned(torch.float32, 64) == (expect(mssa_ops._FWD_EXACT_FP32_TILES),
+                                         expect(mssa_ops._BWD_EXACT_FP32_TILES))
+    # 512-byte rows (TF32 p = 128, bf16 p = 256): backward tiles up to 64 x 32
+    for dtype, block_d, precision in ((torch.float32, 128, "tf32"), (torch.bfloat16, 256, "ieee")):
+        _, bwd_kept = pruned(dtype, block_d, precision)
+        assert bwd_kept == expect(t for t in mssa_ops._BWD_TILES if t[0] * t[1] <= 64 * 32)
+        assert bwd_kept[0][:2] == (64, 32)
+    # 1 KB rows (TF32 p = 256, fp64 p = 128): the 32 x 32 backward tile alone, no 128-row forward tile
+    for dtype, block_d, precision in ((torch.float32, 256, "tf32"), (torch.float64, 128, "ieee")):
+        fwd_kept, bwd_kept = pruned(dtype, block_d, precision)
+        assert bwd_kept == [(32, 32, 4, 2)]
+        assert fwd_kept == expect(t for t in mssa_ops._FWD_TILES if t[0] < 128)
+
+
+def test_autotune_mode_is_checked(monkeypatch):
+    from crate_kernels.ops.backend import autotune_space
+
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="CRATE_KERNELS_AUTOTUNE"):
+        autotune_space([1, 2])

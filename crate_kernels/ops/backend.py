@@ -10,6 +10,10 @@ A backend names an implementation of the same function:
 
 The process-wide default comes from ``set_backend`` or the environment variable
 ``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it.
+
+Triton autotuning follows ``CRATE_KERNELS_AUTOTUNE``: ``full`` (default) times every config the
+pruning keeps, once per tuning key; ``first`` keeps only the first of them (tests, dry runs: quick to
+compile, and no timing worth caching).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 _ENV_VAR = "CRATE_KERNELS_BACKEND"
+AUTOTUNE_MODES = ("full", "first")
+_AUTOTUNE_ENV_VAR = "CRATE_KERNELS_AUTOTUNE"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _default_backend: str | None = None
 
@@ -51,6 +57,24 @@ def triton_interpreting() -> bool:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def autotune_mode() -> str:
+    """``$CRATE_KERNELS_AUTOTUNE``: ``full`` (default) or ``first``."""
+    mode = os.environ.get(_AUTOTUNE_ENV_VAR, "full") or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"${_AUTOTUNE_ENV_VAR} must be one of {AUTOTUNE_MODES}, got {mode!r}")
+    return mode
+
+
+def autotune_space(configs: list) -> list:
+    """What the autotuner tries of the configs the pruning kept: all of them, or the first (autotune mode ``first``)."""
+    return configs[:1] if autotune_mode() == "first" else configs
+
+
+def tuning_bucket(n: int) -> int:
+    """n rounded up to a power of two: a tuning key that a last partial batch or an eval batch shares."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def fp32_dot_precision(tensor: torch.Tensor) -> str:

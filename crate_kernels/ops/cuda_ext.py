@@ -11,7 +11,8 @@ products); float16/bfloat16 run tensor-core (wmma) tiles on compute capability >
 The build needs a CUDA build of torch, the CUDA toolkit (nvcc; ``$CUDA_HOME`` or found through nvcc on PATH,
 wrapper scripts included) and ninja. It lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
 ``~/.cache/torch_extensions``) and is reused while sources and flags are unchanged.
-``python -m crate_kernels.ops.cuda_ext --build`` builds it and prints where.
+``python -m crate_kernels.ops.cuda_ext --build`` builds it and prints where; ``--remove-stale-lock`` first removes
+the lock file a killed build leaves in its build folder (torch's loader would otherwise wait on it forever).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "why_unavailable", "load", "cuda_home", "csrc_dir", "mssa_backward", "ista_backward"]
+__all__ = ["available", "why_unavailable", "load", "cuda_home", "csrc_dir", "mssa_backward", "ista_backward",
+           "remove_stale_lock"]
 
 _NAME = "crate_kernels_cuda"
 _SOURCES = ("bindings.cpp", "mssa_backward.cu", "ista_backward.cu")
@@ -130,6 +132,20 @@ def load(verbose: bool = False):
     return _module
 
 
+def remove_stale_lock() -> Path | None:
+    """Remove the build lock of a build that was killed (torch waits on an existing lock without end); the path
+    removed, or None. Only for when no other build of the extension can be running."""
+    if torch.version.cuda is None:  # a CPU build of torch never builds it
+        return None
+    from torch.utils import cpp_extension
+
+    lock = Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / "lock"
+    if not lock.exists():
+        return None
+    lock.unlink()
+    return lock
+
+
 def _check_cuda(t: torch.Tensor, name: str) -> None:
     if not t.is_cuda:
         raise RuntimeError(f"backend 'cuda' runs CUDA kernels, which need CUDA tensors ({name} is on {t.device})")
@@ -187,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crate_kernels.ops.cuda_ext", description=__doc__.split("\n")[0])
     parser.add_argument("--build", action="store_true", help="build (or reuse) the extension and print its path")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    parser.add_argument("--remove-stale-lock", action="store_true",
+                        help="first remove the lock a killed build left (only when no other build runs)")
     args = parser.parse_args(argv)
     if not args.build:
         parser.print_help()
         return 0
+    if args.remove_stale_lock and (lock := remove_stale_lock()):
+        print(f"removed the stale build lock {lock}")
     try:
         module = load(verbose=args.verbose)
     except RuntimeError as exc:

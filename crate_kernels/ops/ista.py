@@ -16,8 +16,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    accumulate_dtype, autocast_dtype, autocast_input, device_guard, fp32_dot_precision, resolve_backend,
-    triton_available, triton_interpreting,
+    accumulate_dtype, autocast_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
+    resolve_backend, triton_available, triton_interpreting, tuning_bucket,
 )
 from .layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
 
@@ -101,10 +101,20 @@ _BACKWARD = {"torch": _backward_torch}
 # steps; every index is masked, so any d works (BLOCK_K >= 32 keeps tl.dot's K >= 16). The activation mask
 # travels as bits: the forward packs its (BLOCK_M, BLOCK_N) tile into (BLOCK_M, BLOCK_N / 8) bytes, the
 # backward unpacks bits while loading dOut, so G = dOut * mask never exists in memory.
+# Autotuning key: d, dot precision, operand dtype, and rows rounded up to a power of two (ROWS_BUCKET, unused
+# by the kernels); rows itself is not specialized on, so a last partial batch neither retunes nor recompiles
+# (nor does the mask's row stride, ceil(d / 8) bytes, so model widths share kernels).
 # ----------------------------------------------------------------------------------------------
 if triton_available():
     import triton
     import triton.language as tl
+
+    # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tensor-core products (bf16, fp16, TF32), and exact fp32
+    # products, which run on FMA units and spill registers (and take seconds to compile) with larger tiles.
+    _TILES = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))
+    _EXACT_FP32_TILES = ((64, 64, 32, 8, 3),)
+    _MAX_SHARED_MEMORY = 232448  # bytes a block may use on Hopper, the most of any GPU here
 
     def _matmul_configs():
         """Tiles to autotune on a GPU; one config under the interpreter (autotuning cannot run there)."""
@@ -112,15 +122,24 @@ if triton_available():
             return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})]
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in (
-                (128, 256, 64, 8, 3),
-                (128, 128, 64, 8, 3),
-                (128, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-                (64, 128, 64, 4, 4),
-                (64, 64, 64, 4, 4),
-            )
+            for bm, bn, bk, w, s in _TILES + _EXACT_FP32_TILES
         ]
+
+    def _tile(config) -> tuple:
+        return (*config.kwargs.values(), config.num_warps, config.num_stages)
+
+    def _prune(configs, named_args, **kwargs):
+        """Exact fp32 products: the FMA tiles. Otherwise the tensor-core tiles whose pipelined operand tiles
+        (stages x (BLOCK_M + BLOCK_N) x BLOCK_K elements) fit in Hopper's shared memory; the first one kept also
+        fits an A100's (crate_kernels.ops.aot checks both)."""
+        nbytes = next(iter(named_args.values())).element_size()  # every kernel's first argument is an operand
+        if kwargs["PRECISION"] == "ieee" and nbytes == 4:
+            return autotune_space([c for c in configs if _tile(c) in _EXACT_FP32_TILES])
+        return autotune_space([
+            c for c in configs if _tile(c) in _TILES
+            and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * nbytes
+            <= _MAX_SHARED_MEMORY
+        ])
 
     @triton.jit
     def _load_g(dout_ptr, mask_ptr, offs_r, offs_c, rows, d, stride_gr, stride_gc, stride_mask):
@@ -131,10 +150,12 @@ if triton_available():
         bit = (byte >> (offs_c % 8)[None, :]) & 1
         return tl.where(bit != 0, g, 0.0)
 
-    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
-    @triton.jit
+    _AUTOTUNE = {"key": ["ROWS_BUCKET", "d", "PRECISION"], "prune_configs_by": {"early_config_prune": _prune}}
+
+    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.jit(do_not_specialize=["rows", "stride_mask", "ROWS_BUCKET"])
     def _ista_fwd_kernel(
-        x_ptr, m_ptr, out_ptr, mask_ptr, rows, d, eta, eta_lambd,
+        x_ptr, m_ptr, out_ptr, mask_ptr, rows, d, eta, eta_lambd, ROWS_BUCKET,
         stride_xr, stride_xc, stride_mk, stride_mn, stride_mask,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -179,10 +200,10 @@ if triton_available():
             mask=row_ok[:, None] & (offs_b[None, :] < tl.cdiv(d, 8)),
         )
 
-    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
-    @triton.jit
+    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.jit(do_not_specialize=["rows", "stride_mask", "ROWS_BUCKET"])
     def _ista_dx_kernel(
-        dout_ptr, mask_ptr, m_ptr, dx_ptr, rows, d, eta,
+        dout_ptr, mask_ptr, m_ptr, dx_ptr, rows, d, eta, ROWS_BUCKET,
         stride_gr, stride_gc, stride_mask, stride_mr, stride_mc,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -213,10 +234,10 @@ if triton_available():
         tile_ok = (offs_m[:, None] < rows) & (offs_n[None, :] < d)
         tl.store(dx_ptr + offs_m[:, None] * d + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
-    @triton.autotune(configs=_matmul_configs(), key=["rows", "d"])
-    @triton.jit
+    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.jit(do_not_specialize=["rows", "chunk", "stride_mask", "ROWS_BUCKET"])
     def _ista_dm_kernel(
-        x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta,
+        x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta, ROWS_BUCKET,
         stride_xr, stride_xc, stride_gr, stride_gc, stride_mask,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -289,7 +310,7 @@ if triton_available():
         if rows:
             with device_guard(x):
                 _ista_fwd_kernel[_tiles_grid(rows, d)](
-                    x, mc, out, packed, rows, d, step_size, step_size * lambd,
+                    x, mc, out, packed, rows, d, step_size, step_size * lambd, tuning_bucket(rows),
                     x.stride(0), x.stride(1), mc.stride(0), mc.stride(1), packed.stride(0),
                     UPCAST=_upcast(x.dtype), PRECISION=fp32_dot_precision(x),
                 )
@@ -308,7 +329,7 @@ if triton_available():
                 dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
                 if rows:
                     _ista_dx_kernel[_tiles_grid(rows, d)](
-                        dout, packed_mask, mc, dx, rows, d, step_size,
+                        dout, packed_mask, mc, dx, rows, d, step_size, tuning_bucket(rows),
                         dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
                         UPCAST=upcast, PRECISION=precision,
                     )
@@ -316,7 +337,7 @@ if triton_available():
                 n_chunks, chunk = _dm_chunks(rows, d, x.device)
                 part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
                 _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size,
+                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
                     x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
                     UPCAST=upcast, PRECISION=precision,
                 )
@@ -325,6 +346,18 @@ if triton_available():
 
     _FORWARD["triton"] = _forward_triton
     _BACKWARD["triton"] = _backward_triton
+
+    # Every Triton kernel of this operator, and launcher calls that reach each one: what crate_kernels.ops.aot
+    # compiles for GPU targets in CI (a kernel added here without a launch that reaches it fails there).
+    TRITON_KERNELS = {"ista_fwd": _ista_fwd_kernel, "ista_dx": _ista_dx_kernel, "ista_dm": _ista_dm_kernel}
+
+    def aot_launches(dtype: torch.dtype, head_dim: int) -> None:
+        """Run the forward and both backward launchers on CPU tensors, d = 12 heads x head_dim, 2 images."""
+        rows, d = 2 * 197, 12 * head_dim
+        x = torch.randn(rows, d, dtype=dtype)
+        m = torch.randn(d, d)
+        _, packed = _forward_triton(x, m, 0.1, 0.5)
+        _backward_triton(torch.randn_like(x), x, m, packed, 0.1, True, True)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _forward_triton

@@ -20,8 +20,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    accumulate_dtype, autocast_input, device_guard, fp32_dot_precision, resolve_backend, triton_available,
-    triton_interpreting,
+    accumulate_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision, resolve_backend,
+    triton_available, triton_interpreting, tuning_bucket,
 )
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
@@ -92,6 +92,9 @@ _BACKWARD = {"torch": _backward_torch}
 # Both kernels run one program per (batch*head, block of BLOCK_M rows) on a flat 1-D grid, row
 # blocks of one head adjacent (they share that head's w in L2). w, out, dout and dw are read and
 # written through their strides, so the (B, N, H, p) -> (B, H, N, p) view of the model needs no copy.
+# Autotuning key: N, head-dim block, dot precision, operand dtype, and batch*heads rounded up to a power of
+# two (BH_BUCKET, unused by the kernels and not specialized on), so that a last partial batch reuses the
+# tuned config and the compiled kernel.
 # ----------------------------------------------------------------------------------------------
 if triton_available():
     import triton
@@ -100,46 +103,67 @@ if triton_available():
     _LOG2E = tl.constexpr(1.4426950408889634)
     _LN2 = tl.constexpr(0.6931471805599453)
 
-    def _configs(block_m_n_warps_stages):
+    # Tiles (BLOCK_M, BLOCK_N, warps, stages): tensor-core products (bf16, fp16, TF32, fp64), and exact fp32
+    # products, which run on FMA units and spill registers (and take seconds to compile) with larger tiles.
+    _FWD_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2))
+    _FWD_EXACT_FP32_TILES = ((64, 32, 8, 2), (32, 32, 8, 2))
+    _BWD_TILES = ((64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2),
+                  (32, 32, 4, 2))
+    _BWD_EXACT_FP32_TILES = ((32, 32, 8, 2),)
+
+    def _configs(tiles):
         """The autotuning space on a GPU; its first config alone under the interpreter (which cannot tune)."""
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in block_m_n_warps_stages
+            for bm, bn, warps, stages in tiles
         ]
         return configs[:1] if triton_interpreting() else configs
 
+    def _tile(config) -> tuple:
+        return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
     # Shared memory holds tiles of BLOCK_D elements per row: at 512 bytes a row (fp32 p = 128, bf16 p = 256) the
-    # largest tiles no longer fit on every GPU, past it (fp32 p = 256, fp64 p = 128) only the smallest fits on
-    # Hopper (227 KB). Pruning keeps the autotuner from compiling configs that cannot launch, and keeps one
-    # that can, since an autotuner that finds no config that fits launches its first one and fails.
+    # backward's tiles above 64 x 32 no longer fit an A100 (163 KB), past it (fp32 p = 256, fp64 p = 128) only
+    # its smallest tile fits Hopper (227 KB). Pruning keeps the autotuner from compiling configs that cannot
+    # launch, and puts first a tile that fits both GPUs: what CRATE_KERNELS_AUTOTUNE=first runs, and what an
+    # autotuner that finds no config able to launch falls back to (crate_kernels.ops.aot checks both GPUs).
     _ROW_BYTES_LARGE = 512
+
+    def _exact_fp32(named_args, kwargs) -> bool:
+        return kwargs["PRECISION"] == "ieee" and named_args["W"].element_size() == 4
 
     def _row_bytes(named_args, kwargs) -> int:
         return kwargs["BLOCK_D"] * named_args["W"].element_size()
 
     def _prune_fwd(configs, named_args, **kwargs):
-        if _row_bytes(named_args, kwargs) <= _ROW_BYTES_LARGE:
-            return configs
-        return [c for c in configs if c.kwargs["BLOCK_M"] < 128]
+        if _exact_fp32(named_args, kwargs):
+            return autotune_space([c for c in configs if _tile(c) in _FWD_EXACT_FP32_TILES])
+        max_block_m = 64 if _row_bytes(named_args, kwargs) > _ROW_BYTES_LARGE else 128
+        return autotune_space([c for c in configs if _tile(c) in _FWD_TILES and c.kwargs["BLOCK_M"] <= max_block_m])
 
     def _prune_bwd(configs, named_args, **kwargs):
+        if _exact_fp32(named_args, kwargs):
+            return autotune_space([c for c in configs if _tile(c) in _BWD_EXACT_FP32_TILES])
         row_bytes = _row_bytes(named_args, kwargs)
-        smallest = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32]
-        if row_bytes > _ROW_BYTES_LARGE:
-            return smallest
-        return configs if row_bytes == _ROW_BYTES_LARGE else [c for c in configs if c not in smallest]
+        min_area, max_area = 32 * 32 + 1, 64 * 64  # every tile but the 32 x 32 fallback
+        if row_bytes == _ROW_BYTES_LARGE:
+            min_area, max_area = 0, 64 * 32
+        elif row_bytes > _ROW_BYTES_LARGE:
+            min_area, max_area = 0, 32 * 32
+        return autotune_space([c for c in configs if _tile(c) in _BWD_TILES
+                               and min_area <= c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_area])
 
     @triton.autotune(
-        configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2)]),
-        key=["N", "BLOCK_D"],
+        configs=_configs(_FWD_TILES + _FWD_EXACT_FP32_TILES),
+        key=["N", "BH_BUCKET", "BLOCK_D", "PRECISION"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
-    @triton.jit
+    @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_fwd_kernel(
         W, Out, Lse,
         stride_wb, stride_wh, stride_wn, stride_wd,
         stride_ob, stride_oh, stride_on, stride_od,
-        H, N, D, scale,
+        H, N, D, scale, BH_BUCKET,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -189,21 +213,18 @@ if triton_available():
         tl.store(Lse + bh.to(tl.int64) * N + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
     @triton.autotune(
-        configs=_configs(
-            [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2),
-             (32, 32, 4, 2)]
-        ),
-        key=["N", "BLOCK_D"],
+        configs=_configs(_BWD_TILES + _BWD_EXACT_FP32_TILES),
+        key=["N", "BH_BUCKET", "BLOCK_D", "PRECISION"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
-    @triton.jit
+    @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_bwd_kernel(
         W, Out, DOut, Lse, DW,
         stride_wb, stride_wh, stride_wn, stride_wd,
         stride_ob, stride_oh, stride_on, stride_od,
         stride_gb, stride_gh, stride_gn, stride_gd,
         stride_db, stride_dh, stride_dn, stride_dd,
-        H, N, D, scale,
+        H, N, D, scale, BH_BUCKET,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -299,7 +320,9 @@ if triton_available():
         lse = torch.empty((b, h, n), dtype=accumulate_dtype(w.dtype), device=w.device)
         if out.numel():
             with device_guard(w):
-                _mssa_fwd_kernel[_grid(b * h, n)](w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, **meta)
+                _mssa_fwd_kernel[_grid(b * h, n)](
+                    w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, tuning_bucket(b * h), **meta
+                )
         return out, lse
 
     def _backward_triton(dout, w, out, lse, scale):
@@ -312,12 +335,24 @@ if triton_available():
             with device_guard(w):
                 _mssa_bwd_kernel[_grid(b * h, n)](
                     w, out, dout, lse.contiguous(), dw,
-                    *w.stride(), *out.stride(), *dout.stride(), *dw.stride(), h, n, p, scale, **meta,
+                    *w.stride(), *out.stride(), *dout.stride(), *dw.stride(), h, n, p, scale, tuning_bucket(b * h),
+                    **meta,
                 )
         return dw
 
     _FORWARD["triton"] = _forward_triton
     _BACKWARD["triton"] = _backward_triton
+
+    # Every Triton kernel of this operator, and launcher calls that reach each one: what crate_kernels.ops.aot
+    # compiles for GPU targets in CI (a kernel added here without a launch that reaches it fails there).
+    TRITON_KERNELS = {"mssa_fwd": _mssa_fwd_kernel, "mssa_bwd": _mssa_bwd_kernel}
+
+    def aot_launches(dtype: torch.dtype, head_dim: int) -> None:
+        """Run both launchers on CPU tensors in the model's (B, N, H, p) -> (B, H, N, p) layout."""
+        b, n, h = 2, 197, 12
+        w = torch.randn(b, n, h, head_dim, dtype=dtype).transpose(1, 2)
+        out, lse = _forward_triton(w, head_dim ** -0.5)
+        _backward_triton(torch.randn_like(w), w, out, lse, head_dim ** -0.5)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _forward_triton
