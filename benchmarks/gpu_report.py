@@ -24,6 +24,8 @@ it measured.
   mssa, ista  the operator suites, baselines right after `triton` (SDPA flash/cuDNN/efficient; cuBLAS floor,
               eager, torch.compile); `cuda` excluded when the build failed
   model       training step: `auto` and `reference` first, torch.compile last
+  data        the input pipeline on the host's cores: training views per core, the DataLoader with 1..8 workers
+              (the summary says how many cores each measured training step needs to be fed)
   ops         the small per-operator suite
 
 Benchmark rows carry device time (CUDA events, bench_utils.record) and host time per call apart; each finished
@@ -247,7 +249,7 @@ class Report:
 def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
     """The report's steps in order, with their shares of ``args.budget``; children's files go to ``scratch``."""
     shares = {"install": 15, "ceilings": 15, "tests": 75, "build": 60, "tests-csrc": 20, "mssa": 70, "ista": 35,
-              "model": 60, "ops": 10}
+              "model": 60, "data": 15, "ops": 10}
     seconds = {name: share * args.budget / sum(shares.values()) for name, share in shares.items()}
     ceilings_file = scratch / "ceilings.json"
 
@@ -308,6 +310,7 @@ def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
         suite("ista", "benchmarks/test_bench_ista_gpu.py",
               "ISTA suite: triton, cuBLAS floor, eager, compile; then cuda, torch"),
         suite("model", "benchmarks/test_bench_model.py", "training step: auto and reference, then torch.compile"),
+        suite("data", "benchmarks/test_bench_data.py", "input pipeline: training views per core, DataLoader workers"),
         suite("ops", "benchmarks/test_bench_ops.py", "the rest: per-operator fwd+bwd at a small shape"),
     ]
 
@@ -350,12 +353,25 @@ def _short(name: str) -> str:
     return name.replace("[", " ").rstrip("]")
 
 
+def input_cores_text(rows: list[dict]) -> list[str]:
+    """For each measured training step, the host cores its input needs: img/s over the fastest training view's
+    img/s per core (benchmarks/test_bench_data.py)."""
+    per_core = max((r["img_per_s_per_core"] for r in rows if r.get("provider", "").startswith("current")
+                    and r.get("img_per_s_per_core")), default=None)
+    if per_core is None:
+        return []
+    return [f"input: {_short(r['name'])} at {r['img_per_s']:.0f} img/s needs {r['img_per_s'] / per_core:.1f} cores "
+            f"of data loading ({per_core:.0f} img/s per core)" for r in rows if r.get("img_per_s")
+            and r["name"].startswith("test_train_step")]
+
+
 def summary_text(data: dict) -> str:
     """Benchmark rows (short names, the figures above) and the steps' outcomes, cut steps named."""
     lines = [f"{'benchmark':<40}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
     for row in data["benchmarks"]:
         f = figures(row, data["ceilings"])
         lines.append(f"{_short(row['name'])[:40]:<40}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
+    lines += input_cores_text(data["benchmarks"])
     ceil = data["ceilings"]
     lines.append("ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, device copy "
                                  f"{ceil['copy_gbps']:.0f} GB/s" if ceil else "not measured"))

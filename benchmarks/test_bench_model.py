@@ -6,7 +6,8 @@ providers `auto` (fused kernels) and `reference` (eager release math) for both m
 `compile-reference` (torch.compile of the reference model, whose compile can take minutes) last.
 extra_info: device_ms and host_ms (bench_utils.record; host_ms here is one step's, and reads at most the device
 time where the launch queue fills), img/s, model FLOPs utilisation against a bf16 matrix product measured in
-the same session (CUDA), bytes saved for backward and peak memory.
+the same session (CUDA), bytes saved for backward (and with --grad_checkpointing's layer recomputation) and peak
+memory.
 """
 import os
 
@@ -72,7 +73,12 @@ def test_train_step(benchmark, name, provider, matmul_ceiling):
     if provider != "compile-reference":
         unique, total, loss = saved_bytes(forward)
         del loss
-        benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
+        model.set_grad_checkpointing(True)  # what --grad_checkpointing keeps instead
+        unique_recompute, _, loss = saved_bytes(forward)
+        del loss
+        model.set_grad_checkpointing(False)
+        benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total,
+                                    saved_bytes_grad_checkpointing=unique_recompute)
     seconds = record(benchmark, step, rounds=3, host_calls=1)
     if not seconds:
         return

@@ -32,7 +32,7 @@ def _args(budget):
 def test_plan_order_and_budget_split(gpu_report, tmp_path, budget):
     steps = gpu_report.plan(_args(budget), tmp_path)
     assert [s.name for s in steps] == ["install", "ceilings", "tests", "build", "tests-csrc", "mssa", "ista", "model",
-                                       "ops"]
+                                       "data", "ops"]
     assert sum(s.seconds for s in steps) == pytest.approx(budget)
     assert all(s.seconds > 0 for s in steps)
     by_name = {s.name: s for s in steps}
@@ -111,3 +111,14 @@ def test_step_killed_at_its_limit_leaves_the_report_complete(gpu_report, tmp_pat
     summary = gpu_report.summary_text(saved)
     assert "cut: hang" in summary and "x a" in summary and "1.00" in summary  # the row, its peak GiB
     assert os.path.exists(tmp_path / "cpu-test.log")
+
+
+def test_summary_says_how_many_cores_feed_each_training_step(gpu_report):
+    rows = [{"name": "test_train_step[crate_mae_base-auto]", "img_per_s": 3000.0, "group": "g"},
+            {"name": "test_transform_per_core[earlier]", "provider": "earlier", "img_per_s_per_core": 150.0},
+            {"name": "test_transform_per_core[current-pil]", "provider": "current-pil", "img_per_s_per_core": 300.0},
+            {"name": "test_transform_per_core[current-simplejpeg]", "provider": "current-simplejpeg",
+             "img_per_s_per_core": 400.0}]
+    (line,) = gpu_report.input_cores_text(rows)
+    assert "train crate_mae_base-auto at 3000 img/s needs 7.5 cores" in line and "400 img/s per core" in line
+    assert gpu_report.input_cores_text(rows[:1]) == []
