@@ -8,7 +8,7 @@ import crate_kernels
 from crate_kernels.layers import MSSA
 from crate_kernels.ops import mssa as mssa_ops
 from crate_kernels.ops import mssa_attention, mssa_reference
-from crate_kernels.ops.backend import resolve_backend
+from crate_kernels.ops.backend import AUTO_TRITON, resolve_backend
 
 CUDA = torch.cuda.is_available()
 # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy < 2.4 only warns about it).
@@ -273,7 +273,7 @@ def test_fp32_follows_tf32_setting_cuda():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_picks_triton_on_cuda():
     w = torch.randn(2, 3, 50, 64, device="cuda")
-    assert resolve_backend("auto", w, ("reference", "torch") + tuple(mssa_ops._FORWARD)) == "triton"
+    assert resolve_backend("auto", w, ("reference", "torch") + tuple(mssa_ops._FORWARD)) == AUTO_TRITON
     dout = torch.randn_like(w)
     out, dw = run(w, dout, backend="auto")
     ref_out, ref_dw, _ = reference64(w, dout, 64 ** -0.5)

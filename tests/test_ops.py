@@ -382,3 +382,82 @@ except RuntimeError as e:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "needs the 'triton' package, which is not installed" in result.stdout
     assert "pip install triton" in result.stdout
+
+
+# ------------------------------------------------------------------ kernel variants and auto's fallback
+needs_triton = pytest.mark.skipif(not ops.kernel_variants()["mssa_forward"], reason="the triton package is not installed")
+interpreter_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@needs_triton
+@interpreter_warning
+def test_kernel_variants_are_listed_and_chosen_by_call_environment_or_default(monkeypatch):
+    from crate_kernels.ops import backend
+
+    variants = ops.kernel_variants()
+    assert set(variants) == {"mssa_forward", "mssa_backward", "ista_forward", "ista_backward"}
+    assert all(names[0] == "v1" for names in variants.values())
+    calls = []
+    v1 = backend._variants["mssa_backward"]["v1"]
+    monkeypatch.setitem(backend._variants["mssa_backward"], "probe", lambda *args: calls.append(1) or v1(*args))
+    w = torch.randn(1, 2, 17, 32, requires_grad=True)
+    ops.mssa_attention(w, backend="triton").sum().backward()
+    assert calls == [] and ops.get_variant("mssa_backward") == "v1"
+    monkeypatch.setenv("CRATE_KERNELS_VARIANTS", "mssa_backward=probe, ista_forward=v1")
+    assert ops.get_variant("mssa_backward") == "probe"
+    expected = w.grad.clone()
+    w.grad = None
+    ops.mssa_attention(w, backend="triton").sum().backward()
+    assert calls == [1]
+    torch.testing.assert_close(w.grad, expected)
+    ops.set_variant("mssa_backward", "v1")  # a call beats the environment
+    try:
+        assert ops.get_variant("mssa_backward") == "v1"
+    finally:
+        ops.set_variant("mssa_backward", None)
+    with pytest.raises(ValueError, match=r"mssa_backward variant must be one of \['v1', 'probe'\], got 'nope'"):
+        ops.set_variant("mssa_backward", "nope")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.set_variant("mssa", "v1")
+    monkeypatch.setenv("CRATE_KERNELS_VARIANTS", "mssa_backward")
+    with pytest.raises(ValueError, match=r"\$CRATE_KERNELS_VARIANTS must be kind=name pairs"):
+        ops.get_variant("mssa_backward")
+
+
+@needs_triton
+@interpreter_warning
+def test_auto_falls_back_to_torch_per_shape_with_one_warning_and_an_explicit_triton_raises(monkeypatch):
+    from crate_kernels.ops import backend, ista, mssa
+    from crate_kernels.ops.backend import AUTO_TRITON
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory, required 300000")
+
+    monkeypatch.setitem(backend._variants["mssa_forward"], "v1", broken)
+    monkeypatch.setitem(backend._variants["ista_backward"], "v1", broken)
+    monkeypatch.setattr(backend, "_fell_back", set())
+    w = torch.randn(2, 3, 17, 32, dtype=torch.float64)
+    dout = torch.randn_like(w)
+    expected = mssa.MSSAFunction.apply(w, 0.25, "torch")
+    with pytest.warns(RuntimeWarning, match=r"mssa_forward on \(2, 3, 17, 32\) torch.float64 \(RuntimeError: out of "
+                                            r"resources.*using backend 'torch' for this shape"):
+        out = mssa.MSSAFunction.apply(w, 0.25, AUTO_TRITON)
+    torch.testing.assert_close(out, expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape again: straight to torch, no second warning
+        torch.testing.assert_close(mssa.MSSAFunction.apply(w, 0.25, AUTO_TRITON), expected)
+    with pytest.warns(RuntimeWarning, match=r"\(1, 1, 5, 32\)"):  # another shape warns for itself
+        mssa.MSSAFunction.apply(w[:1, :1, :5], 0.25, AUTO_TRITON)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        ops.mssa_attention(w, backend="triton")
+    # a backward that fails falls back on its own; the forward's saved tensors serve the torch backward
+    x = torch.randn(37, 24, requires_grad=True)
+    weight = (torch.randn(24, 24) * 0.2).requires_grad_(True)
+    g = torch.randn(37, 24)
+    ref = [t.clone() for t in torch.autograd.grad(ista.ISTAFunction.apply(x, weight, 0.1, 0.5, "torch"), (x, weight), g)]
+    with pytest.warns(RuntimeWarning, match="ista_backward"):
+        got = torch.autograd.grad(ista.ISTAFunction.apply(x, weight, 0.1, 0.5, AUTO_TRITON), (x, weight), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)

@@ -9,7 +9,13 @@ A backend names an implementation of the same function:
     auto       the fastest correct one for the tensor's device (default)
 
 The process-wide default comes from ``set_backend`` or the environment variable
-``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it.
+``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it. ``auto`` is safe: where it picks
+the Triton kernels and they fail to compile or launch for a shape, it warns once (operator, shape, dtype, error)
+and runs ``torch`` for that shape from then on; an explicit ``triton`` raises instead.
+
+Kernel variants are alternative algorithms inside ``triton`` (``kernel_variants()``): chosen with
+``set_variant(kind, name)`` or ``CRATE_KERNELS_VARIANTS="mssa_backward=symmetric,ista_backward=v1"``, else the
+GPU generation's entry in ``AUTO_VARIANTS`` (filled from committed GPU reports), else ``v1``.
 
 Triton autotuning follows ``CRATE_KERNELS_AUTOTUNE``: ``full`` (default) times every config the
 pruning keeps, once per tuning key; ``first`` keeps only the first of them (tests, dry runs: quick to
@@ -21,6 +27,8 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -113,14 +121,14 @@ def _require_triton(tensor: torch.Tensor, backend: str) -> None:
 def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, ...]) -> str:
     """Turn ``backend`` (or the default) into a concrete backend that this operator implements.
 
-    ``has`` lists the concrete backends the operator provides. ``auto`` picks ``triton`` for CUDA
-    tensors of the kernels' dtypes (fp32, bf16, fp16) when the operator has it, else ``torch``.
-    An explicit choice that cannot run raises.
+    ``has`` lists the concrete backends the operator provides. ``auto`` picks the Triton kernels for CUDA
+    tensors of the kernels' dtypes (fp32, bf16, fp16) when the operator has them, as ``AUTO_TRITON`` (the
+    Triton launchers behind ``with_fallback``), else ``torch``. An explicit choice that cannot run raises.
     """
     name = _check_name(get_backend() if backend is None else backend)
     if name == "auto":
-        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and "triton" in has and triton_available():
-            return "triton"
+        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and AUTO_TRITON in has and triton_available():
+            return AUTO_TRITON
         return "torch"
     if name in ("triton", "cuda"):
         _require_triton_package(name)  # before ``has``: operators list their Triton backends only when it imports
@@ -147,6 +155,112 @@ def _require_cuda_extension(tensor: torch.Tensor) -> None:
     problem = _cuda_extension_problem()
     if problem:
         raise RuntimeError(f"backend 'cuda' is unavailable: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# auto's fallback
+# ----------------------------------------------------------------------------------------------------------------
+AUTO_TRITON = "auto-triton"  # the internal backend name of auto's Triton choice
+_fell_back: set[tuple] = set()
+
+
+def _shape_key(kind: str, args: tuple) -> tuple:
+    return (kind, *((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor)))
+
+
+def with_fallback(kind: str, fast: Callable, safe: Callable) -> Callable:
+    """``fast(*args)`` (the Triton launcher of ``kind``, e.g. "mssa_forward"), or ``safe(*args)`` (the torch
+    launcher, same arguments and results) for shapes where ``fast`` raised: the first failure warns once, naming
+    the operator, the shapes, the dtype and the error; that shape then goes straight to ``safe``."""
+
+    def launch(*args):
+        key = _shape_key(kind, args)
+        if key not in _fell_back:
+            try:
+                return fast(*args)
+            except Exception as error:  # a compile or launch failure of a kernel: the torch path still works
+                _fell_back.add(key)
+                shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in args if isinstance(a, torch.Tensor))
+                warnings.warn(f"crate_kernels: backend 'auto' could not run the Triton kernel for {kind} on {shapes}"
+                              f" ({type(error).__name__}: {str(error)[:300]}); using backend 'torch' for this shape "
+                              "from now on", RuntimeWarning, stacklevel=2)
+        return safe(*args)
+
+    return launch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernel variants
+# ----------------------------------------------------------------------------------------------------------------
+KERNEL_KINDS = ("mssa_forward", "mssa_backward", "ista_forward", "ista_backward")
+_VARIANTS_ENV_VAR = "CRATE_KERNELS_VARIANTS"
+_variants: dict[str, dict[str, Callable]] = {kind: {} for kind in KERNEL_KINDS}
+_chosen: dict[str, str] = {}
+# What ``auto`` runs per GPU generation (compute capability major) where a committed GPU report
+# (benchmarks/results/) measured a variant faster than "v1": {9: {"mssa_backward": "name"}}. Empty: no GPU run yet.
+AUTO_VARIANTS: dict[int, dict[str, str]] = {}
+
+
+def register_variant(kind: str, name: str, launcher: Callable) -> None:
+    """Make ``launcher`` the Triton implementation ``name`` of ``kind`` (operator modules call this at import)."""
+    _variants[kind][name] = launcher
+
+
+def kernel_variants() -> dict[str, list[str]]:
+    """{kind: [variant names]} of the Triton kernels, "v1" first."""
+    return {kind: list(names) for kind, names in _variants.items()}
+
+
+def _check_variant(kind: str, name: str, argument: str) -> str:
+    if kind not in _variants:
+        raise ValueError(f"{argument}: kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    if name not in _variants[kind]:
+        raise ValueError(f"{argument}: {kind} variant must be one of {list(_variants[kind])}, got {name!r}")
+    return name
+
+
+def set_variant(kind: str, name: str | None) -> None:
+    """Run variant ``name`` for ``kind`` process-wide (``None``: back to $CRATE_KERNELS_VARIANTS, AUTO_VARIANTS, "v1")."""
+    if name is None:
+        _chosen.pop(kind, None)
+    else:
+        _chosen[kind] = _check_variant(kind, name, "set_variant")
+
+
+def _env_variants() -> dict[str, str]:
+    text = os.environ.get(_VARIANTS_ENV_VAR, "").strip()
+    chosen = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"${_VARIANTS_ENV_VAR} must be kind=name pairs separated by commas, got {item!r}")
+        chosen[kind.strip()] = _check_variant(kind.strip(), name.strip(), f"${_VARIANTS_ENV_VAR}")
+    return chosen
+
+
+def get_variant(kind: str, tensor: torch.Tensor | None = None) -> str:
+    """The variant ``kind`` runs for ``tensor``'s device: set_variant, else $CRATE_KERNELS_VARIANTS, else the GPU
+    generation's AUTO_VARIANTS entry, else "v1"."""
+    if kind in _chosen:
+        return _chosen[kind]
+    from_env = _env_variants()
+    if kind in from_env:
+        return from_env[kind]
+    if tensor is not None and tensor.is_cuda:
+        name = AUTO_VARIANTS.get(torch.cuda.get_device_capability(tensor.device)[0], {}).get(kind)
+        if name in _variants[kind]:
+            return name
+    return "v1"
+
+
+def variant_launcher(kind: str) -> Callable:
+    """A launcher of ``kind`` that runs the chosen variant (read at every call), given its first tensor argument."""
+
+    def launch(*args):
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return _variants[kind][get_variant(kind, tensor)](*args)
+
+    return launch
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,8 +16,9 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    accumulate_dtype, autocast_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
-    resolve_backend, triton_available, triton_interpreting, tuning_bucket,
+    AUTO_TRITON, accumulate_dtype, autocast_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
+    register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
+    with_fallback,
 )
 from .layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
 
@@ -344,8 +345,12 @@ if triton_available():
                 dm = part[0] if n_chunks == 1 else part.sum(dim=0)
         return dx, dm
 
-    _FORWARD["triton"] = _forward_triton
-    _BACKWARD["triton"] = _backward_triton
+    register_variant("ista_forward", "v1", _forward_triton)
+    register_variant("ista_backward", "v1", _backward_triton)
+    _FORWARD["triton"] = variant_launcher("ista_forward")
+    _BACKWARD["triton"] = variant_launcher("ista_backward")
+    _FORWARD[AUTO_TRITON] = with_fallback("ista_forward", _FORWARD["triton"], _forward_torch)
+    _BACKWARD[AUTO_TRITON] = with_fallback("ista_backward", _BACKWARD["triton"], _backward_torch)
 
     # Every Triton kernel of this operator, and launcher calls that reach each one: what crate_kernels.ops.aot
     # compiles for GPU targets in CI (a kernel added here without a launch that reaches it fails there).
@@ -360,7 +365,7 @@ if triton_available():
         _backward_triton(torch.randn_like(x), x, m, packed, 0.1, True, True)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
-    _FORWARD["cuda"] = _forward_triton
+    _FORWARD["cuda"] = _FORWARD["triton"]
 
     def _backward_cuda(dout, x, m, packed_mask, step_size, need_dx, need_dm):
         """The CUDA-extension backward (csrc/, imported and built on first use)."""

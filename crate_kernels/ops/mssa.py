@@ -20,8 +20,9 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    accumulate_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision, resolve_backend,
-    triton_available, triton_interpreting, tuning_bucket,
+    AUTO_TRITON, accumulate_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
+    register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
+    with_fallback,
 )
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
@@ -340,8 +341,12 @@ if triton_available():
                 )
         return dw
 
-    _FORWARD["triton"] = _forward_triton
-    _BACKWARD["triton"] = _backward_triton
+    register_variant("mssa_forward", "v1", _forward_triton)
+    register_variant("mssa_backward", "v1", _backward_triton)
+    _FORWARD["triton"] = variant_launcher("mssa_forward")
+    _BACKWARD["triton"] = variant_launcher("mssa_backward")
+    _FORWARD[AUTO_TRITON] = with_fallback("mssa_forward", _FORWARD["triton"], _forward_torch)
+    _BACKWARD[AUTO_TRITON] = with_fallback("mssa_backward", _BACKWARD["triton"], _backward_torch)
 
     # Every Triton kernel of this operator, and launcher calls that reach each one: what crate_kernels.ops.aot
     # compiles for GPU targets in CI (a kernel added here without a launch that reaches it fails there).
@@ -355,7 +360,7 @@ if triton_available():
         _backward_triton(torch.randn_like(w), w, out, lse, head_dim ** -0.5)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
-    _FORWARD["cuda"] = _forward_triton
+    _FORWARD["cuda"] = _FORWARD["triton"]
 
     def _backward_cuda(dout, w, out, lse, scale):
         """The CUDA-extension backward (csrc/, imported and built on first use)."""
