@@ -3,7 +3,7 @@
 (a) every csrc/*.cu compiles torch-free with nvcc for sm_80 and sm_90 under torch's extension flags, with no
     warning, no register spill and no stack frame;
 (b) the binding builds against this torch as a CppExtension linking those objects and libcudart, and imports;
-(c) the kernels run on the CPU through csrc/host_emulation.h (g++, one std::thread per CUDA thread) and match
+(c) the kernels run on the CPU through csrc/host_emulation.h (g++, one fiber per CUDA thread) and match
     float64 math: every launcher, both variants (fma, wmma), odd shapes, strided inputs, guarded outputs;
 (d) on CUDA, the extension built by crate_kernels.ops.cuda_ext matches float64 math.
 
@@ -227,7 +227,7 @@ def emulated(cuda_root, build_dir):
         sources.append(build_dir / f"{cu.stem}.emu.cpp")
         sources[-1].write_text(src)
     lib_path = build_dir / "libck_emu.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
+    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
            "-Wno-unknown-pragmas", f"-I{CSRC}", "-isystem", str(cuda_root / "include"), "-include",
            str(CSRC / "host_emulation.h"), *map(str, sources), "-o", str(lib_path)]
     result = subprocess.run(cmd, capture_output=True, text=True)
