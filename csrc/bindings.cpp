@@ -6,6 +6,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <cstdint>
+#include <string>
 #include <tuple>
 
 #include "crate_kernels.h"
@@ -52,13 +54,45 @@ void check_unit_last(const at::Tensor& t, const char* name) {
 
 ck_strides3 strides_bhn(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The ck_kernel named `name`; "mma-tiled" only where `tiled_form` (MSSA).
+ck_kernel to_ck_kernel(const std::string& name, bool tiled_form) {
+  if (name == "auto") return CK_KERNEL_AUTO;
+  if (name == "fma") return CK_KERNEL_FMA;
+  if (name == "wmma") return CK_KERNEL_WMMA;
+  if (name == "mma") return CK_KERNEL_MMA;
+  if (name == "mma-tiled" && tiled_form) return CK_KERNEL_MMA_TILED;
+  TORCH_CHECK(false, "crate_kernels CUDA extension: kernel must be one of 'auto', 'mma', ",
+              tiled_form ? "'mma-tiled', " : "", "'wmma', 'fma', got '", name, "'");
+}
+
+// A tensor-core kernel named explicitly: fp16/bf16 on compute capability >= 8.0 (the launchers check too;
+// this names the problem).
+void check_tensor_core_kernel(ck_kernel kernel, const std::string& name, ck_dtype dtype, const at::Device& device) {
+  if (kernel == CK_KERNEL_AUTO || kernel == CK_KERNEL_FMA) return;
+  TORCH_CHECK(dtype != CK_FLOAT32, "crate_kernels CUDA extension: kernel '", name,
+              "' takes float16 or bfloat16, got float32 (use 'fma' or 'auto')");
+  int major = 0;
+  CK_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  TORCH_CHECK(major >= 8, "crate_kernels CUDA extension: kernel '", name,
+              "' needs compute capability >= 8.0, this device has ", major, ".x (use 'fma' or 'auto')");
+}
+
+// cp.async of the mma kernels moves 16 bytes: a 16-byte aligned start, and strides of 8 elements along the
+// first `dims` dimensions (where a dimension has more than one index).
+bool aligned_16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+bool strides_aligned(const at::Tensor& t, int dims) {
+  for (int i = 0; i < dims; ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  return aligned_16(t);
+}
+
 // Row stride of a 2-D tensor; any value is fine for fewer than two rows.
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
 // dw (B, H, N, p) of out = softmax(scale w w^T) w from dout, w, out (B, H, N, p) and lse (B, H, N) fp32;
 // any strides along B, H, N (the kernels read and write through them), unit stride along p.
 at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::Tensor& out, const at::Tensor& lse,
-                         double scale, bool tensor_cores) {
+                         double scale, const std::string& kernel_name) {
   TORCH_CHECK(w.dim() == 4, "crate_kernels CUDA extension: w must be (B, H, N, p), got shape ", w.sizes());
   const at::Device device = w.device();
   check_on(w, "w", device);
@@ -80,17 +114,23 @@ at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::
               "crate_kernels CUDA extension: mssa_backward needs N >= 1 and 1 <= p <= ", CK_MSSA_MAX_HEAD_DIM,
               ", got shape ", w.sizes());
   TORCH_CHECK(scale > 0, "crate_kernels CUDA extension: scale must be positive, got ", scale);
-  TORCH_CHECK(!tensor_cores || dtype != CK_FLOAT32,
-              "crate_kernels CUDA extension: tensor cores take float16 or bfloat16, got float32");
+  const ck_kernel kernel = to_ck_kernel(kernel_name, true);
 
   const c10::DeviceGuard guard(device);
+  check_tensor_core_kernel(kernel, kernel_name, dtype, device);
   at::Tensor dw = at::empty_like(w);  // w's layout where w is dense; unit stride along p either way
   if (dw.numel() == 0) return dw;
+  TORCH_CHECK((kernel != CK_KERNEL_MMA && kernel != CK_KERNEL_MMA_TILED) ||
+                  (strides_aligned(w, 3) && strides_aligned(dout, 3) && strides_aligned(dw, 3)),
+              "crate_kernels CUDA extension: kernel '", kernel_name, "' needs 16-byte aligned rows of w, dout and dw ",
+              "(data pointers at multiples of 16 bytes, strides along B, H and N multiples of 8 elements), got w ",
+              "strides ", w.strides(), ", dout strides ", dout.strides(), ", dw strides ", dw.strides(),
+              " (use 'auto', which falls back to 'wmma')");
   at::Tensor delta = at::empty({b, h, n}, w.options().dtype(at::kFloat));
   CK_CHECK_CUDA(ck_mssa_backward(dout.data_ptr(), strides_bhn(dout), w.data_ptr(), strides_bhn(w), out.data_ptr(),
                                  strides_bhn(out), lse.data_ptr<float>(), dw.data_ptr(), strides_bhn(dw),
-                                 delta.data_ptr<float>(), b, h, n, p, static_cast<float>(scale), dtype,
-                                 tensor_cores ? 1 : 0, current_stream(device)));
+                                 delta.data_ptr<float>(), b, h, n, p, static_cast<float>(scale), dtype, kernel,
+                                 current_stream(device)));
   return dw;
 }
 
@@ -98,7 +138,7 @@ at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::
 // Python) for a gradient that is not needed.
 std::tuple<at::Tensor, at::Tensor> ista_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& m,
                                                  const at::Tensor& packed_mask, double step_size, bool need_dx,
-                                                 bool need_dm, bool tensor_cores) {
+                                                 bool need_dm, const std::string& kernel_name) {
   TORCH_CHECK(x.dim() == 2, "crate_kernels CUDA extension: x must be (rows, d), got shape ", x.sizes());
   const at::Device device = x.device();
   check_on(x, "x", device);
@@ -121,30 +161,42 @@ std::tuple<at::Tensor, at::Tensor> ista_backward(const at::Tensor& dout, const a
   check_unit_last(m, "m");
   check_unit_last(packed_mask, "packed_mask");
   TORCH_CHECK(step_size > 0, "crate_kernels CUDA extension: step_size must be positive, got ", step_size);
-  TORCH_CHECK(!tensor_cores || dtype != CK_FLOAT32,
-              "crate_kernels CUDA extension: tensor cores take float16 or bfloat16, got float32");
+  const ck_kernel kernel = to_ck_kernel(kernel_name, false);
 
   const c10::DeviceGuard guard(device);
+  check_tensor_core_kernel(kernel, kernel_name, dtype, device);
+  const bool mma_rows = d % 8 == 0 && row_stride(x) % 8 == 0 && row_stride(dout) % 8 == 0 && aligned_16(x) &&
+                        aligned_16(dout) && row_stride(packed_mask) % 4 == 0 &&
+                        reinterpret_cast<uintptr_t>(packed_mask.data_ptr()) % 4 == 0;
+  TORCH_CHECK(kernel != CK_KERNEL_MMA || mma_rows, "crate_kernels CUDA extension: kernel 'mma' needs d % 8 == 0, ",
+              "16-byte aligned rows of x and dout (data pointers at multiples of 16 bytes, row strides multiples of ",
+              "8 elements) and 4-byte aligned rows of packed_mask, got x of shape ", x.sizes(), " strides ",
+              x.strides(), ", dout strides ", dout.strides(), ", packed_mask strides ", packed_mask.strides(),
+              " (use 'auto', which falls back to 'wmma')");
   const cudaStream_t stream = current_stream(device);
   const float eta = static_cast<float>(step_size);
-  const int tc = tensor_cores ? 1 : 0;
   at::Tensor dx, dm;
   if (need_dx) {
     dx = at::empty({rows, d}, x.options());
+    // M rounded to x's dtype, which the mma kernel reads (as torch's m.to(x.dtype) rounds it).
+    at::Tensor m_lowp;
+    if (dtype != CK_FLOAT32 && (kernel == CK_KERNEL_AUTO || kernel == CK_KERNEL_MMA))
+      m_lowp = m.to(x.scalar_type()).contiguous();
     CK_CHECK_CUDA(ck_ista_backward_dx(dout.data_ptr(), row_stride(dout), packed_mask.data_ptr<uint8_t>(),
-                                      row_stride(packed_mask), m.data_ptr<float>(), row_stride(m), dx.data_ptr(),
-                                      d, rows, d, eta, dtype, tc, stream));
+                                      row_stride(packed_mask), m.data_ptr<float>(), row_stride(m),
+                                      m_lowp.defined() ? m_lowp.data_ptr() : nullptr, d, dx.data_ptr(), d, rows, d,
+                                      eta, dtype, kernel, stream));
   }
   if (need_dm) {
     dm = at::empty({d, d}, m.options());
     int64_t splits = 0, chunk = 0;
-    CK_CHECK_CUDA(ck_ista_dm_plan(rows, d, &splits, &chunk));
+    CK_CHECK_CUDA(ck_ista_dm_plan(rows, d, kernel, &splits, &chunk));
     at::Tensor partials;
     if (splits > 1) partials = at::empty({splits, d, d}, m.options());
     CK_CHECK_CUDA(ck_ista_backward_dm(x.data_ptr(), row_stride(x), dout.data_ptr(), row_stride(dout),
                                       packed_mask.data_ptr<uint8_t>(), row_stride(packed_mask),
                                       dm.data_ptr<float>(), splits > 1 ? partials.data_ptr<float>() : nullptr,
-                                      splits, chunk, rows, d, eta, dtype, tc, stream));
+                                      splits, chunk, rows, d, eta, dtype, kernel, stream));
   }
   return {dx, dm};
 }
@@ -155,9 +207,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA backward kernels of the CRATE operators (MSSA, ISTA); see csrc/crate_kernels.h";
   module.def("mssa_backward", &mssa_backward, "dw of out = softmax(scale w w^T) w", pybind11::arg("dout"),
              pybind11::arg("w"), pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("scale"),
-             pybind11::arg("tensor_cores"));
+             pybind11::arg("kernel"));
   module.def("ista_backward", &ista_backward, "(dx, dM) of out = relu(x + eta x M - eta lambda)",
              pybind11::arg("dout"), pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("packed_mask"),
              pybind11::arg("step_size"), pybind11::arg("need_dx"), pybind11::arg("need_dm"),
-             pybind11::arg("tensor_cores"));
+             pybind11::arg("kernel"));
 }

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "crate_kernels.h"
 
@@ -40,6 +42,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 // dst[r * LD + c] = f(r, c) for an R x C tile, all threads of the block taking part. ROW_FAST makes r the
 // index that varies fastest across threads: pick the one along which the global source is contiguous.
@@ -81,12 +84,33 @@ inline cudaError_t device_major(int* major) {
   return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
 }
 
+// Resolves CK_KERNEL_AUTO (fp32 or compute capability < 8.0: fma; else mma where `aligned`, else wmma) and
+// checks an explicit choice: the tensor-core kernels take fp16/bf16 on compute capability >= 8.0
+// (cudaErrorNotSupported below), the mma ones only `aligned` operands.
+inline cudaError_t resolve_kernel(ck_kernel& kernel, ck_dtype dtype, bool aligned) {
+  const bool low_precision = dtype != CK_FLOAT32;
+  int major = 0;
+  if (low_precision) CK_RETURN_IF_ERROR(device_major(&major));
+  if (kernel == CK_KERNEL_AUTO)
+    kernel = !low_precision || major < 8 ? CK_KERNEL_FMA : aligned ? CK_KERNEL_MMA : CK_KERNEL_WMMA;
+  if (kernel == CK_KERNEL_FMA) return cudaSuccess;
+  if (!low_precision) return cudaErrorInvalidValue;
+  if (major < 8) return cudaErrorNotSupported;
+  return kernel != CK_KERNEL_WMMA && !aligned ? cudaErrorInvalidValue : cudaSuccess;
+}
+
+// The most dynamic shared memory a block of the current device may opt in to.
+inline cudaError_t smem_optin(int* bytes) {
+  int dev = 0;
+  CK_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  return cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+}
+
 // Allows `kernel` `smem_bytes` of dynamic shared memory (opting in above 48 KB where the device has it).
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem_bytes) {
-  int dev = 0, optin = 0;
-  CK_RETURN_IF_ERROR(cudaGetDevice(&dev));
-  CK_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  int optin = 0;
+  CK_RETURN_IF_ERROR(smem_optin(&optin));
   if (smem_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidConfiguration;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
 }

@@ -3,11 +3,12 @@
 // launches the test has rewritten to `ck_emu::Launch(k, grid, block, smem, stream)(args)`.
 //
 // Execution: blocks run one after another; within a block every CUDA thread is a fiber (ucontext) with its
-// own stack, and one fiber runs at a time, from one synchronization point to the next, picked in a seeded
-// random order among the runnable ones. So a missing __syncthreads or __syncwarp shows up as a read of data
-// not yet written (or already overwritten), and a run is reproducible. Synchronization points: __syncthreads
-// (all threads of the block that have not exited), and the warp collectives, which need all 32 lanes of the
-// warp at the same operation: __syncwarp, __shfl_xor_sync, and the tensor-core primitives of mma.cuh below.
+// own stack, and one fiber runs at a time, from one synchronization point to the next, in a seeded random
+// order that keeps a warp running until all its lanes wait at __syncthreads. So a missing __syncthreads or
+// __syncwarp shows up as a read of data not yet written (or already overwritten), and a run is reproducible.
+// Synchronization points: __syncthreads (all threads of the block that have not exited), and the warp
+// collectives, which need all 32 lanes of the warp at the same operation: __syncwarp, __shfl_xor_sync, and
+// the tensor-core primitives of mma.cuh (below).
 // A block whose fibers all wait is a deadlock and aborts.
 //
 // Memory: dynamic shared memory is a buffer of exactly the launch's size filled with 0xFF bytes (NaN in
@@ -173,10 +174,20 @@ inline void run_block(Block& b, unsigned threads) {
     b.ready.push_back(&f);
   }
   cur_block = &b;
+  std::vector<size_t> same_warp;
+  unsigned last_warp = ~0u;
   while (!b.ready.empty()) {
+    // A random runnable lane of the warp that ran last, else of a random warp: a warp runs ahead until it
+    // waits at __syncthreads, so a read of another warp's data, or an overwrite of data another warp still
+    // reads, that no barrier orders comes out stale (likewise between the lanes of a warp).
+    same_warp.clear();
+    for (size_t i = 0; i < b.ready.size(); ++i)
+      if (b.ready[i]->thread_idx.x / 32 == last_warp) same_warp.push_back(i);
     b.rng = b.rng * 6364136223846793005ull + 1442695040888963407ull;
-    const size_t pick = static_cast<size_t>(b.rng >> 33) % b.ready.size();
+    const size_t draw = static_cast<size_t>(b.rng >> 33);
+    const size_t pick = same_warp.empty() ? draw % b.ready.size() : same_warp[draw % same_warp.size()];
     cur_fiber = b.ready[pick];
+    last_warp = cur_fiber->thread_idx.x / 32;
     b.ready[pick] = b.ready.back();
     b.ready.pop_back();
     if (swapcontext(&b.scheduler, &cur_fiber->ctx) != 0) fail("swapcontext");

@@ -11,13 +11,16 @@
 // Rows and keys past N and head-dim columns past p are zero-filled and never stored. Each warp owns a
 // fixed group of rows i, so the score tiles it writes to shared memory are private to it (__syncwarp).
 //
-// Two variants of the main kernel:
-//   fma   fp32 shared tiles, register-blocked FMA; any dtype (the only one for fp32: exact fp32 products).
-//   wmma  fp16/bf16 tiles on tensor cores (nvcuda::wmma 16x16x16, fp32 accumulation); dS and P_ji are
-//         rounded to the input dtype before the dw products, as in the Triton kernel.
+// Variants of the main kernel (ck_kernel):
+//   fma        fp32 shared tiles, register-blocked FMA; any dtype (the only one for fp32: exact fp32 products).
+//   wmma       fp16/bf16 tiles on tensor cores (nvcuda::wmma 16x16x16, fp32 accumulation); dS and P_ji are
+//              rounded to the input dtype before the dw products, as in the Triton kernel.
+//   mma        fp16/bf16, ldmatrix + mma.sync + cp.async (below): one block per head for N <= 256 that visits
+//              each unordered tile pair once (S = S^T), else (or as mma-tiled) the row-block form above.
 #include <mma.h>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace ck {
 namespace {
@@ -65,14 +68,18 @@ struct HeadView {
   int i0;
 };
 
+template <typename T>
+__device__ __forceinline__ HeadView<T> head_at(const MssaParams<T>& prm, int64_t bh, int i0) {
+  const int64_t b = bh / prm.heads, h = bh % prm.heads;
+  return {prm.w + b * prm.w_s.b + h * prm.w_s.h, prm.dout + b * prm.g_s.b + h * prm.g_s.h,
+          prm.dw + b * prm.d_s.b + h * prm.d_s.h, prm.lse + bh * prm.n, prm.delta + bh * prm.n, i0};
+}
+
+// Blocks of BM rows, the blocks of one head adjacent: blockIdx.x = bh * cdiv(N, BM) + row block.
 template <int BM, typename T>
 __device__ __forceinline__ HeadView<T> head_view(const MssaParams<T>& prm) {
   const int64_t n_blocks = cdiv(prm.n, BM);
-  const int64_t bh = blockIdx.x / n_blocks;
-  const int64_t b = bh / prm.heads, h = bh % prm.heads;
-  return {prm.w + b * prm.w_s.b + h * prm.w_s.h, prm.dout + b * prm.g_s.b + h * prm.g_s.h,
-          prm.dw + b * prm.d_s.b + h * prm.d_s.h, prm.lse + bh * prm.n, prm.delta + bh * prm.n,
-          static_cast<int>(blockIdx.x % n_blocks) * BM};
+  return head_at(prm, blockIdx.x / n_blocks, static_cast<int>(blockIdx.x % n_blocks) * BM);
 }
 
 // Tile[r][c] = src[(r0 + r) * row_stride + c] for rows r0 + r < n and columns c < p, else 0.
@@ -376,6 +383,347 @@ __global__ void __launch_bounds__(kThreads) mssa_bwd_wmma_kernel(MssaParams<T> p
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// mma variants (fp16/bf16, sm_80+): ldmatrix + mma.sync m16n8k16 with fp32 accumulation (mma.cuh), operands
+// copied to shared memory by cp.async. Tiles of BT = 64 rows of w and dO (row stride P + 8: the 8 rows an
+// ldmatrix reads fall in distinct banks), 4 warps; warp w owns rows 16w..16w+15 of every tile it works on.
+// For a row tile I and a key tile J (rows past N zero-filled, with lse = delta = 0 there; every term the
+// padding reaches in a row < N multiplies a zero row of w or dO, so nothing is masked):
+//   phase 1  S = w_I w_J^T, dPq = dO_I w_J^T, dPk = w_I dO_J^T                  (k: the head dim)
+//            Pq = exp(scale S - lse_I), Pk = exp(scale S - lse_J^T)
+//            X = scale (Pq (dPq - delta_I) + Pk (dPk - delta_J^T))    = the (I, J) block of scale (dS + dS^T)
+//   phase 2  dw_I += X w_J + Pk dO_J                                           (k: the 64 rows of J)
+//   phase 3  dw_J += X^T w_I + Pq^T dO_I, when I != J in the head kernel       (k: the 64 rows of I)
+// Pk is the (I, J) block of P^T and Pq^T its (J, I) block. Phases 1 and 2 go 32 columns of J at a time; X, Pk
+// become phase 2's A fragments in registers (C layout = A layout), rounded to T as in the Triton kernel.
+//   head kernel   one block per (batch, head), N <= 256: the whole head resident (one cp.async group per
+//                 tile, the first row of pairs waits for tile J only), unordered pairs I <= J visited once;
+//                 dw_I accumulates in registers over its row of pairs, dw_J of later tiles in fp32 shared
+//                 memory in fragment order (each lane reads back only what it wrote: no barrier, no atomics)
+//   tiled kernel  one block per (batch, head, tile I), every J in order, J tiles double-buffered by cp.async
+// ---------------------------------------------------------------------------------------------------------
+constexpr int kMmaRows = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int P>
+struct MmaShape {
+  static constexpr int BT = kMmaRows, LDT = P + 8, LDX = BT + 8, KP = P / 16, NT = P / 8;
+  static constexpr size_t kTile = sizeof(T) * BT * LDT;    // one operand tile; a multiple of 128 bytes
+  static constexpr size_t kStats = sizeof(float) * BT;     // lse or delta of one tile
+  static constexpr size_t kStage = sizeof(T) * BT * LDX;   // X or Pq of one pair (head kernel)
+  static constexpr size_t kAcc = sizeof(float) * BT * P;   // dw of one tile in fp32 (head kernel)
+  static_assert(P % 16 == 0 && kTile % 128 == 0, "P must be a multiple of 16");
+};
+
+// Rows r0.. of one head's w and dO into [BT][LDT] tiles, lse and delta into [BT]: zero past N and past p.
+template <typename T, int P>
+__device__ __forceinline__ void tile_async(T* w_dst, T* g_dst, float* lse_dst, float* dl_dst, const HeadView<T>& hv,
+                                           const MssaParams<T>& prm, int r0) {
+  using S = MmaShape<T, P>;
+  constexpr int CH = P / 8;  // 16-byte chunks a row
+  for (int idx = threadIdx.x; idx < S::BT * CH; idx += kThreads) {
+    const int r = idx / CH, c = idx % CH * 8, row = r0 + r;
+    const int elems = row < prm.n ? clamp(prm.p - c, 0, 8) : 0;
+    const int bytes = elems * static_cast<int>(sizeof(T));
+    cp_async_16(w_dst + r * S::LDT + c, elems ? hv.w + static_cast<int64_t>(row) * prm.w_s.n + c : hv.w, bytes);
+    cp_async_16(g_dst + r * S::LDT + c, elems ? hv.g + static_cast<int64_t>(row) * prm.g_s.n + c : hv.g, bytes);
+  }
+  for (int r = threadIdx.x; r < S::BT; r += kThreads) {
+    const bool ok = r0 + r < prm.n;
+    cp_async_4(lse_dst + r, ok ? hv.lse + r0 + r : hv.lse, ok ? 4 : 0);
+    cp_async_4(dl_dst + r, ok ? hv.delta + r0 + r : hv.delta, ok ? 4 : 0);
+  }
+}
+
+// Stats of the two rows (g, g + 8) a lane holds in C fragments of its warp's 16 rows, log2-scaled lse.
+struct RowStats {
+  float lse2[2], delta[2];
+};
+
+__device__ __forceinline__ RowStats row_stats(const float* lse_s, const float* dl_s, int warp, int lane) {
+  RowStats st;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = 16 * warp + lane / 4 + 8 * h;
+    st.lse2[h] = lse_s[r] * kLog2e;
+    st.delta[h] = dl_s[r];
+  }
+  return st;
+}
+
+// Phases 1 and 2 of pair (I, J) for this warp's 16 rows of I; with STAGE, also X and Pq of those rows into
+// xs, pqs ([BT][LDX]) for phase 3. wi, gi, wj, gj: [BT][LDT] tiles; lse_j, dl_j: stats of J.
+template <typename T, int P, bool STAGE>
+__device__ __forceinline__ void pair_rows(float (&acc)[P / 8][4], const T* wi, const T* gi, const T* wj,
+                                          const T* gj, const float* lse_j, const float* dl_j, const RowStats& st,
+                                          float scale, T* xs, T* pqs, int warp, int lane) {
+  using S = MmaShape<T, P>;
+  constexpr int LDT = S::LDT;
+  const float scale2 = scale * kLog2e;
+  const int g = lane / 4, t = lane % 4;
+  const int a_off = 16 * warp * LDT + rows16_offset<LDT>(lane);
+  const int bn_off = rows8_offset<LDT>(lane), bk_off = rows16_offset<LDT>(lane);
+#pragma unroll 1
+  for (int half = 0; half < 2; ++half) {
+    const int j0 = 32 * half;
+    // Phase 1: 16 x 32 blocks of S, dPq, dPk as 4 column tiles of 8.
+    float s[4][4] = {}, dq[4][4] = {}, dk[4][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < S::KP; ++kk) {
+      uint32_t aw[4], ag[4];
+      ldsm_x4(aw, wi + a_off + 16 * kk);
+      ldsm_x4(ag, gi + a_off + 16 * kk);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {  // B[k][j] = w_J[j][k], dO_J[j][k] for keys j0 + 16 np..
+        uint32_t bw[4], bg[4];
+        const int off = (j0 + 16 * np) * LDT + bn_off + 16 * kk;
+        ldsm_x4(bw, wj + off);
+        ldsm_x4(bg, gj + off);
+        const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
+        const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
+        mma_16816<T>(s[2 * np], aw, bw0);
+        mma_16816<T>(s[2 * np + 1], aw, bw1);
+        mma_16816<T>(dq[2 * np], ag, bw0);
+        mma_16816<T>(dq[2 * np + 1], ag, bw1);
+        mma_16816<T>(dk[2 * np], aw, bg0);
+        mma_16816<T>(dk[2 * np + 1], aw, bg1);
+      }
+    }
+    // Element (row g + 8 (e / 2), key j0 + 8 nt + 2t + e % 2): s <- X, dk <- Pk, dq <- Pq.
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = j0 + 8 * nt + 2 * t + e % 2;
+        const float sij = s[nt][e] * scale2;
+        const float pq = exp2f(sij - st.lse2[e / 2]);
+        const float pk = exp2f(sij - lse_j[j] * kLog2e);
+        s[nt][e] = scale * (pq * (dq[nt][e] - st.delta[e / 2]) + pk * (dk[nt][e] - dl_j[j]));
+        dk[nt][e] = pk;
+        dq[nt][e] = pq;
+      }
+    if constexpr (STAGE) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int e = (16 * warp + g + 8 * h) * S::LDX + j0 + 8 * nt + 2 * t;
+          *reinterpret_cast<uint32_t*>(xs + e) = pack2<T>(s[nt][2 * h], s[nt][2 * h + 1]);
+          *reinterpret_cast<uint32_t*>(pqs + e) = pack2<T>(dq[nt][2 * h], dq[nt][2 * h + 1]);
+        }
+    }
+    // Phase 2: dw_I += X w_J + Pk dO_J over keys j0..j0+31, 16 at a time.
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb) {
+      const uint32_t ax[4] = {pack2<T>(s[2 * kb][0], s[2 * kb][1]), pack2<T>(s[2 * kb][2], s[2 * kb][3]),
+                              pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
+                              pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
+      const uint32_t ap[4] = {pack2<T>(dk[2 * kb][0], dk[2 * kb][1]), pack2<T>(dk[2 * kb][2], dk[2 * kb][3]),
+                              pack2<T>(dk[2 * kb + 1][0], dk[2 * kb + 1][1]),
+                              pack2<T>(dk[2 * kb + 1][2], dk[2 * kb + 1][3])};
+#pragma unroll
+      for (int np = 0; np < S::NT / 2; ++np) {  // B[j][c] = w_J[j][c], dO_J[j][c] for columns 16 np..
+        uint32_t bw[4], bg[4];
+        const int off = (j0 + 16 * kb) * LDT + bk_off + 16 * np;
+        ldsm_x4_trans(bw, wj + off);
+        ldsm_x4_trans(bg, gj + off);
+        const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
+        const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
+        mma_16816<T>(acc[2 * np], ax, bw0);
+        mma_16816<T>(acc[2 * np + 1], ax, bw1);
+        mma_16816<T>(acc[2 * np], ap, bg0);
+        mma_16816<T>(acc[2 * np + 1], ap, bg1);
+      }
+    }
+  }
+}
+
+// dw rows i0 + 16 warp + g (+ 8), columns 8 nt + 2t (+ 1) from C fragments; bounds-checked.
+template <typename T, int P>
+__device__ __forceinline__ void store_rows(const float (&acc)[P / 8][4], const HeadView<T>& hv,
+                                           const MssaParams<T>& prm, int i0, int warp, int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = i0 + 16 * warp + lane / 4 + 8 * h;
+    if (i >= prm.n) continue;
+    T* row = hv.dw + static_cast<int64_t>(i) * prm.d_s.n;
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int c = 8 * nt + 2 * (lane % 4);
+      if (c + 1 < prm.p) {
+        *reinterpret_cast<uint32_t*>(row + c) = pack2<T>(acc[nt][2 * h], acc[nt][2 * h + 1]);
+      } else if (c < prm.p) {
+        row[c] = from_f32<T>(acc[nt][2 * h]);
+      }
+    }
+  }
+}
+
+template <typename T, int P>
+struct HeadLayout {
+  using S = MmaShape<T, P>;
+  // tiles: w and dO of every tile, lse and delta of every tile, dw of tiles 1.. in fp32, then X and Pq.
+  static size_t bytes(int tiles) {
+    return tiles * (2 * S::kTile + 2 * S::kStats) + (tiles - 1) * S::kAcc + 2 * S::kStage;
+  }
+};
+
+__device__ __forceinline__ void wait_tiles_in_flight(int pending) {  // cp.async.wait_group takes a constant
+  switch (pending) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+  }
+}
+
+template <typename T, int P>
+__global__ void __launch_bounds__(kThreads) mssa_bwd_mma_head_kernel(MssaParams<T> prm) {
+#if CK_TENSOR_CORE_ARCH
+  using S = MmaShape<T, P>;
+  constexpr int NT = S::NT;
+  const int tiles = static_cast<int>(cdiv(prm.n, S::BT));  // 1..4
+  unsigned char* smem = dynamic_smem();
+  T* w_all = reinterpret_cast<T*>(smem);                          // [tiles][BT][LDT]
+  T* g_all = w_all + tiles * S::BT * S::LDT;                      // [tiles][BT][LDT]
+  float* lse_all = reinterpret_cast<float*>(g_all + tiles * S::BT * S::LDT);  // [tiles][BT]
+  float* dl_all = lse_all + tiles * S::BT;                        // [tiles][BT]
+  float4* dw_acc = reinterpret_cast<float4*>(dl_all + tiles * S::BT);  // [tiles - 1][warp][NT][lane]
+  T* xs = reinterpret_cast<T*>(reinterpret_cast<float*>(dw_acc) + (tiles - 1) * S::BT * P);  // [BT][LDX]
+  T* pqs = xs + S::BT * S::LDX;                                   // [BT][LDX]
+
+  const HeadView<T> hv = head_at(prm, blockIdx.x, 0);  // one block per (batch, head)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int t = 0; t < tiles; ++t) {
+    tile_async<T, P>(w_all + t * S::BT * S::LDT, g_all + t * S::BT * S::LDT, lse_all + t * S::BT,
+                     dl_all + t * S::BT, hv, prm, t * S::BT);
+    cp_async_commit();
+  }
+  const auto tile_w = [&](int t) { return w_all + t * S::BT * S::LDT; };
+  const auto tile_g = [&](int t) { return g_all + t * S::BT * S::LDT; };
+  const auto acc_slot = [&](int t) { return dw_acc + ((t - 1) * 4 + warp) * NT * 32 + lane; };
+
+  for (int ti = 0; ti < tiles; ++ti) {
+    float acc[NT][4] = {};
+    RowStats st{};
+    for (int tj = ti; tj < tiles; ++tj) {
+      if (ti == 0) {
+        wait_tiles_in_flight(tiles - 1 - tj);  // tile tj has landed
+        __syncthreads();
+      } else if (tj > ti) {
+        __syncthreads();  // the last phase 3 is done with xs, pqs
+      }
+      if (tj == ti) st = row_stats(lse_all + ti * S::BT, dl_all + ti * S::BT, warp, lane);
+      const bool off_diagonal = tj > ti;
+      if (off_diagonal) {
+        pair_rows<T, P, true>(acc, tile_w(ti), tile_g(ti), tile_w(tj), tile_g(tj), lse_all + tj * S::BT,
+                              dl_all + tj * S::BT, st, prm.scale, xs, pqs, warp, lane);
+        __syncthreads();  // xs, pqs hold X and Pq of all 64 rows of I
+        // Phase 3: this warp's rows 16 warp.. of dw_J += X^T w_I + Pq^T dO_I over the 64 rows of I.
+        float acc_j[NT][4];
+        float4* slot = acc_slot(tj);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float4 v = ti == 0 ? make_float4(0.f, 0.f, 0.f, 0.f) : slot[nt * 32];
+          acc_j[nt][0] = v.x;
+          acc_j[nt][1] = v.y;
+          acc_j[nt][2] = v.z;
+          acc_j[nt][3] = v.w;
+        }
+        const int at_off = 16 * warp + rows8_offset<S::LDX>(lane), bk_off = rows16_offset<S::LDT>(lane);
+#pragma unroll
+        for (int kb = 0; kb < S::BT / 16; ++kb) {
+          uint32_t ax[4], ap[4];  // A[j][i] = X[i][j], Pq[i][j] for rows i in 16 kb..
+          ldsm_x4_trans(ax, xs + 16 * kb * S::LDX + at_off);
+          ldsm_x4_trans(ap, pqs + 16 * kb * S::LDX + at_off);
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {  // B[i][c] = w_I[i][c], dO_I[i][c]
+            uint32_t bw[4], bg[4];
+            const int off = 16 * kb * S::LDT + bk_off + 16 * np;
+            ldsm_x4_trans(bw, tile_w(ti) + off);
+            ldsm_x4_trans(bg, tile_g(ti) + off);
+            const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
+            const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
+            mma_16816<T>(acc_j[2 * np], ax, bw0);
+            mma_16816<T>(acc_j[2 * np + 1], ax, bw1);
+            mma_16816<T>(acc_j[2 * np], ap, bg0);
+            mma_16816<T>(acc_j[2 * np + 1], ap, bg1);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          slot[nt * 32] = make_float4(acc_j[nt][0], acc_j[nt][1], acc_j[nt][2], acc_j[nt][3]);
+      } else {
+        pair_rows<T, P, false>(acc, tile_w(ti), tile_g(ti), tile_w(ti), tile_g(ti), lse_all + ti * S::BT,
+                               dl_all + ti * S::BT, st, prm.scale, nullptr, nullptr, warp, lane);
+      }
+    }
+    if (ti > 0) {  // what the pairs (I', I), I' < I, gave tile I
+      const float4* slot = acc_slot(ti);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float4 v = slot[nt * 32];
+        acc[nt][0] += v.x;
+        acc[nt][1] += v.y;
+        acc[nt][2] += v.z;
+        acc[nt][3] += v.w;
+      }
+    }
+    store_rows<T, P>(acc, hv, prm, ti * S::BT, warp, lane);
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int P>
+struct TiledLayout {
+  using S = MmaShape<T, P>;
+  // w_I, dO_I, then two stages of w_J, dO_J; stats: lse_I, delta_I, then two stages of lse_J, delta_J.
+  static constexpr int BM = S::BT;
+  static constexpr size_t kBytes = 6 * S::kTile + 6 * S::kStats;
+};
+
+template <typename T, int P>
+__global__ void __launch_bounds__(kThreads) mssa_bwd_mma_tiled_kernel(MssaParams<T> prm) {
+#if CK_TENSOR_CORE_ARCH
+  using S = MmaShape<T, P>;
+  constexpr int NT = S::NT, TILE = S::BT * S::LDT;
+  T* tiles = reinterpret_cast<T*>(dynamic_smem());  // [6][BT][LDT]: w_I, dO_I, then w_J, dO_J of stage 0, 1
+  float* stats = reinterpret_cast<float*>(tiles + 6 * TILE);  // [6][BT]: lse_I, delta_I, then lse_J, delta_J
+  const auto stage_tile = [&](int stage) { return tiles + (2 + 2 * stage) * TILE; };  // w_J; dO_J follows
+  const auto stage_stats = [&](int stage) { return stats + (2 + 2 * stage) * S::BT; };  // lse_J; delta_J follows
+
+  const HeadView<T> hv = head_view<kMmaRows>(prm);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key_tiles = static_cast<int>(cdiv(prm.n, S::BT));
+  tile_async<T, P>(tiles, tiles + TILE, stats, stats + S::BT, hv, prm, hv.i0);
+  tile_async<T, P>(stage_tile(0), stage_tile(0) + TILE, stage_stats(0), stage_stats(0) + S::BT, hv, prm, 0);
+  cp_async_commit();
+
+  float acc[NT][4] = {};
+  RowStats st{};
+  for (int tj = 0; tj < key_tiles; ++tj) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile tj has landed, and every warp is done with tile tj - 1 (the buffer refilled next)
+    if (tj + 1 < key_tiles) {
+      const int b = (tj + 1) % 2;
+      tile_async<T, P>(stage_tile(b), stage_tile(b) + TILE, stage_stats(b), stage_stats(b) + S::BT, hv, prm,
+                       (tj + 1) * S::BT);
+      cp_async_commit();
+    }
+    if (tj == 0) st = row_stats(stats, stats + S::BT, warp, lane);
+    const T* wj = stage_tile(tj % 2);
+    const float* lse_j = stage_stats(tj % 2);
+    pair_rows<T, P, false>(acc, tiles, tiles + TILE, wj, wj + TILE, lse_j, lse_j + S::BT, st, prm.scale, nullptr,
+                           nullptr, warp, lane);
+  }
+  store_rows<T, P>(acc, hv, prm, hv.i0, warp, lane);
+#else
+  __trap();
+#endif
+}
+
 // One block per (bh, block of L::BM rows), row blocks of a head adjacent (they share its w in L2).
 template <typename L, typename Kernel, typename T>
 cudaError_t launch_rows(Kernel kernel, const MssaParams<T>& prm, int64_t bh, cudaStream_t stream) {
@@ -387,11 +735,31 @@ cudaError_t launch_rows(Kernel kernel, const MssaParams<T>& prm, int64_t bh, cud
 }
 
 template <typename T, int P>
-cudaError_t launch_main(const MssaParams<T>& prm, int64_t bh, bool tensor_cores, cudaStream_t stream) {
+cudaError_t launch_main(const MssaParams<T>& prm, int64_t bh, ck_kernel kernel, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
-    if (tensor_cores) return launch_rows<WmmaLayout<T, P>>(mssa_bwd_wmma_kernel<T, P>, prm, bh, stream);
+    if (kernel == CK_KERNEL_WMMA) return launch_rows<WmmaLayout<T, P>>(mssa_bwd_wmma_kernel<T, P>, prm, bh, stream);
+    if (kernel == CK_KERNEL_MMA && prm.n <= 4 * kMmaRows) {
+      const size_t bytes = HeadLayout<T, P>::bytes(static_cast<int>(cdiv(prm.n, kMmaRows)));
+      int optin = 0;
+      CK_RETURN_IF_ERROR(smem_optin(&optin));
+      if (bytes <= static_cast<size_t>(optin)) {  // else the tiled kernel
+        if (bh > kMaxGridX) return cudaErrorInvalidConfiguration;
+        CK_RETURN_IF_ERROR(allow_dynamic_smem(mssa_bwd_mma_head_kernel<T, P>, bytes));
+        mssa_bwd_mma_head_kernel<T, P><<<static_cast<unsigned>(bh), kThreads, bytes, stream>>>(prm);
+        return cudaGetLastError();
+      }
+    }
+    if (kernel == CK_KERNEL_MMA || kernel == CK_KERNEL_MMA_TILED)
+      return launch_rows<TiledLayout<T, P>>(mssa_bwd_mma_tiled_kernel<T, P>, prm, bh, stream);
   }
   return launch_rows<FmaLayout<P>>(mssa_bwd_fma_kernel<T, P>, prm, bh, stream);
+}
+
+// Whether the mma kernels can move rows of this (B, H, N, p) tensor with 16-byte cp.async: a 16-byte aligned
+// start and strides of 8 elements (16 bytes) along every dimension with more than one index.
+bool rows_aligned(const void* ptr, ck_strides3 s, int64_t batch, int64_t heads, int64_t n) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (batch == 1 || s.b % 8 == 0) &&
+         (heads == 1 || s.h % 8 == 0) && (n == 1 || s.n % 8 == 0);
 }
 
 }  // namespace
@@ -401,20 +769,18 @@ extern "C" cudaError_t ck_mssa_backward(const void* dout, ck_strides3 dout_strid
                                         ck_strides3 w_strides, const void* out, ck_strides3 out_strides,
                                         const float* lse, void* dw, ck_strides3 dw_strides, float* delta,
                                         int64_t batch, int64_t heads, int64_t n, int64_t p, float scale,
-                                        ck_dtype dtype, int tensor_cores, cudaStream_t stream) {
+                                        ck_dtype dtype, ck_kernel kernel, cudaStream_t stream) {
   using namespace ck;
   if (batch < 0 || heads < 0 || n < 1 || p < 1 || p > CK_MSSA_MAX_HEAD_DIM || n > INT32_MAX ||
-      heads > INT32_MAX || !(scale > 0.f))
+      heads > INT32_MAX || !(scale > 0.f) || kernel < CK_KERNEL_AUTO || kernel > CK_KERNEL_MMA_TILED)
     return cudaErrorInvalidValue;
-  if (tensor_cores && dtype == CK_FLOAT32) return cudaErrorInvalidValue;
   const int64_t bh = batch * heads;
   if (bh == 0) return cudaSuccess;
   if (!dout || !w || !out || !lse || !dw || !delta) return cudaErrorInvalidValue;
-  if (tensor_cores) {
-    int major = 0;
-    CK_RETURN_IF_ERROR(device_major(&major));
-    if (major < 8) return cudaErrorNotSupported;
-  }
+  const bool aligned = rows_aligned(w, w_strides, batch, heads, n) &&
+                       rows_aligned(dout, dout_strides, batch, heads, n) &&
+                       rows_aligned(dw, dw_strides, batch, heads, n);
+  CK_RETURN_IF_ERROR(resolve_kernel(kernel, dtype, aligned));
   const int64_t rows = bh * n;
   if (cdiv(rows, 8) > kMaxGridX) return cudaErrorInvalidConfiguration;
 
@@ -428,11 +794,10 @@ extern "C" cudaError_t ck_mssa_backward(const void* dout, ck_strides3 dout_strid
     const MssaParams<T> prm{static_cast<const T*>(w), static_cast<const T*>(dout), static_cast<T*>(dw),
                             w_strides, dout_strides, dw_strides, lse, delta,
                             static_cast<int>(heads), static_cast<int>(n), static_cast<int>(p), scale};
-    const bool tc = tensor_cores != 0;
-    if (p <= 32) return launch_main<T, 32>(prm, bh, tc, stream);
-    if (p <= 48) return launch_main<T, 48>(prm, bh, tc, stream);
-    if (p <= 64) return launch_main<T, 64>(prm, bh, tc, stream);
-    if (p <= 96) return launch_main<T, 96>(prm, bh, tc, stream);
-    return launch_main<T, 128>(prm, bh, tc, stream);
+    if (p <= 32) return launch_main<T, 32>(prm, bh, kernel, stream);
+    if (p <= 48) return launch_main<T, 48>(prm, bh, kernel, stream);
+    if (p <= 64) return launch_main<T, 64>(prm, bh, kernel, stream);
+    if (p <= 96) return launch_main<T, 96>(prm, bh, kernel, stream);
+    return launch_main<T, 128>(prm, bh, kernel, stream);
   });
 }

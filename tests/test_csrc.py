@@ -3,8 +3,9 @@
 (a) every csrc/*.cu compiles torch-free with nvcc for sm_80 and sm_90 under torch's extension flags, with no
     warning, no register spill and no stack frame;
 (b) the binding builds against this torch as a CppExtension linking those objects and libcudart, and imports;
-(c) the kernels run on the CPU through csrc/host_emulation.h (g++, one fiber per CUDA thread) and match
-    float64 math: every launcher, both variants (fma, wmma), odd shapes, strided inputs, guarded outputs;
+(c) the kernels run on the CPU through csrc/host_emulation.h (g++, one fiber per CUDA thread; ldmatrix,
+    mma.sync and cp.async per lane as the PTX ISA defines them) and match float64 math: every launcher, every
+    kernel (fma, wmma, mma, mma-tiled), odd shapes, strided inputs, guarded outputs;
 (d) on CUDA, the extension built by crate_kernels.ops.cuda_ext matches float64 math.
 
 Without nvcc (or g++, ninja) (a)-(c) skip, unless $CI is set: CI must have the toolchain.
@@ -61,7 +62,7 @@ def objects(cuda_root, build_dir):
     for cu in KERNELS:
         obj = build_dir / f"{cu.stem}.o"
         cmd = [str(cuda_root / "bin" / "nvcc"), "-c", str(cu), "-o", str(obj), "-O3", "-std=c++17",
-               "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES, "-Werror", "all-warnings",
+               "--threads", "2", "--expt-relaxed-constexpr", *TORCH_NVCC_DEFINES, "-Werror", "all-warnings",
                "-Xcompiler", "-fPIC,-Wall,-Wextra", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"]
         for arch in ARCHS:
             cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
@@ -116,10 +117,10 @@ def test_binding_builds_and_links(objects, cuda_root, build_dir):
     # Every launcher resolved at import (RTLD_NOW); the argument checks run before any CUDA call.
     w = torch.randn(1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        module.mssa_backward(w, w, w, torch.zeros(1, 2, 3), 0.5, False)
+        module.mssa_backward(w, w, w, torch.zeros(1, 2, 3), 0.5, "auto")
     x = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        module.ista_backward(x, x, torch.eye(8), torch.zeros(3, 1, dtype=torch.uint8), 0.1, True, True, False)
+        module.ista_backward(x, x, torch.eye(8), torch.zeros(3, 1, dtype=torch.uint8), 0.1, True, True, "auto")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,8 +237,9 @@ def emulated(cuda_root, build_dir):
     i64, f32, vp, c_int, s3 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, _Strides3
     lib.ck_mssa_backward.argtypes = [vp, s3, vp, s3, vp, s3, vp, vp, s3, vp, i64, i64, i64, i64, f32, c_int,
                                      c_int, vp]
-    lib.ck_ista_backward_dx.argtypes = [vp, i64, vp, i64, vp, i64, vp, i64, i64, i64, f32, c_int, c_int, vp]
-    lib.ck_ista_dm_plan.argtypes = [i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
+    lib.ck_ista_backward_dx.argtypes = [vp, i64, vp, i64, vp, i64, vp, i64, vp, i64, i64, i64, f32, c_int, c_int,
+                                        vp]
+    lib.ck_ista_dm_plan.argtypes = [i64, i64, c_int, ctypes.POINTER(i64), ctypes.POINTER(i64)]
     lib.ck_ista_backward_dm.argtypes = [vp, i64, vp, i64, vp, i64, vp, vp, i64, i64, i64, i64, f32, c_int, c_int,
                                         vp]
     for fn in (lib.ck_mssa_backward, lib.ck_ista_backward_dx, lib.ck_ista_dm_plan, lib.ck_ista_backward_dm):
@@ -246,77 +248,157 @@ def emulated(cuda_root, build_dir):
 
 
 _CK_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# (dtype, tensor_cores): fp32 has only the FMA tiles.
-_VARIANTS = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False),
-             (torch.float16, False)]
-_VARIANT_IDS = [f"{str(dt).split('.')[1]}-{'wmma' if tc else 'fma'}" for dt, tc in _VARIANTS]
+_CK_KERNEL = {"auto": 0, "fma": 1, "wmma": 2, "mma": 3, "mma-tiled": 4}  # crate_kernels.h: ck_kernel
+# (dtype, kernel): fp32 has only the FMA tiles.
+_VARIANTS = [(torch.float32, "fma"), (torch.bfloat16, "wmma"), (torch.float16, "wmma"), (torch.bfloat16, "fma"),
+             (torch.float16, "fma")]
+_VARIANT_IDS = [f"{str(dt).split('.')[1]}-{kernel}" for dt, kernel in _VARIANTS]
 
 
 def _s3(t):
     return _Strides3(*t.stride()[:3])
 
 
-@pytest.mark.parametrize("dtype,tensor_cores", _VARIANTS, ids=_VARIANT_IDS)
-@pytest.mark.parametrize("shape", [(1, 2, 1, 32), (2, 1, 17, 48), (1, 1, 197, 64), (1, 1, 40, 128), (1, 2, 23, 20)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_emulated_mssa_backward(emulated, shape, dtype, tensor_cores):
+def _emulated_mssa(emulated, shape, dtype, kernel):
+    """ck_mssa_backward on the model's layout: (cudaError, dw, w, dout, scale), the guards of dw checked."""
     b, h, n, p = shape
     w, dout, out, lse, scale = _mssa_inputs(b, h, n, p, dtype, "cpu")
     dwbuf, dw = _guarded((b, h, n, p), dtype)
     _, delta = _guarded((b, h, n), torch.float32)
     err = emulated.ck_mssa_backward(dout.data_ptr(), _s3(dout), w.data_ptr(), _s3(w), out.data_ptr(), _s3(out),
                                     lse.data_ptr(), dw.data_ptr(), _s3(dw), delta.data_ptr(), b, h, n, p, scale,
-                                    _CK_DTYPE[dtype], int(tensor_cores), None)
-    assert err == 0, f"ck_mssa_backward returned cudaError {err}"
+                                    _CK_DTYPE[dtype], _CK_KERNEL[kernel], None)
     _assert_guards_intact(dwbuf, float("nan"), "dw")
-    _mssa_check(dw, w, dout, scale, dtype, f"emulated mssa {shape}")
+    return err, dw, w, dout, scale
 
 
-@pytest.mark.parametrize("dtype,tensor_cores", _VARIANTS, ids=_VARIANT_IDS)
-@pytest.mark.parametrize("rows,d", [(1, 64), (7, 96), (45, 136), (300, 40), (0, 16), (5, 13)],
-                         ids=lambda v: str(v))
-def test_emulated_ista_backward(emulated, rows, d, dtype, tensor_cores):
-    eta = 0.1
+@pytest.mark.parametrize("dtype,kernel", _VARIANTS, ids=_VARIANT_IDS)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 32), (2, 1, 17, 48), (1, 1, 197, 64), (1, 1, 40, 128), (1, 2, 23, 20)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_emulated_mssa_backward(emulated, shape, dtype, kernel):
+    err, dw, w, dout, scale = _emulated_mssa(emulated, shape, dtype, kernel)
+    assert err == 0, f"ck_mssa_backward returned cudaError {err}"
+    _mssa_check(dw, w, dout, scale, dtype, f"emulated mssa {kernel} {shape}")
+
+
+# The mma kernels: N across 1, 2, 4 tiles of 64 and past the head kernel's 256; head dims of the models (48, 64)
+# and the largest (128). "mma" runs the one-block-per-head kernel up to N = 256, the tiled one above.
+_MMA_SHAPES = [(2, 1, 1, 64), (1, 2, 17, 48), (1, 1, 50, 128), (1, 1, 197, 64), (1, 1, 197, 48), (1, 1, 257, 64)]
+_MMA_CASES = [(shape, dtype, kernel) for shape in _MMA_SHAPES for dtype in (torch.bfloat16, torch.float16)
+              for kernel in ("mma", "mma-tiled") if not (shape[2] > 256 and kernel == "mma")]
+
+
+@pytest.mark.parametrize("shape,dtype,kernel", _MMA_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(dt).split('.')[1]}-{k}" for s, dt, k in _MMA_CASES])
+def test_emulated_mssa_backward_mma(emulated, shape, dtype, kernel):
+    err, dw, w, dout, scale = _emulated_mssa(emulated, shape, dtype, kernel)
+    assert err == 0, f"ck_mssa_backward returned cudaError {err}"
+    _mssa_check(dw, w, dout, scale, dtype, f"emulated mssa {kernel} {shape}")
+
+
+def _emulated_ista(emulated, rows, d, dtype, kernel, eta=0.1):
+    """ck_ista_backward_dx and _dm as the binding calls them: (errors, splits, dx, dm, inputs), guards checked."""
     x, dout, m, mask, packed = _ista_inputs(rows, d, dtype, "cpu")
+    _, m_lowp = _guarded((d, d), dtype)
+    m_lowp.copy_(m.to(dtype))
     dxbuf, dx = _guarded((rows, d), dtype)
     dmbuf, dm = _guarded((d, d), torch.float32)
     splits, chunk = ctypes.c_int64(), ctypes.c_int64()
-    assert emulated.ck_ista_dm_plan(rows, d, ctypes.byref(splits), ctypes.byref(chunk)) == 0
-    if (rows, d) == (300, 40):
-        assert splits.value > 1, "this shape should exercise the split reduction"
+    assert emulated.ck_ista_dm_plan(rows, d, _CK_KERNEL[kernel], ctypes.byref(splits), ctypes.byref(chunk)) == 0
     partials = torch.full((splits.value, d, d), float("nan"))
     dtype_id = _CK_DTYPE[dtype]
-    err = emulated.ck_ista_backward_dx(dout.data_ptr(), d, packed.data_ptr(), packed.stride(0), m.data_ptr(), d,
-                                       dx.data_ptr(), d, rows, d, eta, dtype_id, int(tensor_cores), None)
-    assert err == 0, f"ck_ista_backward_dx returned cudaError {err}"
-    err = emulated.ck_ista_backward_dm(x.data_ptr(), d, dout.data_ptr(), d, packed.data_ptr(), packed.stride(0),
-                                       dm.data_ptr(), partials.data_ptr() if splits.value > 1 else None,
-                                       splits.value, chunk.value, rows, d, eta, dtype_id, int(tensor_cores), None)
-    assert err == 0, f"ck_ista_backward_dm returned cudaError {err}"
+    err_dx = emulated.ck_ista_backward_dx(dout.data_ptr(), d, packed.data_ptr(), packed.stride(0), m.data_ptr(), d,
+                                          m_lowp.data_ptr(), d, dx.data_ptr(), d, rows, d, eta, dtype_id,
+                                          _CK_KERNEL[kernel], None)
+    err_dm = emulated.ck_ista_backward_dm(x.data_ptr(), d, dout.data_ptr(), d, packed.data_ptr(), packed.stride(0),
+                                          dm.data_ptr(), partials.data_ptr() if splits.value > 1 else None,
+                                          splits.value, chunk.value, rows, d, eta, dtype_id, _CK_KERNEL[kernel], None)
     _assert_guards_intact(dxbuf, float("nan"), "dx")
     _assert_guards_intact(dmbuf, float("nan"), "dM")
-    _ista_check(dx, dm, x, dout, m, mask, eta, dtype, f"emulated ista {(rows, d)}")
+    return (err_dx, err_dm), splits.value, dx, dm, (x, dout, m, mask)
+
+
+@pytest.mark.parametrize("dtype,kernel", _VARIANTS, ids=_VARIANT_IDS)
+@pytest.mark.parametrize("rows,d", [(1, 64), (7, 96), (45, 136), (300, 40), (0, 16), (5, 13)],
+                         ids=lambda v: str(v))
+def test_emulated_ista_backward(emulated, rows, d, dtype, kernel):
+    errors, splits, dx, dm, (x, dout, m, mask) = _emulated_ista(emulated, rows, d, dtype, kernel)
+    assert errors == (0, 0), f"ck_ista_backward_dx, _dm returned cudaErrors {errors}"
+    if (rows, d) == (300, 40):
+        assert splits > 1, "this shape should exercise the split reduction"
+    _ista_check(dx, dm, x, dout, m, mask, 0.1, dtype, f"emulated ista {kernel} {(rows, d)}")
+
+
+# The mma kernels take d % 8 == 0 with 4-byte mask rows (d % 32 == 0 for a dense mask): partial tiles along
+# rows and d, a d of several 128-tiles (384), the split reduction (300 rows), no rows.
+_ISTA_MMA_SHAPES = [(1, 64), (7, 96), (45, 160), (300, 96), (197, 384), (0, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("rows,d", _ISTA_MMA_SHAPES, ids=lambda v: str(v))
+def test_emulated_ista_backward_mma(emulated, rows, d, dtype):
+    errors, splits, dx, dm, (x, dout, m, mask) = _emulated_ista(emulated, rows, d, dtype, "mma")
+    assert errors == (0, 0), f"ck_ista_backward_dx, _dm returned cudaErrors {errors}"
+    if rows == 300:
+        assert splits > 1, "this shape should exercise the split reduction"
+    _ista_check(dx, dm, x, dout, m, mask, 0.1, dtype, f"emulated ista mma {(rows, d)}")
+
+
+def test_emulated_auto_picks_mma_where_aligned(emulated):
+    """CK_KERNEL_AUTO runs the mma kernels on aligned operands, wmma on the others, fma for fp32 (bitwise)."""
+    for shape, dtype, expected in [((1, 1, 17, 64), torch.bfloat16, "mma"), ((1, 2, 9, 20), torch.float16, "wmma"),
+                                   ((1, 1, 9, 32), torch.float32, "fma")]:
+        torch.manual_seed(0)
+        err, auto, *_ = _emulated_mssa(emulated, shape, dtype, "auto")
+        torch.manual_seed(0)
+        err_expected, dw, *_ = _emulated_mssa(emulated, shape, dtype, expected)
+        assert err == err_expected == 0 and torch.equal(auto, dw), f"mssa {shape} {dtype}: auto is not {expected}"
+    for rows, d, dtype, expected in [(9, 32, torch.bfloat16, "mma"), (9, 40, torch.float16, "wmma")]:
+        torch.manual_seed(0)
+        errors, _, dx, dm, _ = _emulated_ista(emulated, rows, d, dtype, "auto")
+        torch.manual_seed(0)
+        errors_expected, _, dx_e, dm_e, _ = _emulated_ista(emulated, rows, d, dtype, expected)
+        assert errors == errors_expected == (0, 0) and torch.equal(dx, dx_e) and torch.equal(dm, dm_e), \
+            f"ista {(rows, d)} {dtype}: auto is not {expected}"
 
 
 def test_emulated_launchers_reject_bad_arguments(emulated):
     s = _Strides3(0, 0, 0)
     buf = torch.zeros(4096)
     ptr = buf.data_ptr()
-    # p above 128, tensor cores with fp32: cudaErrorInvalidValue (1)
-    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 129, 0.1, 0, 0, None) == 1
-    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 64, 0.1, 0, 1, None) == 1
+    fp32, bf16 = _CK_DTYPE[torch.float32], _CK_DTYPE[torch.bfloat16]
+    # cudaErrorInvalidValue (1): p above 128; a tensor-core kernel with fp32; no such kernel
+    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 129, 0.1, fp32,
+                                     _CK_KERNEL["fma"], None) == 1
+    for kernel in ("wmma", "mma", "mma-tiled"):
+        assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 64, 0.1, fp32,
+                                         _CK_KERNEL[kernel], None) == 1
+    assert emulated.ck_mssa_backward(ptr, s, ptr, s, ptr, s, ptr, ptr, s, ptr, 1, 1, 4, 64, 0.1, bf16, 5, None) == 1
+    # mma on rows that are not 16-byte aligned (stride along N of 20 elements)
+    s20 = _Strides3(80, 80, 20)
+    assert emulated.ck_mssa_backward(ptr, s20, ptr, s20, ptr, s20, ptr, ptr, s20, ptr, 1, 1, 4, 20, 0.1, bf16,
+                                     _CK_KERNEL["mma"], None) == 1
     # chunks that do not tile the rows
-    assert emulated.ck_ista_backward_dm(ptr, 8, ptr, 8, ptr, 1, ptr, ptr, 2, 64, 200, 8, 0.1, 0, 0, None) == 1
+    assert emulated.ck_ista_backward_dm(ptr, 8, ptr, 8, ptr, 1, ptr, ptr, 2, 64, 200, 8, 0.1, fp32,
+                                        _CK_KERNEL["fma"], None) == 1
+    # ista mma: mask rows of 5 bytes (d = 40); no M in the input dtype; mma-tiled is MSSA's only
+    assert emulated.ck_ista_backward_dm(ptr, 40, ptr, 40, ptr, 5, ptr, None, 1, 64, 4, 40, 0.1, bf16,
+                                        _CK_KERNEL["mma"], None) == 1
+    assert emulated.ck_ista_backward_dx(ptr, 32, ptr, 4, ptr, 32, None, 32, ptr, 32, 4, 32, 0.1, bf16,
+                                        _CK_KERNEL["mma"], None) == 1
+    assert emulated.ck_ista_backward_dx(ptr, 32, ptr, 4, ptr, 32, ptr, 32, ptr, 32, 4, 32, 0.1, bf16,
+                                        _CK_KERNEL["mma-tiled"], None) == 1
 
 
 # --------------------------------------------------------------------------------------------------------
 # (d) the extension on CUDA
 # --------------------------------------------------------------------------------------------------------
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-_CUDA_VARIANTS = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, False),
-                  (torch.float16, False)]
-_CUDA_IDS = [f"{str(dt).split('.')[1]}-{'fma' if tc is False or dt == torch.float32 else 'wmma'}"
-             for dt, tc in _CUDA_VARIANTS]
+# (dtype, kernel): "auto" is fma for fp32 and mma for fp16/bf16 on these aligned inputs.
+_CUDA_VARIANTS = [(torch.float32, "auto")] + [(dt, k) for k in ("auto", "mma-tiled", "wmma", "fma")
+                                               for dt in (torch.bfloat16, torch.float16)]
+_CUDA_IDS = [f"{str(dt).split('.')[1]}-{k}" for dt, k in _CUDA_VARIANTS]
+_CUDA_ISTA = [(dt, k) for dt, k in _CUDA_VARIANTS if k != "mma-tiled"]
 
 
 @pytest.fixture(scope="module")
@@ -333,35 +415,35 @@ def _poison_cuda_cache():
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype,tensor_cores", _CUDA_VARIANTS, ids=_CUDA_IDS)
-@pytest.mark.parametrize("n", [1, 17, 197, 257])
+@pytest.mark.parametrize("dtype,kernel", _CUDA_VARIANTS, ids=_CUDA_IDS)
+@pytest.mark.parametrize("n", [1, 17, 50, 197, 257])
 @pytest.mark.parametrize("p", [32, 48, 64, 128])
-def test_cuda_mssa_backward(cuda_extension, n, p, dtype, tensor_cores):
+def test_cuda_mssa_backward(cuda_extension, n, p, dtype, kernel):
     b, h = 2, 3
     w, dout, out, lse, scale = _mssa_inputs(b, h, n, p, dtype, "cuda")
     _poison_cuda_cache()
-    dw = cuda_ext.mssa_backward(dout, w, out, lse, scale, tensor_cores=tensor_cores)
+    dw = cuda_ext.mssa_backward(dout, w, out, lse, scale, kernel=kernel)
     torch.cuda.synchronize()
     assert dw.dtype == dtype and dw.shape == w.shape and dw.stride() == w.stride()
-    _mssa_check(dw, w, dout, scale, dtype, f"cuda mssa {(b, h, n, p)}")
+    _mssa_check(dw, w, dout, scale, dtype, f"cuda mssa {kernel} {(b, h, n, p)}")
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype,tensor_cores", _CUDA_VARIANTS, ids=_CUDA_IDS)
+@pytest.mark.parametrize("dtype,kernel", _CUDA_ISTA, ids=[f"{str(dt).split('.')[1]}-{k}" for dt, k in _CUDA_ISTA])
 @pytest.mark.parametrize("rows", [1, 7, 197, 2000])
 @pytest.mark.parametrize("d", [64, 96, 384])
-def test_cuda_ista_backward(cuda_extension, rows, d, dtype, tensor_cores):
+def test_cuda_ista_backward(cuda_extension, rows, d, dtype, kernel):
     eta = 0.1
     x, dout, m, mask, packed = _ista_inputs(rows, d, dtype, "cuda")
     _poison_cuda_cache()
-    dx, dm = cuda_ext.ista_backward(dout, x, m, packed, eta, True, True, tensor_cores=tensor_cores)
-    dx_only, none = cuda_ext.ista_backward(dout, x, m, packed, eta, True, False, tensor_cores=tensor_cores)
-    none2, dm_again = cuda_ext.ista_backward(dout, x, m, packed, eta, False, True, tensor_cores=tensor_cores)
+    dx, dm = cuda_ext.ista_backward(dout, x, m, packed, eta, True, True, kernel=kernel)
+    dx_only, none = cuda_ext.ista_backward(dout, x, m, packed, eta, True, False, kernel=kernel)
+    none2, dm_again = cuda_ext.ista_backward(dout, x, m, packed, eta, False, True, kernel=kernel)
     torch.cuda.synchronize()
     assert none is None and none2 is None
     assert torch.equal(dx, dx_only) and torch.equal(dm, dm_again), "not deterministic"
     assert dx.dtype == dtype and dm.dtype == torch.float32
-    _ista_check(dx, dm, x, dout, m, mask, eta, dtype, f"cuda ista {(rows, d)}")
+    _ista_check(dx, dm, x, dout, m, mask, eta, dtype, f"cuda ista {kernel} {(rows, d)}")
 
 
 @cuda_only
@@ -372,6 +454,38 @@ def test_cuda_ext_rejects_cpu_tensors_and_bad_dtypes(cuda_extension):
     wd = w.double().cuda()
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         cuda_ext.mssa_backward(wd, wd, wd, torch.zeros(1, 1, 4, device="cuda"), 0.5)
+    wf = w.cuda()
+    with pytest.raises(RuntimeError, match="kernel 'wmma' takes float16 or bfloat16"):
+        cuda_ext.mssa_backward(wf, wf, wf, torch.zeros(1, 1, 4, device="cuda"), 0.5, kernel="wmma")
+    # p = 20: rows of 40 bytes, not 16-byte aligned; auto falls back to wmma.
+    w, dout, out, lse, scale = _mssa_inputs(1, 2, 9, 20, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="kernel 'mma' needs 16-byte aligned rows"):
+        cuda_ext.mssa_backward(dout, w, out, lse, scale, kernel="mma")
+    auto = cuda_ext.mssa_backward(dout, w, out, lse, scale)
+    assert torch.equal(auto, cuda_ext.mssa_backward(dout, w, out, lse, scale, kernel="wmma"))
+    x, dout, m, mask, packed = _ista_inputs(5, 40, torch.bfloat16, "cuda")  # mask rows of 5 bytes
+    with pytest.raises(RuntimeError, match="kernel 'mma' needs d % 8 == 0"):
+        cuda_ext.ista_backward(dout, x, m, packed, 0.1, True, True, kernel="mma")
+
+
+def test_kernel_choice_and_pinning():
+    """kernel= names are checked before any CUDA work; pinned_kernels sets the default and restores it."""
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="kernel: the csrc/ kernel must be one of"):
+        cuda_ext.ista_backward(x, x, torch.eye(8), torch.zeros(4, 1, dtype=torch.uint8), 0.1, True, True,
+                               kernel="mma-tiled")
+    with pytest.raises(ValueError, match="mssa: the csrc/ kernel must be one of"):
+        with cuda_ext.pinned_kernels(mssa="tensor"):
+            pass
+    assert cuda_ext._kernel("mssa", None, cuda_ext.MSSA_KERNELS) == "auto"
+    with cuda_ext.pinned_kernels(mssa="wmma"):
+        assert cuda_ext._kernel("mssa", None, cuda_ext.MSSA_KERNELS) == "wmma"
+        assert cuda_ext._kernel("ista", None, cuda_ext.ISTA_KERNELS) == "auto"
+        assert cuda_ext._kernel("mssa", "fma", cuda_ext.MSSA_KERNELS) == "fma"  # an explicit kernel wins
+        with cuda_ext.pinned_kernels(ista="mma"):
+            assert cuda_ext._kernel("ista", None, cuda_ext.ISTA_KERNELS) == "mma"
+        assert cuda_ext._kernel("ista", None, cuda_ext.ISTA_KERNELS) == "auto"
+    assert cuda_ext._kernel("mssa", None, cuda_ext.MSSA_KERNELS) == "auto"
 
 
 def test_cli_without_arguments_prints_help():

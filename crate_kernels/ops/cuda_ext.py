@@ -4,9 +4,16 @@
     ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm) -> (dx | None, dm | None)
 
 take and return exactly what the ``_backward_torch`` launchers of mssa.py and ista.py do, for CUDA tensors of
-dtype float32, float16 or bfloat16 (head dim p <= 128 for MSSA). float32 runs fp32 FMA tiles (exact fp32
-products); float16/bfloat16 run tensor-core (wmma) tiles on compute capability >= 8.0, or the FMA tiles with
-``tensor_cores=False``. Arithmetic is fp32 throughout.
+dtype float32, float16 or bfloat16 (head dim p <= 128 for MSSA). Arithmetic is fp32 throughout. ``kernel``
+picks the csrc/ kernel (MSSA_KERNELS, ISTA_KERNELS; csrc/crate_kernels.h):
+  ``mma``        ldmatrix + mma.sync tensor-core tiles fed by cp.async (float16/bfloat16, compute capability
+                 >= 8.0, 16-byte aligned rows); MSSA runs one block per (batch, head) for N <= 256 that visits
+                 each pair of 64-row tiles once (S = S^T), and the tiled form above that
+  ``mma-tiled``  MSSA only: the tiled mma form for every N
+  ``wmma``       nvcuda::wmma tensor-core tiles (float16/bfloat16, compute capability >= 8.0)
+  ``fma``        fp32 FMA tiles (exact fp32 products, any dtype)
+  ``auto``       float32 or compute capability < 8.0: fma; else mma where its alignment holds, else wmma
+The default (None) is the kernel ``pinned_kernels`` set, else ``auto``; backend 'cuda' calls the default.
 
 The build needs a CUDA build of torch, the CUDA toolkit (nvcc; ``$CUDA_HOME`` or found through nvcc on PATH,
 wrapper scripts included) and ninja. It lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
@@ -17,6 +24,7 @@ the lock file a killed build leaves in its build folder (torch's loader would ot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -26,10 +34,13 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "why_unavailable", "load", "cuda_home", "csrc_dir", "mssa_backward", "ista_backward",
-           "remove_stale_lock"]
+           "remove_stale_lock", "MSSA_KERNELS", "ISTA_KERNELS", "pinned_kernels"]
 
 _NAME = "crate_kernels_cuda"
 _SOURCES = ("bindings.cpp", "mssa_backward.cu", "ista_backward.cu")
+MSSA_KERNELS = ("auto", "mma", "mma-tiled", "wmma", "fma")
+ISTA_KERNELS = ("auto", "mma", "wmma", "fma")
+_pinned = {"mssa": None, "ista": None}
 _CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128
@@ -156,19 +167,37 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _tensor_cores(dtype: torch.dtype, device: torch.device, tensor_cores: bool | None) -> bool:
-    if tensor_cores is None:
-        return dtype != torch.float32 and torch.cuda.get_device_capability(device) >= (8, 0)
-    return tensor_cores
+@contextlib.contextmanager
+def pinned_kernels(*, mssa: str | None = None, ista: str | None = None):
+    """Within the block, calls without ``kernel=`` (backend 'cuda' among them) run these kernels; None keeps the
+    current choice. For benchmarks that rank the kernels; process-wide, not thread-local."""
+    chosen = {"mssa": _kernel_name(mssa, MSSA_KERNELS, "mssa"), "ista": _kernel_name(ista, ISTA_KERNELS, "ista")}
+    saved = dict(_pinned)
+    _pinned.update({op: name for op, name in chosen.items() if name is not None})
+    try:
+        yield
+    finally:
+        _pinned.update(saved)
 
 
-def mssa_backward(dout, w, out, lse, scale, *, tensor_cores: bool | None = None):
+def _kernel_name(name: str | None, names: tuple, argument: str) -> str | None:
+    if name is not None and name not in names:
+        raise ValueError(f"{argument}: the csrc/ kernel must be one of {list(names)}, got {name!r}")
+    return name
+
+
+def _kernel(op: str, kernel: str | None, names: tuple) -> str:
+    return _kernel_name(kernel, names, "kernel") or _pinned[op] or "auto"
+
+
+def mssa_backward(dout, w, out, lse, scale, *, kernel: str | None = None):
     """dw (B, H, N, p) in w's dtype from dout, w, out (B, H, N, p) and lse (B, H, N), as mssa._backward_torch.
 
     Inputs may have any strides (a copy is made only where the head dim is not unit-stride); dw takes w's
     layout where w is dense (the model's (B, N, H, p) -> (B, H, N, p) view needs no copy).
 
-    ``tensor_cores``: None picks wmma tiles for float16/bfloat16 on compute capability >= 8.0."""
+    ``kernel``: one of MSSA_KERNELS (see the module docstring); None: the pinned one, else "auto"."""
+    name = _kernel("mssa", kernel, MSSA_KERNELS)
     _check_cuda(w, "w")
     if w.dtype not in _DTYPES:
         raise TypeError(f"backend 'cuda' supports w of dtype float32, float16 or bfloat16, got {w.dtype}")
@@ -177,15 +206,16 @@ def mssa_backward(dout, w, out, lse, scale, *, tensor_cores: bool | None = None)
     ext = load()
     return ext.mssa_backward(
         _unit_last(dout.to(w.dtype)), _unit_last(w), _unit_last(out.to(w.dtype)),
-        lse.to(torch.float32).contiguous(), float(scale), _tensor_cores(w.dtype, w.device, tensor_cores),
+        lse.to(torch.float32).contiguous(), float(scale), name,
     )
 
 
-def ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, *, tensor_cores: bool | None = None):
+def ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, *, kernel: str | None = None):
     """(dx in x's dtype | None, dM in M's dtype | None) with G = dout * mask, as ista._backward_torch:
     dx = G + eta G M^T, dM = eta x^T G; x and dout are (rows, d), M (d, d), packed_mask (rows, ceil(d / 8)).
 
-    ``tensor_cores``: None picks wmma tiles for float16/bfloat16 on compute capability >= 8.0."""
+    ``kernel``: one of ISTA_KERNELS (see the module docstring); None: the pinned one, else "auto"."""
+    name = _kernel("ista", kernel, ISTA_KERNELS)
     _check_cuda(x, "x")
     if x.dtype not in _DTYPES:
         raise TypeError(f"backend 'cuda' supports x of dtype float32, float16 or bfloat16, got {x.dtype}")
@@ -194,7 +224,7 @@ def ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, *, tenso
     ext = load()
     dx, dm = ext.ista_backward(
         _unit_last(dout.to(x.dtype)), _unit_last(x), _unit_last(m.to(torch.float32)), _unit_last(packed_mask),
-        float(step_size), bool(need_dx), bool(need_dm), _tensor_cores(x.dtype, x.device, tensor_cores),
+        float(step_size), bool(need_dx), bool(need_dm), name,
     )
     return dx, (None if dm is None else dm.to(m.dtype))
 
