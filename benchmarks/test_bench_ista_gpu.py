@@ -4,8 +4,9 @@ Shape: CRATE-MAE-Base, 256 images x 197 tokens = 50,432 rows, d = 768, x and W i
 Providers, in this order (`triton` first, its baselines right after it): `triton`; `cublas-floor`, the bare
 bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and x^T G backward), no epilogue, no mask;
 `reference` (eager release math); `compile-reference` (torch.compile of it); `cuda` (Triton forward, csrc/
-CUDA-extension backward; skipped with the reason when the extension cannot build); `torch` (the fused
-algorithm in PyTorch, ista_step with that backend).
+CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-wmma` (`cuda` with the
+csrc/ wmma backward kernel pinned; bwd and fwd+bwd only); `torch` (the fused algorithm in PyTorch, ista_step with
+that backend).
 extra_info: device_ms and host_ms (bench_utils.record); from device time, tflops counted on the fused
 algorithm (2 rows d^2 + 2 d^3 forward for x M and W^T W; 4 rows d^2 + 2 d^3 backward for G M^T, x^T G and
 W (dM + dM^T)), tflops_release counted on the release's
@@ -23,16 +24,35 @@ pytestmark = requires_cuda
 
 ROWS, D, DTYPE = 256 * 197, 768, torch.bfloat16
 STEP_SIZE, LAMBD = 0.1, 0.5
-PROVIDERS = ["triton", "cublas-floor", "reference", "compile-reference", "cuda", "torch"]
+PROVIDERS = ["triton", "cublas-floor", "reference", "compile-reference", "cuda", "cuda-wmma", "torch"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 CASES = [(provider, mode) for provider in PROVIDERS for mode in MODES]
 _COMPILED = {}
+# Backend 'cuda' with its csrc/ backward kernel pinned, ranked against `cuda` (the default kernel: mma).
+CUDA_KERNELS = {"cuda-wmma": "wmma"}
+
+
+@pytest.fixture(autouse=True)
+def _pinned_cuda_kernel(request):
+    params = request.node.callspec.params
+    kernel = CUDA_KERNELS.get(params["provider"])
+    if kernel is None:
+        yield
+        return
+    skip_if_excluded("cuda")
+    if params["mode"] == "fwd":
+        pytest.skip("the forward is provider cuda's whatever the backward kernel")
+    from crate_kernels.ops import cuda_ext
+
+    with cuda_ext.pinned_kernels(ista=kernel):
+        yield
 
 
 def _forward_fn(provider: str):
     """A callable (x, W) -> out for the providers that run the ISTA step."""
-    if provider in ("triton", "cuda", "torch"):
-        return lambda x, w: ista_step(x, w, STEP_SIZE, LAMBD, backend=provider)
+    if provider in ("triton", "cuda", "torch", *CUDA_KERNELS):
+        backend = "cuda" if provider in CUDA_KERNELS else provider
+        return lambda x, w: ista_step(x, w, STEP_SIZE, LAMBD, backend=backend)
     if provider == "compile-reference":
         if "fn" not in _COMPILED:
             _COMPILED["fn"] = torch.compile(ista_reference, dynamic=False)
@@ -93,7 +113,7 @@ def test_ista(benchmark, provider, mode):
         step()  # warm-up: compiles and autotunes kernels
         synchronize()
     except RuntimeError as exc:
-        if provider == "cuda":
+        if provider in ("cuda", *CUDA_KERNELS):
             pytest.skip(f"the CUDA extension cannot run here: {str(exc).splitlines()[0][:200]}")
         raise
     benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)

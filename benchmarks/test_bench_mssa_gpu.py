@@ -4,7 +4,8 @@ Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024
 Providers: `triton` (the fused kernels), F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
 (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math`; one that cannot run the shape is skipped),
 `reference` (eager release math), `compile-reference` (torch.compile of it), and `cuda` (the Triton forward with
-the csrc/ CUDA-extension backward; skipped with the reason when the extension cannot build).
+the csrc/ CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-mma-tiled`
+and `cuda-wmma` run `cuda` with another csrc/ backward kernel pinned (bwd and fwd+bwd only).
 Order: shape by shape, and within a shape `triton` first with its baselines right after it (SDPA flash, cuDNN,
 efficient, eager, compile), then the rest, so a suite stopped at its time limit has the comparisons that matter.
 extra_info: device_ms and host_ms (bench_utils.record), tflops (4 n^2 p per head forward, 2.5x that backward)
@@ -23,17 +24,36 @@ pytestmark = requires_cuda
 
 SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
 PROVIDERS = ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference", "cuda",
-             "sdpa-math"]
+             "cuda-mma-tiled", "cuda-wmma", "sdpa-math"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 CASES = [(shape, provider, mode) for shape in SHAPES for provider in PROVIDERS for mode in MODES]
 DTYPE = torch.bfloat16
 _COMPILED = {}
+# Backend 'cuda' with its csrc/ backward kernel pinned, ranked against `cuda` (the default kernel: mma).
+CUDA_KERNELS = {"cuda-mma-tiled": "mma-tiled", "cuda-wmma": "wmma"}
+
+
+@pytest.fixture(autouse=True)
+def _pinned_cuda_kernel(request):
+    params = request.node.callspec.params
+    kernel = CUDA_KERNELS.get(params["provider"])
+    if kernel is None:
+        yield
+        return
+    skip_if_excluded("cuda")
+    if params["mode"] == "fwd":
+        pytest.skip("the forward is provider cuda's whatever the backward kernel")
+    from crate_kernels.ops import cuda_ext
+
+    with cuda_ext.pinned_kernels(mssa=kernel):
+        yield
 
 
 def _provider(name: str, scale: float):
     """A callable w -> out for one provider."""
-    if name in ("triton", "cuda"):
-        return lambda w: mssa_attention(w, scale, backend=name)
+    if name in ("triton", "cuda", *CUDA_KERNELS):
+        backend = "cuda" if name in CUDA_KERNELS else name
+        return lambda w: mssa_attention(w, scale, backend=backend)
     if name == "reference":
         return lambda w: mssa_reference(w, scale)
     if name == "compile-reference":
@@ -85,7 +105,7 @@ def test_mssa(benchmark, shape, provider, mode):
         step()  # warm-up: compiles and autotunes kernels
         synchronize()
     except RuntimeError as exc:
-        if provider.startswith("sdpa") or provider in ("compile-reference", "cuda"):
+        if provider.startswith("sdpa") or provider in ("compile-reference", "cuda", *CUDA_KERNELS):
             pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
         raise
 
