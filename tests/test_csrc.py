@@ -95,6 +95,46 @@ def test_nvcc_compiles(objects, cu):
     assert not bad, f"{cu.name}: kernels with a stack frame or spills (stack, spill stores, spill loads): {bad}\n{log}"
 
 
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+
+
+def _ptxas_figures(log: str) -> dict:
+    """{(mangled kernel, arch): 'R regs, S stack, st/ld spill, M smem'} from a ptxas -v log."""
+    figures, key, frame = {}, None, ""
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            key = m.groups()
+        elif key and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                     line)):
+            frame = f"{m.group(1)} stack, {m.group(2)}/{m.group(3)} spill"
+        elif key and (m := re.search(r"Used (\d+) registers", line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            figures[key] = f"{m.group(1):>3} regs, {frame}, {smem.group(1) if smem else 0} B static smem"
+            key, frame = None, ""
+    return figures
+
+
+def test_ptxas_figures(objects, capsys):
+    """Registers, stack, spills and static shared memory of every kernel on every arch, in the test output
+    (dynamic shared memory: the launchers; loop figures: scripts/csrc_figures.py)."""
+    figures = {}
+    for cu, (_, returncode, log) in objects.items():
+        assert returncode == 0, f"nvcc failed on {cu.name}"
+        figures.update(_ptxas_figures(log))
+    assert {arch for _, arch in figures} == set(ARCHS)
+    names = sorted({name for name, _ in figures})
+    cxxfilt = shutil.which("c++filt")
+    demangled = (subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+                 if cxxfilt else names)
+    lines = ["ptxas -v of csrc/ (kernel: " + "; ".join(f"sm_{a}" for a in ARCHS) + ")"]
+    for name, pretty in zip(names, demangled):
+        pretty = re.sub(r"ck::\(anonymous namespace\)::|^void ", "", pretty.strip() or name)
+        pretty = re.sub(r"\(.*\)$", "", pretty.replace("(Op)0", "dx").replace("(Op)1", "dM"))
+        lines.append(f"  {pretty}: " + "; ".join(figures.get((name, a), "-") for a in ARCHS))
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
 # --------------------------------------------------------------------------------------------------------
 # (b) the binding links
 # --------------------------------------------------------------------------------------------------------
