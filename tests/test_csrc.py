@@ -321,9 +321,10 @@ def test_emulated_mssa_backward(emulated, shape, dtype, kernel):
     _mssa_check(dw, w, dout, scale, dtype, f"emulated mssa {kernel} {shape}")
 
 
-# The mma kernels: N across 1, 2, 4 tiles of 64 and past the head kernel's 256; head dims of the models (48, 64)
-# and the largest (128). "mma" runs the one-block-per-head kernel up to N = 256, the tiled one above.
-_MMA_SHAPES = [(2, 1, 1, 64), (1, 2, 17, 48), (1, 1, 50, 128), (1, 1, 197, 64), (1, 1, 197, 48), (1, 1, 257, 64)]
+# The mma kernels: N across 1, 2, 3, 4 tiles of 64 and past the head kernel's 256; head dims of the models (48,
+# 64) and the largest (128). "mma" runs the one-block-per-head kernel up to N = 256, the tiled one above.
+_MMA_SHAPES = [(2, 1, 1, 64), (1, 2, 17, 48), (1, 1, 50, 128), (1, 1, 150, 128), (1, 1, 197, 64), (1, 1, 197, 48),
+               (1, 1, 257, 64)]
 _MMA_CASES = [(shape, dtype, kernel) for shape in _MMA_SHAPES for dtype in (torch.bfloat16, torch.float16)
               for kernel in ("mma", "mma-tiled") if not (shape[2] > 256 and kernel == "mma")]
 
@@ -382,6 +383,17 @@ def test_emulated_ista_backward_mma(emulated, rows, d, dtype):
     if rows == 300:
         assert splits > 1, "this shape should exercise the split reduction"
     _ista_check(dx, dm, x, dout, m, mask, 0.1, dtype, f"emulated ista mma {(rows, d)}")
+
+
+def test_emulated_mssa_mma_head_too_large_runs_tiled(emulated):
+    """p = 128, N = 197: the head kernel would need 252 KB of shared memory (227 KB here), so "mma" runs the
+    tiled kernel (bitwise the same dw as "mma-tiled")."""
+    torch.manual_seed(0)
+    err, dw, w, dout, scale = _emulated_mssa(emulated, (1, 1, 197, 128), torch.bfloat16, "mma")
+    torch.manual_seed(0)
+    err_tiled, dw_tiled, *_ = _emulated_mssa(emulated, (1, 1, 197, 128), torch.bfloat16, "mma-tiled")
+    assert err == err_tiled == 0 and torch.equal(dw, dw_tiled)
+    _mssa_check(dw, w, dout, scale, torch.bfloat16, "emulated mssa mma (1, 1, 197, 128)")
 
 
 def test_emulated_auto_picks_mma_where_aligned(emulated):
