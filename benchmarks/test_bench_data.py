@@ -81,6 +81,8 @@ def test_transform_per_core(benchmark, jpeg_folder, monkeypatch, path):
     torch.set_num_threads(1)
     try:
         benchmark.pedantic(lambda: [view(i) for i in range(len(files))], rounds=3, iterations=1, warmup_rounds=1)
+        if not benchmark.stats:  # --benchmark-disable: ran once as a plain test
+            return
         benchmark.extra_info.update(provider=path, images=len(files),
                                     img_per_s_per_core=round(len(files) / benchmark.stats.stats.median, 1))
         if path != "earlier":  # the two paths in turn: a ratio that machine drift does not move
@@ -110,6 +112,8 @@ def test_loader_workers(benchmark, jpeg_folder, workers):
 
     one_epoch()  # workers started and warm
     benchmark.pedantic(one_epoch, rounds=3, iterations=1)
+    if not benchmark.stats:
+        return
     images = sampler.num_batches * 16
     benchmark.extra_info.update(provider=f"{workers} workers", workers=workers,
                                 decoder="simplejpeg" if data._SIMPLEJPEG else "PIL",

@@ -461,3 +461,17 @@ def test_auto_falls_back_to_torch_per_shape_with_one_warning_and_an_explicit_tri
         got = torch.autograd.grad(ista.ISTAFunction.apply(x, weight, 0.1, 0.5, AUTO_TRITON), (x, weight), g)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_deterministic_algorithms_take_the_first_autotune_config(monkeypatch):
+    """A timed autotuning choice can differ between runs, and with it the order of the sums: under
+    torch.use_deterministic_algorithms(True) the kernels take the first config the pruning kept."""
+    from crate_kernels.ops import backend
+
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "full")
+    assert backend.autotune_space(["a", "b", "c"]) == ["a", "b", "c"]
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backend.autotune_space(["a", "b", "c"]) == ["a"]
+    finally:
+        torch.use_deterministic_algorithms(False)

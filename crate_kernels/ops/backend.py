@@ -76,8 +76,11 @@ def autotune_mode() -> str:
 
 
 def autotune_space(configs: list) -> list:
-    """What the autotuner tries of the configs the pruning kept: all of them, or the first (autotune mode ``first``)."""
-    return configs[:1] if autotune_mode() == "first" else configs
+    """What the autotuner tries of the configs the pruning kept: all of them, or the first (autotune mode
+    ``first``, or ``torch.use_deterministic_algorithms(True)``: a timed choice may differ from run to run, and with
+    it the order of the sums, so deterministic runs take the first config the pruning kept)."""
+    first = autotune_mode() == "first" or torch.are_deterministic_algorithms_enabled()
+    return configs[:1] if first else configs
 
 
 def tuning_bucket(n: int) -> int:
