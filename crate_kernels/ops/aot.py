@@ -8,9 +8,12 @@ intercepted, so the compiler gets exactly the arguments, constexprs and speciali
 it. For every GPU arch, the kernel's own pruning (the function its autotuner calls) picks the configs, and
 Triton's compiler with its bundled ptxas builds each one: bf16, fp16 and fp32 at head dims 48, 64 and 128;
 fp32 with TF32 products in every kept config and with exact ("ieee") products in the first one only (the
-slow case to compile). Identical compiles (head dims with one tile size) are built once.
+slow case to compile). A module may name the (dtype, arch) pairs that compile every kept config
+(``AOT_ALL_CONFIGS``, e.g. the kernel variants: bf16 on sm_90); its other pairs compile the first kept config.
+Identical compiles (head dims with one tile size) are built once.
 
-Prints registers, spills and shared memory per config, then counts per kernel and arch. Exits 1 on any
+Prints registers, spills and shared memory per config, and per innermost loop of each kernel the products
+(wgmma on sm_90, mma on sm_80) and product waits one iteration runs, then counts per kernel and arch. Exits 1 on any
 compile error, on a launch whose first kept config (what CRATE_KERNELS_AUTOTUNE=first runs, and what an
 autotuner that found no config able to launch falls back to) exceeds the arch's shared memory, or on a
 registered kernel that no launch reached. Needs TRITON_INTERPRET unset, so that kernels are JIT functions.
@@ -32,7 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.ista")
+OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.mssa_variants", "crate_kernels.ops.ista",
+       "crate_kernels.ops.ista_variants")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (48, 64, 128)
 # Shared memory one block may opt in to, bytes (CUDA's per-block limit by compute capability)
@@ -46,6 +50,21 @@ def _jit_function(kernel):
     while not isinstance(kernel, JITFunction):
         kernel = kernel.fn
     return kernel
+
+
+def _with_heuristics(kernel, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus the values of the @triton.heuristics between an autotuner and its JIT function (as
+    Heuristics.run computes them at launch)."""
+    from triton.runtime.autotuner import Heuristics
+
+    kwargs = dict(kwargs)
+    kernel = kernel.fn
+    while not hasattr(kernel, "signature"):
+        if isinstance(kernel, Heuristics):
+            for name, heuristic in kernel.values.items():
+                kwargs[name] = heuristic({**dict(zip(kernel.arg_names, args)), **kwargs})
+        kernel = kernel.fn
+    return kwargs
 
 
 def _config_name(config) -> str:
@@ -87,8 +106,9 @@ def collect_launches(head_dims=HEAD_DIMS) -> list[dict]:
         module = importlib.import_module(module_name)
         for dtype_name, dtype in DTYPES.items():
             for head_dim in head_dims:
-                launches += capture(lambda: module.aot_launches(dtype, head_dim), f"{dtype_name} p={head_dim}",
-                                    dtype == torch.float32)
+                for launch in capture(lambda: module.aot_launches(dtype, head_dim), f"{dtype_name} p={head_dim}",
+                                      dtype == torch.float32):
+                    launches.append({**launch, "dtype": dtype_name})
     return launches
 
 
@@ -128,7 +148,8 @@ def launch_keys(launch: dict, arch: int = 90) -> dict:
     """The tuning key of a launch and the runtime's compile key of its first kept config on ``arch``."""
     autotuner, args, kwargs = launch["autotuner"], launch["args"], launch["kwargs"]
     config = _kept_configs(autotuner, args, kwargs)[0]
-    compile_key = _Binder()(_jit_function(autotuner), arch, args, {**kwargs, **config.all_kwargs()})[0]
+    compile_key = _Binder()(_jit_function(autotuner), arch, args,
+                            _with_heuristics(autotuner, args, {**kwargs, **config.all_kwargs()}))[0]
     return {"kernel": launch["kernel"][1], "tuning": repr(tuning_key(autotuner, args, kwargs)), "compile": compile_key}
 
 
@@ -157,14 +178,16 @@ def plan_jobs(launches: list[dict], archs: list[int]) -> tuple[dict, list[dict]]
         if launch["fp32"] and "PRECISION" in launch["kwargs"]:  # fp32 operands: both dot precisions
             variants = [(" tf32", {**launch["kwargs"], "PRECISION": "tf32"}, False),
                         (" ieee", {**launch["kwargs"], "PRECISION": "ieee"}, True)]
+        every = getattr(importlib.import_module(module_name), "AOT_ALL_CONFIGS", None)
         for suffix, kwargs, first_only in variants:
             kept = _kept_configs(autotuner, launch["args"], kwargs)
-            kept = kept[:1] if first_only else kept
             for arch in archs:
                 keys = []
-                for config in kept:
+                all_configs = not first_only and (every is None or (launch.get("dtype"), arch) in every)
+                for config in kept if all_configs else kept[:1]:
                     key, signature, constexprs, attrs, options = bind(
-                        fn, arch, launch["args"], {**kwargs, **config.all_kwargs()})
+                        fn, arch, launch["args"], _with_heuristics(autotuner, launch["args"],
+                                                                   {**kwargs, **config.all_kwargs()}))
                     key = f"{module_name}.{name} sm_{arch} {key}"
                     jobs.setdefault(key, {"module": module_name, "kernel": name, "arch": arch,
                                           "case": launch["case"] + suffix, "config": _config_name(config),
@@ -185,6 +208,36 @@ def _ptxas_figures(log: str) -> dict:
     return out
 
 
+_LOOP_OPS = {  # TTGIR op -> figure: tensor-core products (wgmma on sm_90, mma otherwise), their waits, and loads
+    "dots": ("ttng.warp_group_dot ", "tt.dot "), "waits": ("ttng.warp_group_dot_wait ",),
+    "async_loads": ("ttg.async_copy_global_to_local ", "ttng.async_tma_copy_global_to_local "),
+    "sync_loads": ("tt.load ",), "smem_stores": ("ttg.local_alloc ", "ttg.local_store "),
+    "converts": ("ttg.convert_layout ",),
+}
+
+
+def loop_figures(ttgir: str) -> list[dict]:
+    """Per innermost loop (scf.for without a loop inside) of a compiled kernel's TTGIR, the ops one iteration runs:
+    products, product waits (with how many products each leaves in flight), async (pipelined) and synchronous global
+    loads, register-to-shared stores and layout conversions."""
+    lines, loops = ttgir.splitlines(), []
+    for start, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for inner in lines[start + 1:]:
+            if inner.strip().startswith("}") and len(inner) - len(inner.lstrip()) == indent:
+                break
+            body.append(inner)
+        if any(" scf.for " in b for b in body):
+            continue
+        figures = {name: sum(any(op in b for op in ops) for b in body) for name, ops in _LOOP_OPS.items()}
+        figures["pendings"] = [int(m) for b in body for m in re.findall(r"pendings = (\d+)", b)]
+        loops.append(figures)
+    return loops
+
+
 def compile_job(job: dict) -> dict:
     """Compile one job with Triton's compiler for its arch; registers and spills from ptxas' report."""
     import triton
@@ -201,7 +254,8 @@ def compile_job(job: dict) -> dict:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
                                       target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
-        result.update(shared=compiled.metadata.shared, **_ptxas_figures(log.getvalue()))
+        result.update(shared=compiled.metadata.shared, **_ptxas_figures(log.getvalue()),
+                      loops=loop_figures(compiled.asm["ttgir"]))
         result["fits"] = result["shared"] <= SHARED_MEMORY[job["arch"]]
     except Exception as exc:  # noqa: BLE001  (any compiler failure is this job's result)
         result["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
