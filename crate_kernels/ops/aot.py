@@ -145,12 +145,15 @@ class _Binder:
 
 
 def launch_keys(launch: dict, arch: int = 90) -> dict:
-    """The tuning key of a launch and the runtime's compile key of its first kept config on ``arch``."""
+    """The tuning key of a launch, how many configs its autotuner chooses among, and the runtime's compile key of its
+    first kept config on ``arch``."""
     autotuner, args, kwargs = launch["autotuner"], launch["args"], launch["kwargs"]
-    config = _kept_configs(autotuner, args, kwargs)[0]
+    kept = _kept_configs(autotuner, args, kwargs)
+    config = kept[0]
     compile_key = _Binder()(_jit_function(autotuner), arch, args,
                             _with_heuristics(autotuner, args, {**kwargs, **config.all_kwargs()}))[0]
-    return {"kernel": launch["kernel"][1], "tuning": repr(tuning_key(autotuner, args, kwargs)), "compile": compile_key}
+    return {"kernel": launch["kernel"][1], "tuning": repr(tuning_key(autotuner, args, kwargs)), "configs": len(kept),
+            "compile": compile_key}
 
 
 def _kept_configs(autotuner, args: tuple, kwargs: dict) -> list:
@@ -261,6 +264,44 @@ def compile_job(job: dict) -> dict:
         result["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
     result["seconds"] = round(time.time() - start, 2)
     return result
+
+
+def kernel_ttir(job: dict) -> str:
+    """A job's kernel as Triton IR (the first compile stage: helpers inlined, no GPU layouts), in well under a second."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", job["arch"], 32)
+    backend = make_backend(target)
+    options = backend.parse_options(job["options"])
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    fn = _jit_function(importlib.import_module(job["module"]).TRITON_KERNELS[job["kernel"]])
+    src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    return str(stages["ttir"](module, {}))
+
+
+def first_offset_types(ttir: str) -> dict[str, set[str]]:
+    """{pointer argument: element types of the offsets added to the argument itself} in a kernel's TTIR: the offsets
+    that locate a head or a row, which must be 64-bit once a tensor passes 2^31 elements (the offsets added after
+    them, within a head or a row, may stay 32-bit)."""
+    args = re.findall(r"%(\w+): !tt\.ptr<", ttir.split("tt.func public", 1)[1].split("\n", 1)[0])
+    root = {name: name for name in args}  # pointer values that are an argument, splatted or broadcast
+    found: dict[str, set[str]] = {name: set() for name in args}
+    for line in ttir.splitlines():
+        view = re.match(r"\s*%(\S+) = tt\.(?:splat|broadcast|expand_dims) %(\S+)", line)
+        if view and view.group(2) in root:
+            root[view.group(1)] = root[view.group(2)]
+        add = re.match(r"\s*%\S+ = tt\.addptr %(\S+), %\S+ : [^,]+, (?:tensor<[^>]*x)?(i\d+)", line)
+        if add and add.group(1) in root:
+            found[root[add.group(1)]].add(add.group(2))
+    return found
 
 
 def table(results: list[dict]) -> str:

@@ -294,11 +294,12 @@ if triton_available():
         exercises the split on small inputs); a chunk is a multiple of _DM_CHUNK_ALIGN rows.
         """
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        blocks = triton.cdiv(d, 128) ** 2
+        blocks = max(1, triton.cdiv(d, 128) ** 2)
         n_chunks = max(1, min(triton.cdiv(rows, _DM_CHUNK_ALIGN), triton.cdiv(target, blocks)))
         chunk = triton.cdiv(triton.cdiv(max(rows, 1), n_chunks), _DM_CHUNK_ALIGN) * _DM_CHUNK_ALIGN
         return max(1, triton.cdiv(rows, chunk)), chunk
 
+    INT32_INDEXED = ("m_ptr",)  # pointers the kernels index with int32 offsets: M (d x d), d^2 < 2^31 checked below
     _INT32_LIMIT = 2 ** 31
     _MIN_BLOCK = 64  # the smallest BLOCK_M and BLOCK_N of any ISTA kernel's tiles
 
@@ -324,7 +325,7 @@ if triton_available():
         mc = m.to(x.dtype)
         out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
         packed = torch.empty((rows, triton.cdiv(d, 8)), dtype=torch.uint8, device=x.device)
-        if rows:
+        if out.numel():
             _check_launch(rows, d)
             with device_guard(x):
                 _ista_fwd_kernel[_tiles_grid(rows, d)](
@@ -346,7 +347,7 @@ if triton_available():
             if need_dx:
                 mc = m.to(x.dtype)
                 dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-                if rows:
+                if dx.numel():
                     _ista_dx_kernel[_tiles_grid(rows, d)](
                         dout, packed_mask, mc, dx, rows, d, step_size, tuning_bucket(rows),
                         dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
@@ -355,11 +356,12 @@ if triton_available():
             if need_dm:
                 n_chunks, chunk = _dm_chunks(rows, d, x.device)
                 part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-                _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=upcast, PRECISION=precision,
-                )
+                if part.numel():  # rows = 0 still writes zeros
+                    _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
+                        x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
+                        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+                        UPCAST=upcast, PRECISION=precision,
+                    )
                 dm = part[0] if n_chunks == 1 else part.sum(dim=0)
         return dx, dm
 
@@ -521,10 +523,10 @@ def ista_step(
         return ista_reference(x if norm is None else norm(x), weight, step_size, lambd)
     if norm is None:
         x = autocast_input(x)  # under autocast the product runs in its dtype, as the release's F.linear calls do
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
         out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name)
     else:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
         out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name,
                                  norm.weight, norm.bias, norm.eps, autocast_dtype(x))
     return out.view(x.shape)

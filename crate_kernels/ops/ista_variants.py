@@ -153,7 +153,7 @@ if triton_available():
         rows, d = x.shape
         mc = m.to(x.dtype)
         dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-        if rows:
+        if dx.numel():
             _ista_dx_bytemask_kernel[_tiles_grid(rows, d)](
                 dout, packed_mask, mc, dx, dx if g is None else g, rows, d, step_size, tuning_bucket(rows),
                 dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
@@ -174,11 +174,12 @@ if triton_available():
             if need_dm:
                 n_chunks, chunk = _dm_chunks(rows, d, x.device)
                 part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-                _ista_dm_bytemask_kernel[_tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=_upcast(x.dtype), PRECISION=fp32_dot_precision(x),
-                )
+                if part.numel():  # rows = 0 still writes zeros
+                    _ista_dm_bytemask_kernel[_tiles_grid(d, d, n_chunks)](
+                        x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
+                        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+                        UPCAST=_upcast(x.dtype), PRECISION=fp32_dot_precision(x),
+                    )
                 dm = part[0] if n_chunks == 1 else part.sum(dim=0)
         return dx, dm
 
@@ -208,6 +209,7 @@ if triton_available():
     register_variant("ista_backward", "bytemask", _backward_bytemask)
     register_variant("ista_backward", "gstore", _backward_gstore)
 
+    INT32_INDEXED = ("m_ptr",)  # M (d x d), as in ista.py
     TRITON_KERNELS = {"ista_dx_bytemask": _ista_dx_bytemask_kernel, "ista_dm_bytemask": _ista_dm_bytemask_kernel}
     # crate_kernels.ops.aot: every kept config for bf16 on sm_90 (the model's dtype, the GPU the variants are
     # ranked on), the first kept config for every other dtype and arch

@@ -45,7 +45,7 @@ if triton_available():
     _STACKED_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2))
     _STACKED_EXACT_FP32_TILES = ((32, 16, 8, 2),)
     _SYMMETRIC_TILES = ((64, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3))
-    _SYMMETRIC_EXACT_FP32_TILES = ((32, 32, 8, 1),)
+    _SYMMETRIC_EXACT_FP32_TILES = ((16, 16, 8, 1),)
 
     def _prune_forward(tiles, exact_tiles):
         """Tensor-core tiles (no 128-row tile past 512-byte rows), or the FMA tiles for exact fp32 products."""
@@ -337,10 +337,17 @@ if triton_available():
     # ------------------------------------------------------------------------------------------------------
     # backward "symmetric"
     # ------------------------------------------------------------------------------------------------------
+    def _prune_symmetric(configs, named_args, **kwargs):
+        """_prune_backward's tiles, 32 x 32 alone for 4- and 8-byte operands (TF32, fp64): one off-diagonal pair
+        holds eight tiles of scores and products, which spill from 64 x 64 tiles of 4-byte values."""
+        kept = _prune_backward(_SYMMETRIC_TILES, _SYMMETRIC_EXACT_FP32_TILES)(configs, named_args, **kwargs)
+        if _exact_fp32(named_args, kwargs) or named_args["W"].element_size() < 4:
+            return kept
+        return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_TILES and c.kwargs["BLOCK_M"] == 32])
+
     @triton.autotune(configs=_configs(_SYMMETRIC_TILES + _SYMMETRIC_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_backward(_SYMMETRIC_TILES,
-                                                                             _SYMMETRIC_EXACT_FP32_TILES)})
-    @triton.jit(do_not_specialize=["BH_BUCKET"])
+                     prune_configs_by={"early_config_prune": _prune_symmetric})
+    @triton.jit(do_not_specialize=["BH", "BH_BUCKET"])
     def _mssa_bwd_symmetric_kernel(
         W, DOut, Delta, Lse, DW, Scratch,
         stride_wb, stride_wh, stride_wn, stride_wd,
