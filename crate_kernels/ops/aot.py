@@ -267,7 +267,7 @@ def compile_job(job: dict) -> dict:
 
 
 def kernel_ttir(job: dict) -> str:
-    """A job's kernel as Triton IR (the first compile stage: helpers inlined, no GPU layouts), in well under a second."""
+    """A job's kernel as Triton IR (the first compile stage: helpers inlined, no GPU layouts), in under a second."""
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
