@@ -304,18 +304,27 @@ def first_offset_types(ttir: str) -> dict[str, set[str]]:
     return found
 
 
+def main_loop(loops: list[dict]) -> dict | None:
+    """The innermost loop that runs the most products (wgmma before mma on a tie: the kernel's main loop), or None."""
+    return max(loops, key=lambda loop: (loop["dots"], loop["waits"]), default=None)
+
+
 def table(results: list[dict]) -> str:
-    """One line per compiled config: registers, spill bytes (stores/loads), shared memory, fit, seconds."""
+    """One line per compiled config: registers, spill bytes (stores/loads), shared memory, fit, seconds, and the main
+    loop's products and product waits per iteration."""
     lines = [f"{'kernel':<10} {'sm':>3} {'case':<15} {'config':<18} {'regs':>4} {'spill st/ld':>11} "
-             f"{'smem KiB':>8} {'fits':>4} {'s':>5}"]
+             f"{'smem KiB':>8} {'fits':>4} {'s':>5} {'dots/waits':>10}"]
     for r in results:
         if "error" in r:
             lines.append(f"{r['kernel']:<10} {r['arch']:>3} {r['case']:<15} {r['config']:<18} ERROR "
                          + r["error"].splitlines()[0][:120])
             continue
         spills = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
+        loop = main_loop(r["loops"])
+        per_iteration = f"{loop['dots']}/{loop['waits']}" if loop else "-"
         lines.append(f"{r['kernel']:<10} {r['arch']:>3} {r['case']:<15} {r['config']:<18} {r['regs'] or '?':>4} "
-                     f"{spills:>11} {r['shared'] / 1024:>8.1f} {'yes' if r['fits'] else 'NO':>4} {r['seconds']:>5.1f}")
+                     f"{spills:>11} {r['shared'] / 1024:>8.1f} {'yes' if r['fits'] else 'NO':>4} {r['seconds']:>5.1f} "
+                     f"{per_iteration:>10}")
     return "\n".join(lines)
 
 
