@@ -411,8 +411,7 @@ def _run_every_variant(w):
         ops.set_variant("mssa_forward", fwd)
         ops.set_variant("mssa_backward", bwd)
         try:
-            out, lse = mssa_ops._FORWARD["triton"](w, 0.125)
-            mssa_ops._BACKWARD["triton"](w, w, out, lse, 0.125)
+            _run_launchers(w)
         finally:
             ops.set_variant("mssa_forward", None)
             ops.set_variant("mssa_backward", None)
@@ -436,6 +435,31 @@ def test_past_2_31_elements_launch():
     w = torch.empty(14200, 197, 12, 64, device="meta", dtype=torch.bfloat16).transpose(1, 2)
     assert w.numel() > 2 ** 31
     assert len(_launches(lambda: _run_every_variant(w))) >= 2 * len(VARIANT_PAIRS)
+
+
+def test_variants_run_v1_past_their_head_dims_and_lengths():
+    """Head dims past 64 run v1 in every variant; "symmetric" runs v1 past N = 512 (one program per head would leave
+    the GPU idle); within those bounds each variant runs its own kernels."""
+    def kernels(shape, pair):
+        ops.set_variant("mssa_forward", pair[0])
+        ops.set_variant("mssa_backward", pair[1])
+        try:
+            w = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+            return {name for name, _ in _launches(lambda: _run_launchers(w))}
+        finally:
+            ops.set_variant("mssa_forward", None)
+            ops.set_variant("mssa_backward", None)
+
+    for pair in VARIANT_PAIRS:
+        assert kernels((2, 3, 100, 128), pair) == {"mssa_fwd", "mssa_bwd"}
+    assert kernels((2, 3, 600, 64), ("tail", "symmetric")) == {"mssa_fwd_tail", "mssa_bwd"}
+    assert kernels((2, 3, 500, 64), ("v1", "symmetric")) == {"mssa_fwd", "mssa_delta", "mssa_bwd_symmetric"}
+    assert kernels((2, 3, 600, 64), ("v1", "stacked")) == {"mssa_fwd", "mssa_delta", "mssa_bwd_stacked"}
+
+
+def _run_launchers(w):
+    out, lse = mssa_ops._FORWARD["triton"](w, 0.125)
+    mssa_ops._BACKWARD["triton"](w, w, out, lse, 0.125)
 
 
 @pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=["-".join(p) for p in VARIANT_PAIRS])

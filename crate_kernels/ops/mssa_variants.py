@@ -15,6 +15,9 @@ signatures, registered with ``register_variant``; ``crate_kernels.ops.kernel_var
                           N <= SYMMETRIC_MAX_N; longer sequences run "v1" (few heads, each one program, would
                           leave the GPU idle).
 
+Head dims past VARIANT_MAX_HEAD_DIM run v1 in every variant (its pruning keeps large rows within shared memory; the
+variants are compiled and checked ahead of time at CRATE's head dims 48 and 64).
+
 Not a variant: S_{j+1} issued before the softmax of S_j. Triton 3.6 waits for a wgmma whose result feeds anything
 but the next product's accumulator right after issuing it (compiled for sm_90: both products of the loop waited
 at once), and ignores tl.range(warp_specialize=True) on sm_90, so the overlap cannot be written in it.
@@ -27,45 +30,40 @@ import torch
 
 from .backend import accumulate_dtype, autotune_space, device_guard, register_variant, triton_available, tuning_bucket
 
-__all__ = ["SYMMETRIC_MAX_N"]
+__all__ = ["SYMMETRIC_MAX_N", "VARIANT_MAX_HEAD_DIM"]
 
 SYMMETRIC_MAX_N = 512
+VARIANT_MAX_HEAD_DIM = 64  # CRATE's head dims (48, 64); larger ones run v1, whose tiles are pruned for them
 
 if triton_available():
     import triton
     import triton.language as tl
 
     from .mssa import (
-        _LN2, _LOG2E, _ROW_BYTES_LARGE, _backward_triton, _check_launch, _configs, _exact_fp32, _row_bytes, _tile,
-        _triton_meta,
+        _LN2, _LOG2E, _ROW_BYTES_LARGE, _backward_triton, _check_launch, _configs, _exact_fp32, _forward_triton,
+        _row_bytes, _tile, _triton_meta,
     )
 
     _TAIL_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2))
     _FWD_EXACT_FP32_TILES = ((64, 32, 8, 2),)
-    _STACKED_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2))
+    _STACKED_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2), (32, 32, 4, 2))
     _STACKED_EXACT_FP32_TILES = ((32, 16, 8, 2),)
     _SYMMETRIC_TILES = ((64, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3))
     _SYMMETRIC_EXACT_FP32_TILES = ((16, 16, 8, 1),)
 
-    def _prune_forward(tiles, exact_tiles):
-        """Tensor-core tiles (no 128-row tile past 512-byte rows), or the FMA tiles for exact fp32 products."""
-        def prune(configs, named_args, **kwargs):
-            if _exact_fp32(named_args, kwargs):
-                return autotune_space([c for c in configs if _tile(c) in exact_tiles])
-            max_block_m = 64 if _row_bytes(named_args, kwargs) > _ROW_BYTES_LARGE else 128
-            return autotune_space([c for c in configs if _tile(c) in tiles and c.kwargs["BLOCK_M"] <= max_block_m])
-        return prune
+    def _prune_tail(configs, named_args, **kwargs):
+        """The FMA tile for exact fp32 products, else the tensor-core tiles (rows of at most 512 bytes: p <= 64)."""
+        tiles = _FWD_EXACT_FP32_TILES if _exact_fp32(named_args, kwargs) else _TAIL_TILES
+        return autotune_space([c for c in configs if _tile(c) in tiles])
 
-    def _prune_backward(tiles, exact_tiles):
-        """Tensor-core tiles whose area fits the row size's shared memory (v1's rule), or the FMA tiles."""
-        def prune(configs, named_args, **kwargs):
-            if _exact_fp32(named_args, kwargs):
-                return autotune_space([c for c in configs if _tile(c) in exact_tiles])
-            row_bytes = _row_bytes(named_args, kwargs)
-            max_area = 64 * 64 if row_bytes < _ROW_BYTES_LARGE else 32 * 32
-            return autotune_space([c for c in configs if _tile(c) in tiles
-                                  and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_area])
-        return prune
+    def _prune_stacked(configs, named_args, **kwargs):
+        """The FMA tile for exact fp32 products; else the tiles larger than 32 x 32, or that fallback alone for rows of
+        512 bytes (fp64 at p = 64)."""
+        if _exact_fp32(named_args, kwargs):
+            return autotune_space([c for c in configs if _tile(c) in _STACKED_EXACT_FP32_TILES])
+        large = _row_bytes(named_args, kwargs) >= _ROW_BYTES_LARGE
+        return autotune_space([c for c in configs if _tile(c) in _STACKED_TILES
+                               and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32) == large])
 
     _KEY = ["N", "BH_BUCKET", "BLOCK_D", "PRECISION"]
 
@@ -129,7 +127,7 @@ if triton_available():
         tl.store(lse_head + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
     @triton.autotune(configs=_configs(_TAIL_TILES + _FWD_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_forward(_TAIL_TILES, _FWD_EXACT_FP32_TILES)})
+                     prune_configs_by={"early_config_prune": _prune_tail})
     @triton.heuristics({"TAIL_M": lambda a: _tail(a["N"], a["BLOCK_M"]),
                         "TAIL_N": lambda a: _tail(a["N"], a["BLOCK_N"])})
     @triton.jit(do_not_specialize=["BH_BUCKET"])
@@ -166,7 +164,10 @@ if triton_available():
 
     def _forward_launcher(kernel):
         def forward(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-            """w (B, H, N, p), any strides -> out (w's dtype and layout), lse (B, H, N) fp32 (fp64 for fp64 w)."""
+            """w (B, H, N, p), any strides -> out (w's dtype and layout), lse (B, H, N) fp32 (fp64 for fp64 w);
+            head dims past VARIANT_MAX_HEAD_DIM run v1."""
+            if w.shape[-1] > VARIANT_MAX_HEAD_DIM:
+                return _forward_triton(w, scale)
             meta = _triton_meta(w)
             b, h, n, p = w.shape
             out = torch.empty_like(w)
@@ -253,8 +254,7 @@ if triton_available():
         return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * COLS))
 
     @triton.autotune(configs=_configs(_STACKED_TILES + _STACKED_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_backward(_STACKED_TILES,
-                                                                             _STACKED_EXACT_FP32_TILES)})
+                     prune_configs_by={"early_config_prune": _prune_stacked})
     @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_bwd_stacked_kernel(
         W, DOut, Delta, Lse, DW,
@@ -319,7 +319,10 @@ if triton_available():
                  acc.to(DW.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
     def _backward_stacked(dout, w, out, lse, scale):
-        """dw (w's dtype and layout) from dout, w, out (any strides) and lse (B, H, N) contiguous."""
+        """dw (w's dtype and layout) from dout, w, out (any strides) and lse (B, H, N) contiguous; head dims past
+        VARIANT_MAX_HEAD_DIM run v1."""
+        if w.shape[-1] > VARIANT_MAX_HEAD_DIM:
+            return _backward_triton(dout, w, out, lse, scale)
         meta = _triton_meta(w)
         b, h, n, p = w.shape
         dout, out = dout.to(w.dtype), out.to(w.dtype)
@@ -338,12 +341,14 @@ if triton_available():
     # backward "symmetric"
     # ------------------------------------------------------------------------------------------------------
     def _prune_symmetric(configs, named_args, **kwargs):
-        """_prune_backward's tiles, 32 x 32 alone for 4- and 8-byte operands (TF32, fp64): one off-diagonal pair
-        holds eight tiles of scores and products, which spill from 64 x 64 tiles of 4-byte values."""
-        kept = _prune_backward(_SYMMETRIC_TILES, _SYMMETRIC_EXACT_FP32_TILES)(configs, named_args, **kwargs)
-        if _exact_fp32(named_args, kwargs) or named_args["W"].element_size() < 4:
-            return kept
-        return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_TILES and c.kwargs["BLOCK_M"] == 32])
+        """The FMA tile for exact fp32 products; else every tile for 2-byte operands, the 32 x 32 ones for 4- and
+        8-byte operands (TF32, fp64): a pair holds eight tiles of scores and products, which spill from 64 x 64 tiles
+        of 4-byte values."""
+        if _exact_fp32(named_args, kwargs):
+            return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_EXACT_FP32_TILES])
+        wide = named_args["W"].element_size() >= 4
+        return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_TILES
+                               and (not wide or c.kwargs["BLOCK_M"] == 32)])
 
     @triton.autotune(configs=_configs(_SYMMETRIC_TILES + _SYMMETRIC_EXACT_FP32_TILES), key=_KEY,
                      prune_configs_by={"early_config_prune": _prune_symmetric})
@@ -443,9 +448,9 @@ if triton_available():
 
     def _backward_symmetric(dout, w, out, lse, scale):
         """dw (w's dtype and layout) from dout, w, out (any strides) and lse (B, H, N) contiguous; N above
-        SYMMETRIC_MAX_N runs v1's backward."""
+        SYMMETRIC_MAX_N or head dims past VARIANT_MAX_HEAD_DIM run v1."""
         b, h, n, p = w.shape
-        if n > SYMMETRIC_MAX_N:
+        if n > SYMMETRIC_MAX_N or p > VARIANT_MAX_HEAD_DIM:
             return _backward_triton(dout, w, out, lse, scale)
         meta = _triton_meta(w)
         dout, out = dout.to(w.dtype), out.to(w.dtype)
