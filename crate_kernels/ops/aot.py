@@ -241,6 +241,27 @@ def loop_figures(ttgir: str) -> list[dict]:
     return loops
 
 
+_PTX_OPS = {  # PTX instruction -> figure, per thread and iteration of an innermost loop
+    "wgmma": r"wgmma\.mma_async", "mma": r"\bmma\.sync", "wgmma_waits": r"wgmma\.wait_group",
+    "cp_async": r"cp\.async\.c[ag]", "ld_global": r"ld\.global", "st_global": r"st\.global",
+    "st_shared": r"st\.shared|stmatrix", "ld_shared": r"ld\.shared|ldmatrix", "barriers": r"bar\.sync|barrier\.sync",
+    "shuffles": r"shfl\.", "exp2": r"ex2\.approx",
+}
+
+
+def ptx_loop_figures(ptx: str) -> list[dict]:
+    """Per innermost loop of a compiled kernel's PTX (a label and the backward branch to it, with no other loop
+    inside), the instructions one thread issues per iteration: tensor-core instructions and waits, global and shared
+    memory accesses, barriers, shuffles, exponentials."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\$(L__BB\d+_\d+):", line))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+\$(L__BB\d+_\d+);", line)) and labels.get(m.group(1), i) < i]
+    innermost = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [{name: sum(bool(re.search(pattern, line)) for line in lines[a:b]) for name, pattern in _PTX_OPS.items()}
+            for a, b in innermost]
+
+
 def compile_job(job: dict) -> dict:
     """Compile one job with Triton's compiler for its arch; registers and spills from ptxas' report."""
     import triton
@@ -258,7 +279,7 @@ def compile_job(job: dict) -> dict:
             compiled = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
                                       target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         result.update(shared=compiled.metadata.shared, **_ptxas_figures(log.getvalue()),
-                      loops=loop_figures(compiled.asm["ttgir"]))
+                      loops=loop_figures(compiled.asm["ttgir"]), ptx_loops=ptx_loop_figures(compiled.asm["ptx"]))
         result["fits"] = result["shared"] <= SHARED_MEMORY[job["arch"]]
     except Exception as exc:  # noqa: BLE001  (any compiler failure is this job's result)
         result["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
