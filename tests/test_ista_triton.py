@@ -249,13 +249,6 @@ def test_variants_low_precision_cuda(rows, d, other_variant):
     test_triton_low_precision_error_within_twice_reference(torch.bfloat16, rows, d)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_variants_fp32_cuda(other_variant):
-    """Each backward variant with exact fp32 products, the model's width and a partial last row tile."""
-    x = torch.randn(3 * 197, 768, device=DEVICE)
-    check_against_reference(x, dictionary(768), 0.1, 0.5, torch.randn_like(x))
-
-
 @pytest.mark.skipif(CUDA, reason="interpreter: every tile of the variants in fp32 (a GPU tunes among them)")
 @pytest.mark.parametrize("name", ["ista_dx_bytemask", "ista_dm_bytemask"])
 @pytest.mark.parametrize("tile", ista_variants._TILES + ista_variants._EXACT_FP32_TILES, ids=lambda v: str(v))
