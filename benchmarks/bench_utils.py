@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark suites (imported by the benchmark files, which pytest puts on sys.path)."""
+import contextlib
 import os
 import time
 
@@ -19,6 +20,32 @@ def skip_if_excluded(provider: str) -> None:
     CUDA extension did not build, so that no suite waits on a build)."""
     if provider in os.environ.get("CRATE_BENCH_SKIP", "").split(","):
         pytest.skip(f"provider {provider!r} is excluded by $CRATE_BENCH_SKIP")
+
+
+def variant_providers(kinds: tuple[str, ...], modes: dict[str, str]) -> dict[str, tuple[str, str, str]]:
+    """{"triton-NAME": (kind, NAME, mode)}: every Triton kernel variant of ``kinds`` other than v1 as a provider (in
+    registration order: most likely to win first), measured in the mode its kind runs in (``modes[kind]``)."""
+    from crate_kernels.ops import kernel_variants
+
+    names = kernel_variants()
+    return {f"triton-{name}": (kind, name, modes[kind]) for kind in kinds for name in names.get(kind, [])[1:]}
+
+
+@contextlib.contextmanager
+def chosen_variant(benchmark, variant: tuple[str, str, str] | None):
+    """Run the body with kernel ``variant`` (kind, name, mode) chosen, or v1 when None; records extra_info
+    kernel_variant = "kind=name" (or "v1"), which the GPU report's variant table compares within a group."""
+    from crate_kernels.ops import set_variant
+
+    benchmark.extra_info["kernel_variant"] = "v1" if variant is None else f"{variant[0]}={variant[1]}"
+    if variant is None:
+        yield
+        return
+    set_variant(variant[0], variant[1])
+    try:
+        yield
+    finally:
+        set_variant(variant[0], None)
 
 
 def host_seconds(step, calls: int) -> float:

@@ -21,8 +21,8 @@ it measured.
               (CRATE_KERNELS_AUTOTUNE=first), no autotuning cache written
   build       the CUDA extension (csrc/), after removing a build lock a killed build left
   tests-csrc  the CUDA extension's device tests (skipped when the build failed)
-  mssa, ista  the operator suites, baselines right after `triton` (SDPA flash/cuDNN/efficient; cuBLAS floor,
-              eager, torch.compile); `cuda` excluded when the build failed
+  mssa, ista  the operator suites, `triton`'s kernel variants and baselines right after it (SDPA
+              flash/cuDNN/efficient; cuBLAS floor, eager, torch.compile); `cuda` excluded when the build failed
   model       training step: `auto` and `reference` first, torch.compile last
   data        the input pipeline on the host's cores: training views per core, the DataLoader with 1..8 workers
               (the summary says how many cores each measured training step needs to be fed)
@@ -30,7 +30,9 @@ it measured.
 
 Benchmark rows carry device time (CUDA events, bench_utils.record) and host time per call apart; each finished
 benchmark is kept even when its suite is cut. The summary printed last (ms, host ms, img/s, TFLOP/s, fraction
-of the measured ceilings, peak memory) says which steps were cut. README's performance section is regenerated
+of the measured ceilings, peak memory) says which steps were cut, and ranks each kernel variant against v1 in its
+group: the AUTO_VARIANTS entry it prints (per GPU generation, the variants more than 3% faster than v1) is what
+crate_kernels/ops/backend.py takes when the report is committed. README's performance section is regenerated
 from committed reports by benchmarks/readme_perf.py.
 """
 from __future__ import annotations
@@ -353,6 +355,52 @@ def _short(name: str) -> str:
     return name.replace("[", " ").rstrip("]")
 
 
+AUTO_MARGIN = 1.03  # a variant goes into AUTO_VARIANTS only when it beats v1 by more than this (timing noise)
+
+
+def variant_table(rows: list[dict]) -> list[dict]:
+    """Each kernel variant the suites measured (rows with extra_info kernel_variant "kind=name") against v1, the
+    `triton` row of the same benchmark group: device ms of both and v1's time over the variant's."""
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("kernel_variant"):
+            by_group.setdefault(row["group"], []).append(row)
+    table = []
+    for group, group_rows in by_group.items():
+        base = next((r for r in group_rows if r["kernel_variant"] == "v1"), None)
+        for row in group_rows:
+            if base is None or row["kernel_variant"] == "v1":
+                continue
+            kind, name = row["kernel_variant"].split("=", 1)
+            ms, v1_ms = figures(row, None)["ms"], figures(base, None)["ms"]
+            table.append({"kind": kind, "variant": name, "group": group, "ms": ms, "v1_ms": v1_ms,
+                          "speedup": v1_ms / ms})
+    return table
+
+
+def auto_variants(table: list[dict], capability: str | None) -> dict:
+    """The AUTO_VARIANTS entry (crate_kernels/ops/backend.py) these measurements support: {major: {kind: variant}}
+    with, per kind, the fastest variant that beats v1 by more than AUTO_MARGIN; {} without a GPU or a winner."""
+    best: dict[str, dict] = {}
+    for row in table:
+        if row["speedup"] > AUTO_MARGIN and row["speedup"] > best.get(row["kind"], {}).get("speedup", 0):
+            best[row["kind"]] = row
+    if not capability or not best:
+        return {}
+    return {int(capability.split(".")[0]): {kind: row["variant"] for kind, row in sorted(best.items())}}
+
+
+def variants_text(data: dict) -> list[str]:
+    """The variant table as lines, and the AUTO_VARIANTS entry to commit with the report."""
+    table = variant_table(data["benchmarks"])
+    if not table:
+        return []
+    lines = [f"variant {r['kind']}={r['variant']}: {r['ms']:.3f} ms vs v1 {r['v1_ms']:.3f} ms ({r['speedup']:.2f}x) "
+             f"[{r['group']}]" for r in table]
+    entry = auto_variants(table, data["environment"].get("capability"))
+    return lines + [f"AUTO_VARIANTS entry these support (margin {AUTO_MARGIN}): {entry or 'none (v1 stays)'}"]
+
+
 def input_cores_text(rows: list[dict]) -> list[str]:
     """For each measured training step, the host cores its input needs: img/s over the fastest training view's
     img/s per core (benchmarks/test_bench_data.py)."""
@@ -372,6 +420,7 @@ def summary_text(data: dict) -> str:
         f = figures(row, data["ceilings"])
         lines.append(f"{_short(row['name'])[:40]:<40}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
     lines += input_cores_text(data["benchmarks"])
+    lines += variants_text(data)
     ceil = data["ceilings"]
     lines.append("ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, device copy "
                                  f"{ceil['copy_gbps']:.0f} GB/s" if ceil else "not measured"))
@@ -405,6 +454,9 @@ def markdown(data: dict) -> str:
                      f"| {status} |")
     lines += ["", "Times: ms is device time (CUDA events, median) where measured, else pytest-benchmark's wall "
               "median; host ms is the host's time to issue one call.", ""]
+    variants = variants_text(data)
+    if variants:
+        lines += ["## Kernel variants against v1", "", *(f"- {line}" for line in variants), ""]
     group = None
     for row in data["benchmarks"]:
         if row["group"] != group:

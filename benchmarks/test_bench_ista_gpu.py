@@ -1,7 +1,9 @@
 """ISTA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
 
 Shape: CRATE-MAE-Base, 256 images x 197 tokens = 50,432 rows, d = 768, x and W in bf16.
-Providers, in this order (`triton` first, its baselines right after it): `triton`; `cublas-floor`, the bare
+Providers, in this order (`triton` first, its variants and baselines right after it): `triton` (variants v1);
+`triton-NAME` for every other kernel variant (ISTA's variants are backward ones: `bwd` mode only, what the GPU
+report's variant table ranks against `triton`); `cublas-floor`, the bare
 bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and x^T G backward), no epilogue, no mask;
 `reference` (eager release math); `compile-reference` (torch.compile of it); `cuda` (Triton forward, csrc/
 CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-wmma` (`cuda` with the
@@ -14,19 +16,25 @@ three products (6 rows d^2 forward, 12 rows d^2 backward), gbps on the fewest by
 (x and out forward, x, dOut and dx backward, plus the bit mask), peak_memory_bytes above what was allocated
 before the call, and saved_bytes_unique/total (eager providers, passes that run the forward).
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from bench_utils import peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize
+from bench_utils import (
+    chosen_variant, peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize, variant_providers,
+)
 from crate_kernels.ops import ista_reference, ista_step
 
 pytestmark = requires_cuda
 
 ROWS, D, DTYPE = 256 * 197, 768, torch.bfloat16
 STEP_SIZE, LAMBD = 0.1, 0.5
-PROVIDERS = ["triton", "cublas-floor", "reference", "compile-reference", "cuda", "cuda-wmma", "torch"]
+VARIANTS = variant_providers(("ista_forward", "ista_backward"), {"ista_forward": "fwd", "ista_backward": "bwd"})
+PROVIDERS = ["triton", *VARIANTS, "cublas-floor", "reference", "compile-reference", "cuda", "cuda-wmma", "torch"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
-CASES = [(provider, mode) for provider in PROVIDERS for mode in MODES]
+CASES = [(provider, mode) for provider in PROVIDERS for mode in MODES
+         if provider not in VARIANTS or mode == VARIANTS[provider][2]]
 _COMPILED = {}
 # Backend 'cuda' with its csrc/ backward kernel pinned, ranked against `cuda` (the default kernel: mma).
 CUDA_KERNELS = {"cuda-wmma": "wmma"}
@@ -50,8 +58,8 @@ def _pinned_cuda_kernel(request):
 
 def _forward_fn(provider: str):
     """A callable (x, W) -> out for the providers that run the ISTA step."""
-    if provider in ("triton", "cuda", "torch", *CUDA_KERNELS):
-        backend = "cuda" if provider in CUDA_KERNELS else provider
+    if provider in ("triton", "cuda", "torch", *CUDA_KERNELS) or provider in VARIANTS:
+        backend = "cuda" if provider in CUDA_KERNELS else "triton" if provider in VARIANTS else provider
         return lambda x, w: ista_step(x, w, STEP_SIZE, LAMBD, backend=backend)
     if provider == "compile-reference":
         if "fn" not in _COMPILED:
@@ -92,35 +100,36 @@ def test_ista(benchmark, provider, mode):
     weight = weight.to(DTYPE).requires_grad_(True)
     dout = torch.randn_like(x)
 
-    if provider == "cublas-floor":
-        m = (weight - weight.t() @ weight).detach()
-        step = _cublas_step(mode, x.detach(), m, dout)
-    else:
-        fn = _forward_fn(provider)
-        if mode == "fwd":
-            def step():
-                fn(x, weight)
-        elif mode == "bwd":
-            out = fn(x, weight)
-
-            def step():
-                torch.autograd.grad(out, (x, weight), dout, retain_graph=True)
+    with chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
+        if provider == "cublas-floor":
+            m = (weight - weight.t() @ weight).detach()
+            step = _cublas_step(mode, x.detach(), m, dout)
         else:
-            def step():
-                torch.autograd.grad(fn(x, weight), (x, weight), dout)
+            fn = _forward_fn(provider)
+            if mode == "fwd":
+                def step():
+                    fn(x, weight)
+            elif mode == "bwd":
+                out = fn(x, weight)
 
-    try:
-        step()  # warm-up: compiles and autotunes kernels
-        synchronize()
-    except RuntimeError as exc:
-        if provider in ("cuda", *CUDA_KERNELS):
-            pytest.skip(f"the CUDA extension cannot run here: {str(exc).splitlines()[0][:200]}")
-        raise
-    benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
-    if provider not in ("compile-reference", "cublas-floor") and mode != "bwd":
-        unique, total, _ = saved_bytes(lambda: fn(x, weight))
-        benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
+                def step():
+                    torch.autograd.grad(out, (x, weight), dout, retain_graph=True)
+            else:
+                def step():
+                    torch.autograd.grad(fn(x, weight), (x, weight), dout)
 
-    seconds = record(benchmark, step, rounds=5)
+        try:
+            step()  # warm-up: compiles and autotunes kernels
+            synchronize()
+        except RuntimeError as exc:
+            if provider in ("cuda", *CUDA_KERNELS):
+                pytest.skip(f"the CUDA extension cannot run here: {str(exc).splitlines()[0][:200]}")
+            raise
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
+        if provider not in ("compile-reference", "cublas-floor") and mode != "bwd":
+            unique, total, _ = saved_bytes(lambda: fn(x, weight))
+            benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
+
+        seconds = record(benchmark, step, rounds=5)
     if seconds:
         benchmark.extra_info.update(_figures(mode, seconds))

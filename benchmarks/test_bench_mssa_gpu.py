@@ -1,32 +1,40 @@
 """MSSA on the GPU: forward, backward and forward+backward, provider by provider, bf16.
 
 Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024, n=4096, smaller B).
-Providers: `triton` (the fused kernels), F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
+Providers: `triton` (the fused kernels, variants v1), `triton-NAME` for every other kernel variant (forward variants
+in `fwd` mode, backward variants in `bwd` mode, CRATE-MAE-Base only: what the GPU report's variant table ranks
+against `triton` there), F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
 (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math`; one that cannot run the shape is skipped),
 `reference` (eager release math), `compile-reference` (torch.compile of it), and `cuda` (the Triton forward with
 the csrc/ CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-mma-tiled`
 and `cuda-wmma` run `cuda` with another csrc/ backward kernel pinned (bwd and fwd+bwd only).
-Order: shape by shape, and within a shape `triton` first with its baselines right after it (SDPA flash, cuDNN,
+Order: shape by shape, and within a shape `triton` first, its variants, then its baselines (SDPA flash, cuDNN,
 efficient, eager, compile), then the rest, so a suite stopped at its time limit has the comparisons that matter.
 extra_info: device_ms and host_ms (bench_utils.record), tflops (4 n^2 p per head forward, 2.5x that backward)
 and gbps (the fewest bytes each pass must move: w and out forward; w, out, dout and dw backward; plus the fp32
 lse) from device time, peak_memory_bytes above what was allocated before the timed call, and
 saved_bytes_unique/total (eager providers only).
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize
+from bench_utils import (
+    chosen_variant, peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize, variant_providers,
+)
 from crate_kernels.ops import mssa_attention, mssa_reference
 
 pytestmark = requires_cuda
 
 SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
-PROVIDERS = ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference", "cuda",
-             "cuda-mma-tiled", "cuda-wmma", "sdpa-math"]
+VARIANTS = variant_providers(("mssa_forward", "mssa_backward"), {"mssa_forward": "fwd", "mssa_backward": "bwd"})
+PROVIDERS = ["triton", *VARIANTS, "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference",
+             "cuda", "cuda-mma-tiled", "cuda-wmma", "sdpa-math"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
-CASES = [(shape, provider, mode) for shape in SHAPES for provider in PROVIDERS for mode in MODES]
+CASES = [(shape, provider, mode) for shape in SHAPES for provider in PROVIDERS for mode in MODES
+         if provider not in VARIANTS or (shape == "base-n197" and mode == VARIANTS[provider][2])]
 DTYPE = torch.bfloat16
 _COMPILED = {}
 # Backend 'cuda' with its csrc/ backward kernel pinned, ranked against `cuda` (the default kernel: mma).
@@ -51,8 +59,8 @@ def _pinned_cuda_kernel(request):
 
 def _provider(name: str, scale: float):
     """A callable w -> out for one provider."""
-    if name in ("triton", "cuda", *CUDA_KERNELS):
-        backend = "cuda" if name in CUDA_KERNELS else name
+    if name in ("triton", "cuda", *CUDA_KERNELS) or name in VARIANTS:
+        backend = "cuda" if name in CUDA_KERNELS else "triton" if name in VARIANTS else name
         return lambda w: mssa_attention(w, scale, backend=backend)
     if name == "reference":
         return lambda w: mssa_reference(w, scale)
@@ -100,20 +108,21 @@ def test_mssa(benchmark, shape, provider, mode):
     dout = torch.randn_like(w)
     fn = _provider(provider, p ** -0.5)
 
-    try:
-        step = _step(fn, w, dout, mode)
-        step()  # warm-up: compiles and autotunes kernels
-        synchronize()
-    except RuntimeError as exc:
-        if provider.startswith("sdpa") or provider in ("compile-reference", "cuda", *CUDA_KERNELS):
-            pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
-        raise
+    with chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
+        try:
+            step = _step(fn, w, dout, mode)
+            step()  # warm-up: compiles and autotunes kernels
+            synchronize()
+        except RuntimeError as exc:
+            if provider.startswith("sdpa") or provider in ("compile-reference", "cuda", *CUDA_KERNELS):
+                pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
+            raise
 
-    benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
-    if provider != "compile-reference" and mode != "bwd":
-        unique, total, _ = saved_bytes(lambda: fn(w))
-        benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
+        if provider != "compile-reference" and mode != "bwd":
+            unique, total, _ = saved_bytes(lambda: fn(w))
+            benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
 
-    seconds = record(benchmark, step, rounds=5)
+        seconds = record(benchmark, step, rounds=5)
     if seconds:
         benchmark.extra_info.update(_figures(mode, b, h, n, p, seconds))

@@ -56,9 +56,16 @@ def test_suites_put_baselines_right_after_triton_and_compile_last(gpu_report):
     assert test_bench_mssa_gpu.CASES[:len(first_shape)] == [(next(iter(test_bench_mssa_gpu.SHAPES)), p, m)
                                                            for p, m in first_shape]  # shape by shape
     providers = list(dict.fromkeys(p for p, _ in first_shape))
-    assert providers[:6] == ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference"]
-    assert list(dict.fromkeys(p for p, _ in test_bench_ista_gpu.CASES))[:4] == [
-        "triton", "cublas-floor", "reference", "compile-reference"]
+    mssa_variants = ["triton-tail", "triton-stacked", "triton-symmetric"]  # every variant, right after triton
+    assert list(test_bench_mssa_gpu.VARIANTS) == mssa_variants
+    assert providers[:9] == ["triton", *mssa_variants, "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference",
+                             "compile-reference"]
+    assert [(p, m) for p, m in first_shape if p in mssa_variants] == [
+        ("triton-tail", "fwd"), ("triton-stacked", "bwd"), ("triton-symmetric", "bwd")]  # the mode each one changes
+    assert not any(p in mssa_variants for s, p, _ in test_bench_mssa_gpu.CASES if s != "base-n197")
+    assert list(dict.fromkeys(p for p, _ in test_bench_ista_gpu.CASES))[:6] == [
+        "triton", "triton-bytemask", "triton-gstore", "cublas-floor", "reference", "compile-reference"]
+    assert [m for p, m in test_bench_ista_gpu.CASES if p.startswith("triton-")] == ["bwd", "bwd"]
     cases = test_bench_model.cases(["base", "small"], ["auto", "reference", "compile-reference"])
     assert cases == [("base", "auto"), ("base", "reference"), ("small", "auto"), ("small", "reference"),
                      ("base", "compile-reference"), ("small", "compile-reference")]
@@ -122,3 +129,23 @@ def test_summary_says_how_many_cores_feed_each_training_step(gpu_report):
     (line,) = gpu_report.input_cores_text(rows)
     assert "train crate_mae_base-auto at 3000 img/s needs 7.5 cores" in line and "400 img/s per core" in line
     assert gpu_report.input_cores_text(rows[:1]) == []
+
+
+def test_variant_table_and_the_auto_variants_entry(gpu_report):
+    """Each variant against the `triton` (v1) row of its group; AUTO_VARIANTS takes per kind the fastest variant
+    more than 3% ahead of v1."""
+    def row(group, variant, ms):
+        return {"group": group, "name": variant, "median_ms": 99.0, "device_ms": ms, "kernel_variant": variant}
+
+    rows = [row("mssa bwd", "v1", 1.0), row("mssa bwd", "mssa_backward=stacked", 0.8),
+            row("mssa bwd", "mssa_backward=symmetric", 0.9), row("mssa fwd", "v1", 1.0),
+            row("mssa fwd", "mssa_forward=tail", 0.99), row("ista bwd", "ista_backward=gstore", 0.5),  # no v1 row
+            {"group": "mssa bwd", "name": "sdpa", "median_ms": 0.1}]
+    table = gpu_report.variant_table(rows)
+    assert [(r["kind"], r["variant"], round(r["speedup"], 2)) for r in table] == [
+        ("mssa_backward", "stacked", 1.25), ("mssa_backward", "symmetric", 1.11), ("mssa_forward", "tail", 1.01)]
+    assert gpu_report.auto_variants(table, "9.0") == {9: {"mssa_backward": "stacked"}}
+    assert gpu_report.auto_variants(table, None) == {} and gpu_report.auto_variants(table[2:], "9.0") == {}
+    lines = gpu_report.variants_text({"benchmarks": rows, "environment": {"capability": "9.0"}})
+    assert lines[-1].endswith("{9: {'mssa_backward': 'stacked'}}")
+

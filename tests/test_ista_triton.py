@@ -10,7 +10,7 @@ import torch
 
 import crate_kernels
 from crate_kernels import ops
-from crate_kernels.ops import ista
+from crate_kernels.ops import ista, ista_variants
 from crate_kernels.ops.ista import pack_mask, unpack_mask
 
 pytestmark = [
@@ -22,6 +22,28 @@ pytestmark = [
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MARGIN = 1e-5
+BACKWARD_VARIANTS = ops.kernel_variants()["ista_backward"]
+
+
+def _variant_param(name, on_cuda=False):
+    skip = CUDA and not on_cuda and name != "v1"
+    return pytest.param(name, marks=pytest.mark.skipif(
+        skip, reason="on CUDA the variants run test_variants_*_cuda (GPU time is short)"))
+
+
+@pytest.fixture(params=[_variant_param(name) for name in BACKWARD_VARIANTS])
+def variant(request):
+    """The ista_backward variant, chosen for the test's duration (the forward has v1 only)."""
+    ops.set_variant("ista_backward", request.param)
+    yield request.param
+    ops.set_variant("ista_backward", None)
+
+
+@pytest.fixture(params=[_variant_param(name, on_cuda=True) for name in BACKWARD_VARIANTS if name != "v1"])
+def other_variant(request):
+    ops.set_variant("ista_backward", request.param)
+    yield request.param
+    ops.set_variant("ista_backward", None)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,13 +105,13 @@ def check_against_reference(x, weight, eta, lambd, dout):
      (197, 96, 0.1, 1.0), (394, 32, 0.5, 1.0), (7, 64, 0.0, 1.0), (13, 20, 0.1, 0.1), (5, 8, 0.1, 1.0),
      (0, 32, 0.5, 0.1)],
 )
-def test_triton_matches_float64_reference(rows, d, lambd, eta):
+def test_triton_matches_float64_reference(rows, d, lambd, eta, variant):
     x = torch.randn(rows, d, device=DEVICE)
     check_against_reference(x, dictionary(d), eta, lambd, torch.randn(rows, d, device=DEVICE))
 
 
 @pytest.mark.parametrize("rows,d,lambd", [(197, 64, 0.5), (394, 48, 0.1)])
-def test_triton_near_threshold(rows, d, lambd):
+def test_triton_near_threshold(rows, d, lambd, variant):
     """x solves x (I + eta M) = p + eta lambda for targets p, two thirds of them +-[2e-4, 2e-3]."""
     eta = 0.1
     weight = dictionary(d)
@@ -106,7 +128,7 @@ def test_triton_near_threshold(rows, d, lambd):
     assert (pre.abs() <= MARGIN).sum() == 0  # ... without leaving entries the mask check would skip
 
 
-def test_triton_3d_noncontiguous_and_partial_grads():
+def test_triton_3d_noncontiguous_and_partial_grads(variant):
     d = 48
     x = torch.randn(4, 9, d, device=DEVICE).transpose(0, 1)
     assert not x.is_contiguous()
@@ -123,7 +145,7 @@ def test_triton_3d_noncontiguous_and_partial_grads():
     assert rel_err(wt.grad, ref_dw) < 1e-5
 
 
-def test_triton_launchers_read_strides():
+def test_triton_launchers_read_strides(variant):
     """The custom ops on strided x, dOut and M give what the torch launchers give on contiguous copies."""
     rows, d = 70, 64
     x = torch.randn(rows, 2 * d, device=DEVICE)[:, ::2]
@@ -153,13 +175,13 @@ def poisoned_empty(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,d", [(197, 48), (394, 20)])
-def test_triton_writes_every_output(poisoned_empty, rows, d):
+def test_triton_writes_every_output(poisoned_empty, rows, d, variant):
     assert torch.empty(2).isnan().all()
     x, dout = torch.randn(rows, d, device=DEVICE), torch.randn(rows, d, device=DEVICE)
     check_against_reference(x, dictionary(d), 0.1, 0.5, dout)
 
 
-def test_triton_custom_ops_pass_opcheck():
+def test_triton_custom_ops_pass_opcheck(variant):
     x, m = torch.randn(10, 32, device=DEVICE), 0.2 * torch.randn(32, 32, device=DEVICE)
     torch.library.opcheck(torch.ops.crate_kernels.ista_forward.default, (x, m, 0.1, 0.5, "triton"))
     _, bits = torch.ops.crate_kernels.ista_forward(x, m, 0.1, 0.5, "triton")
@@ -218,6 +240,137 @@ def test_triton_low_precision_error_within_twice_reference(dtype, rows, d):
     for name, g, r, t in zip(("out", "dx", "dW"), got, ref_low, ref64):
         assert g.dtype == dtype, name
         assert rel_err(g, t) <= 2 * rel_err(r, t) + 1e-4, (name, rel_err(g, t), rel_err(r, t))
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 kernels run on a GPU only")
+@pytest.mark.parametrize("rows,d", [(394, 576), (1000, 768)])
+def test_variants_low_precision_cuda(rows, d, other_variant):
+    """Each backward variant in bf16: errors at most twice the reference math's in bf16."""
+    test_triton_low_precision_error_within_twice_reference(torch.bfloat16, rows, d)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter: every tile of the variants in fp32 (a GPU tunes among them)")
+@pytest.mark.parametrize("name", ["ista_dx_bytemask", "ista_dm_bytemask"])
+@pytest.mark.parametrize("tile", ista_variants._TILES + ista_variants._EXACT_FP32_TILES, ids=lambda v: str(v))
+def test_variant_tiles(monkeypatch, name, tile):
+    """Each variant kernel with each of its tiles forced (130 rows x d = 72: partial tiles on every side)."""
+    import triton
+
+    block_m, block_n, block_k, warps, stages = tile
+    monkeypatch.setattr(ista_variants.TRITON_KERNELS[name], "configs", [triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)])
+    ops.set_variant("ista_backward", "bytemask")
+    try:
+        x = torch.randn(130, 72)
+        check_against_reference(x, dictionary(72), 0.1, 0.5, torch.randn_like(x))
+    finally:
+        ops.set_variant("ista_backward", None)
+
+
+def test_dictionary_matrix_fp32_under_autocast():
+    """M = W - W^T W (and dW) in fp32 under autocast, which would otherwise run W^T W in bf16."""
+    weight = dictionary(64)
+    grad_m = torch.randn(64, 64, device=DEVICE)
+    exact = ista.dictionary_matrix(weight), ista.dictionary_grad(weight, grad_m)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under = ista.dictionary_matrix(weight), ista.dictionary_grad(weight, grad_m)
+    for a, b in zip(under, exact):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# limits: grids, 32-bit offsets, empty inputs (each works or raises before launching)
+# ------------------------------------------------------------------------------------------------------------
+def _launches(run_launchers):
+    """[(kernel name, grid)] of the Triton launches ``run_launchers()`` makes, intercepted (nothing runs)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from crate_kernels.ops import aot
+
+    names, launches = {key: name for key, (_, name) in aot.registry().items()}, []
+
+    def run(self, *args, grid, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        config = self.prune_configs(kwargs)[0] if len(self.configs) > 1 else self.configs[0]
+        self.nargs = None
+        launches.append((names[id(self)], grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid))
+
+    original, Autotuner.run = Autotuner.run, run
+    try:
+        run_launchers()
+    finally:
+        Autotuner.run = original
+    return launches
+
+
+def _run_every_variant(x, m):
+    _, packed = ista._FORWARD["triton"](x, m, 0.1, 0.5)
+    for name in BACKWARD_VARIANTS:
+        ops.set_variant("ista_backward", name)
+        try:
+            ista._BACKWARD["triton"](x, x, m, packed, 0.1, True, True)
+        finally:
+            ops.set_variant("ista_backward", None)
+
+
+def test_grids_and_past_2_31_elements_launch():
+    """x of 2.8M rows x 768 (past 2^31 elements; meta tensors, nothing allocated): every kernel of every variant
+    launches a 1-D grid of row x column tiles (dM: tiles x row chunks, the chunks few); row offsets are 64-bit
+    (tests/test_aot_compile.py checks the kernels' IR)."""
+    x, m = torch.empty(2_800_000, 768, device="meta", dtype=torch.bfloat16), torch.empty(768, 768, device="meta")
+    assert x.numel() > 2 ** 31
+    launches = _launches(lambda: _run_every_variant(x, m))
+    assert {name for name, _ in launches} == set(ista.TRITON_KERNELS) | set(ista_variants.TRITON_KERNELS)
+    for name, grid in launches:
+        assert 0 < grid[0] < 2 ** 31 and all(0 < g < 65536 for g in grid[1:]), (name, grid)
+
+
+@pytest.mark.parametrize("name", BACKWARD_VARIANTS)
+def test_limits_raise_before_launching(name):
+    """d past 46,340 (M's offsets are int32) raises a ValueError naming the limit before any launch."""
+    x, m = torch.empty(4, 46341, device="meta"), torch.empty(46341, 46341, device="meta")
+    with pytest.raises(ValueError, match="d must be at most 46340"):
+        _launches(lambda: ista._FORWARD["triton"](x, m, 0.1, 0.5))
+    ops.set_variant("ista_backward", name)
+    try:
+        with pytest.raises(ValueError, match="d must be at most 46340"):
+            _launches(lambda: ista._BACKWARD["triton"](x, x, m, torch.empty(4, 5793, dtype=torch.uint8,
+                                                                            device="meta"), 0.1, True, True))
+    finally:
+        ops.set_variant("ista_backward", None)
+
+
+@pytest.mark.parametrize("rows, d", [(0, 32), (5, 0), (0, 0)])
+def test_empty_inputs(rows, d, variant):
+    """No rows, or d = 0: empty outputs, dW of zeros where it has elements; nothing launched on nothing."""
+    x = torch.randn(rows, d, device=DEVICE, requires_grad=True)
+    weight = dictionary(d).requires_grad_(True) if d else torch.empty(0, 0, device=DEVICE, requires_grad=True)
+    out = ops.ista_step(x, weight, backend="triton")
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape and weight.grad.shape == (d, d)
+    assert not weight.grad.any()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", BACKWARD_VARIANTS)
+def test_past_2_31_elements_cuda(name):
+    """bf16 x of 2.8M rows x 768 (past 2^31 elements, ~4.3 GB per tensor): the last rows of out and dx against
+    float64 math on them (rows are independent), dW against the same products in fp32."""
+    rows, d = 2_800_000, 768
+    x = torch.randn(rows, d, device=DEVICE, dtype=torch.bfloat16)
+    weight = dictionary(d, torch.bfloat16)
+    dout = torch.randn_like(x)
+    ops.set_variant("ista_backward", name)
+    try:
+        out, dx, dw, packed = run_triton(x, weight, 0.1, 0.5, dout)
+    finally:
+        ops.set_variant("ista_backward", None)
+    tail = slice(rows - 1000, rows)
+    ref_out, ref_dx, _, _ = ista_ref64(x[tail], weight, 0.1, 0.5, dout[tail])
+    assert rel_err(out[tail], ref_out) < 2e-2 and rel_err(dx[tail], ref_dx) < 2e-2
+    g = dout * unpack_mask(packed, d)
+    dm = 0.1 * torch.mm(x.t().float(), g.float())
+    assert rel_err(dw, ista.dictionary_grad(weight, dm)) < 1e-2
 
 
 @pytest.mark.skipif(not CUDA, reason="TF32 exists on CUDA only")

@@ -1,18 +1,57 @@
-"""MSSA backend 'triton' against float64 reference math (TRITON_INTERPRET=1 on CPU, fp32; bf16/fp16 on CUDA)."""
+"""MSSA backend 'triton' against float64 reference math (TRITON_INTERPRET=1 on CPU, fp32; bf16/fp16 on CUDA).
+
+Every kernel variant runs the equivalence tests: VARIANT_PAIRS pairs each forward variant with a backward variant
+(v1 filling in), so each pair checks one of each. On CUDA the variants other than v1 run the focused CUDA tests
+(test_variants_*_cuda) instead of the whole interpreter-sized list, to keep the GPU report's test step short.
+"""
+import itertools
 import math
 
 import pytest
 import torch
 
 import crate_kernels
+from crate_kernels import ops
 from crate_kernels.layers import MSSA
 from crate_kernels.ops import mssa as mssa_ops
+from crate_kernels.ops import mssa_variants
 from crate_kernels.ops import mssa_attention, mssa_reference
 from crate_kernels.ops.backend import AUTO_TRITON, resolve_backend
 
 CUDA = torch.cuda.is_available()
 # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy < 2.4 only warns about it).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+_NAMES = ops.kernel_variants()
+VARIANT_PAIRS = [(fwd or "v1", bwd or "v1")
+                 for fwd, bwd in itertools.zip_longest(_NAMES["mssa_forward"], _NAMES["mssa_backward"])]
+OTHER_PAIRS = [pair for pair in VARIANT_PAIRS if pair != ("v1", "v1")]
+
+
+def _pair_param(pair, on_cuda=False):
+    skip = CUDA and not on_cuda and pair != ("v1", "v1")
+    return pytest.param(pair, id="-".join(pair), marks=pytest.mark.skipif(
+        skip, reason="on CUDA the variants run test_variants_*_cuda (GPU time is short)"))
+
+
+@pytest.fixture(params=[_pair_param(pair) for pair in VARIANT_PAIRS])
+def variants(request):
+    """(forward, backward) variant names, chosen for the test's duration."""
+    yield from _choose(request.param)
+
+
+@pytest.fixture(params=[_pair_param(pair, on_cuda=True) for pair in OTHER_PAIRS])
+def other_variants(request):
+    """The pairs other than (v1, v1), on CUDA too."""
+    yield from _choose(request.param)
+
+
+def _choose(pair):
+    ops.set_variant("mssa_forward", pair[0])
+    ops.set_variant("mssa_backward", pair[1])
+    yield pair
+    ops.set_variant("mssa_forward", None)
+    ops.set_variant("mssa_backward", None)
 
 # (B, H, N, p, amplitude): tails of every kind for 64-row blocks, head dims 32/48/64/128 (and a small odd one),
 # batch*heads 1..24; amplitude > 1 makes softmax rows nearly one-hot (tests the log-sum-exp bookkeeping).
@@ -26,6 +65,8 @@ SHAPES = [
     (2, 1, 197, 64, 1.0),
     (1, 2, 197, 48, 4.0),
     (1, 1, 257, 32, 1.0),
+    (1, 1, 257, 48, 2.0),
+    (1, 1, 257, 64, 1.0),
     (2, 1, 33, 20, 1.0),
 ]
 
@@ -58,7 +99,7 @@ def assert_close_fp32(x: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5):
 
 
 @pytest.mark.parametrize("b, h, n, p, amp", SHAPES, ids=lambda v: str(v))
-def test_matches_float64_reference(b, h, n, p, amp, device):
+def test_matches_float64_reference(b, h, n, p, amp, device, variants):
     w = amp * torch.randn(b, h, n, p, device=device)
     dout = torch.randn_like(w)
     out, dw = run(w, dout)
@@ -68,19 +109,19 @@ def test_matches_float64_reference(b, h, n, p, amp, device):
     assert_close_fp32(dw, ref_dw)
 
 
-def test_custom_scale_and_lse(device):
+def test_custom_scale_and_lse(device, variants):
     w = torch.randn(2, 2, 70, 64, device=device)
     dout = torch.randn_like(w)
     out, dw = run(w, dout, scale=0.3)
     ref_out, ref_dw, ref_lse = reference64(w, dout, 0.3)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(dw, ref_dw)
-    _, lse = mssa_ops._forward_triton(w, 0.3)
+    _, lse = mssa_ops._FORWARD["triton"](w, 0.3)
     assert lse.shape == (2, 2, 70) and lse.dtype == torch.float32
     assert_close_fp32(lse, ref_lse)
 
 
-def test_non_contiguous_input_no_copy(device):
+def test_non_contiguous_input_no_copy(device, variants):
     """The model's (B, N, H, p) -> (B, H, N, p) view goes in as is; out keeps its layout, grads reach the base."""
     b, n, h, p = 2, 50, 3, 48
     base = torch.randn(b, n, h, p, device=device, requires_grad=True)
@@ -96,7 +137,7 @@ def test_non_contiguous_input_no_copy(device):
     assert_close_fp32(base.grad.transpose(1, 2), ref_dw)
 
 
-def test_broadcast_dout(device):
+def test_broadcast_dout(device, variants):
     """out.sum().backward() hands the backward a stride-0 (expanded) dout."""
     w = torch.randn(2, 2, 40, 32, device=device, requires_grad=True)
     mssa_attention(w, backend="triton").sum().backward()
@@ -104,7 +145,7 @@ def test_broadcast_dout(device):
     assert_close_fp32(w.grad, ref_dw)
 
 
-def test_strided_head_slice(device):
+def test_strided_head_slice(device, variants):
     """A view with gaps (every other head-dim column) is read through its strides."""
     big = torch.randn(2, 2, 33, 128, device=device, requires_grad=True)
     w = big[..., ::2]
@@ -117,7 +158,7 @@ def test_strided_head_slice(device):
     assert not big.grad[..., 1::2].any()
 
 
-def test_poisoned_outputs_are_fully_written(monkeypatch, device):
+def test_poisoned_outputs_are_fully_written(monkeypatch, device, variants):
     """Every output buffer starts NaN; the launchers must write every element (masked tails included)."""
     b, h, n, p = 1, 3, 197, 48
     w = torch.randn(b, h, n, p, device=device)
@@ -131,8 +172,8 @@ def test_poisoned_outputs_are_fully_written(monkeypatch, device):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-    out, lse = mssa_ops._forward_triton(w, p ** -0.5)
-    dw = mssa_ops._backward_triton(dout, w, out, lse, p ** -0.5)
+    out, lse = mssa_ops._FORWARD["triton"](w, p ** -0.5)
+    dw = mssa_ops._BACKWARD["triton"](dout, w, out, lse, p ** -0.5)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(lse, ref_lse)
     assert_close_fp32(dw, ref_dw)
@@ -154,7 +195,40 @@ def test_other_block_shapes(monkeypatch, block_m, block_n, device):
     assert_close_fp32(dw, ref_dw)
 
 
-def test_opcheck(device):
+def _variant_tiles():
+    """(kernel name, tile) for every tile of every variant kernel: what the autotuner may pick on a GPU."""
+    mv = mssa_variants
+    spaces = {"mssa_fwd_tail": mv._TAIL_TILES + mv._FWD_EXACT_FP32_TILES,
+              "mssa_bwd_stacked": mv._STACKED_TILES + mv._STACKED_EXACT_FP32_TILES,
+              "mssa_bwd_symmetric": mv._SYMMETRIC_TILES + mv._SYMMETRIC_EXACT_FP32_TILES}
+    assert set(spaces) | {"mssa_delta"} == set(mv.TRITON_KERNELS)
+    return [(name, tile) for name, tiles in spaces.items() for tile in tiles]
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter: every tile of the variants in fp32 (a GPU tunes among them)")
+@pytest.mark.parametrize("name, tile", _variant_tiles(), ids=lambda v: str(v))
+def test_variant_tiles(monkeypatch, name, tile):
+    """Each variant kernel with each of its tiles forced, at N = 150 (tails of 22 for 64- and 128-row blocks)."""
+    import triton
+
+    kernel = mssa_variants.TRITON_KERNELS[name]
+    block_m, block_n, warps, stages = tile
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                                                          num_warps=warps, num_stages=stages)])
+    variant = name.split("_")[-1]
+    ops.set_variant("mssa_forward" if "fwd" in name else "mssa_backward", variant)
+    try:
+        w = torch.randn(1, 2, 150, 48)
+        dout = torch.randn_like(w)
+        out, dw = run(w, dout)
+    finally:
+        ops.set_variant("mssa_forward" if "fwd" in name else "mssa_backward", None)
+    ref_out, ref_dw, _ = reference64(w, dout, 48 ** -0.5)
+    assert_close_fp32(out, ref_out)
+    assert_close_fp32(dw, ref_dw)
+
+
+def test_opcheck(device, variants):
     w = torch.randn(1, 2, 17, 32, device=device)
     out, lse = mssa_ops.mssa_forward(w, 0.2, "triton")
     torch.library.opcheck(mssa_ops.mssa_forward, (w, 0.2, "triton"))
@@ -163,7 +237,7 @@ def test_opcheck(device):
     torch.library.opcheck(mssa_ops.mssa_forward, (wt, 0.2, "triton"))
 
 
-def test_gradcheck_float64(device):
+def test_gradcheck_float64(device, variants):
     w = torch.randn(1, 2, 17, 32, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: mssa_attention(x, 0.3, backend="triton"), (w,), fast_mode=True)
 
@@ -193,7 +267,7 @@ def test_small_model_matches_reference(device):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter-only: the bf16 dot-operand upcast path")
-def test_bf16_under_interpreter():
+def test_bf16_under_interpreter(variants):
     """bf16 runs under the interpreter (operands upcast for tl.dot); its fp32->bf16 casts truncate, hence 3x."""
     w = torch.randn(2, 2, 50, 48, dtype=torch.float64)
     dout = torch.randn_like(w)
@@ -279,6 +353,179 @@ def test_auto_picks_triton_on_cuda():
     ref_out, ref_dw, _ = reference64(w, dout, 64 ** -0.5)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(dw, ref_dw)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("b, h, n, p", [(8, 12, 197, 64), (4, 12, 197, 48), (2, 4, 257, 64)])
+def test_variants_low_precision_cuda(b, h, n, p, other_variants):
+    """Each variant in bf16 at CRATE's shapes (one compiled kernel each: the GPU report's test step is short; exact
+    fp32 runs every variant through the interpreter): error against float64 at most ~2x the reference math's."""
+    w = torch.randn(b, n, h, p, device="cuda", dtype=torch.float64).transpose(1, 2)
+    dout = torch.randn_like(w)
+    ref_out, ref_dw, _ = reference64(w, dout, p ** -0.5)
+    out, dw = run(w.bfloat16(), dout.bfloat16())
+    out_r, dw_r = run(w.bfloat16(), dout.bfloat16(), backend="reference")
+    assert rel_err(out, ref_out) <= 2 * rel_err(out_r, ref_out) + 1e-4
+    assert rel_err(dw, ref_dw) <= 2 * rel_err(dw_r, ref_dw) + 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# limits: grids, 32-bit offsets, empty inputs, head dims (each works or raises before launching)
+# ------------------------------------------------------------------------------------------------------------
+def _launches(run_launchers):
+    """[(kernel name, grid)] of the Triton launches ``run_launchers()`` makes, intercepted (nothing runs); the grid
+    evaluated with the config the autotuner would run first."""
+    from triton.runtime.autotuner import Autotuner
+
+    from crate_kernels.ops import aot
+
+    names, launches = {key: name for key, (_, name) in aot.registry().items()}, []
+
+    def run(self, *args, grid, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        config = self.prune_configs(kwargs)[0] if len(self.configs) > 1 else self.configs[0]
+        self.nargs = None
+        launches.append((names[id(self)], grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid))
+
+    original, Autotuner.run = Autotuner.run, run
+    try:
+        run_launchers()
+    finally:
+        Autotuner.run = original
+    return launches
+
+
+def _run_every_variant(w):
+    for fwd, bwd in VARIANT_PAIRS:
+        ops.set_variant("mssa_forward", fwd)
+        ops.set_variant("mssa_backward", bwd)
+        try:
+            _run_launchers(w)
+        finally:
+            ops.set_variant("mssa_forward", None)
+            ops.set_variant("mssa_backward", None)
+
+
+def test_grids_take_batch_times_heads_past_65535():
+    """batch x heads = 70,000 (past grid y/z's 65,535): every kernel of every variant launches a 1-D grid (x may reach
+    2^31 - 1), one program per row block per head, or persistent programs that loop over heads."""
+    w = torch.empty(35000, 17, 2, 32, device="meta").transpose(1, 2)
+    launches = _launches(lambda: _run_every_variant(w))
+    assert {name for name, _ in launches} == set(mssa_ops.TRITON_KERNELS) | set(mssa_variants.TRITON_KERNELS)
+    for name, grid in launches:
+        assert len(grid) == 1 and 0 < grid[0] < 2 ** 31, (name, grid)
+        if name != "mssa_bwd_symmetric":  # persistent: min(batch x heads, programs per device)
+            assert grid[0] >= 70000 and grid[0] % 70000 == 0, (name, grid)
+
+
+def test_past_2_31_elements_launch():
+    """A (B, N, H, p) view past 2^31 elements (meta tensors: nothing is allocated) launches every kernel: offsets of
+    heads are 64-bit (tests/test_aot_compile.py checks the kernels' IR), offsets within a head 32-bit."""
+    w = torch.empty(14200, 197, 12, 64, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    assert w.numel() > 2 ** 31
+    assert len(_launches(lambda: _run_every_variant(w))) >= 2 * len(VARIANT_PAIRS)
+
+
+def test_variants_run_v1_past_their_head_dims_and_lengths():
+    """Head dims past 64 run v1 in every variant; "symmetric" runs v1 past N = 512 (one program per head would leave
+    the GPU idle); within those bounds each variant runs its own kernels."""
+    def kernels(shape, pair):
+        ops.set_variant("mssa_forward", pair[0])
+        ops.set_variant("mssa_backward", pair[1])
+        try:
+            w = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+            return {name for name, _ in _launches(lambda: _run_launchers(w))}
+        finally:
+            ops.set_variant("mssa_forward", None)
+            ops.set_variant("mssa_backward", None)
+
+    for pair in VARIANT_PAIRS:
+        assert kernels((2, 3, 100, 128), pair) == {"mssa_fwd", "mssa_bwd"}
+    assert kernels((2, 3, 600, 64), ("tail", "symmetric")) == {"mssa_fwd_tail", "mssa_bwd"}
+    assert kernels((2, 3, 500, 64), ("v1", "symmetric")) == {"mssa_fwd", "mssa_delta", "mssa_bwd_symmetric"}
+    assert kernels((2, 3, 600, 64), ("v1", "stacked")) == {"mssa_fwd", "mssa_delta", "mssa_bwd_stacked"}
+
+
+def _run_launchers(w):
+    out, lse = mssa_ops._FORWARD["triton"](w, 0.125)
+    mssa_ops._BACKWARD["triton"](w, w, out, lse, 0.125)
+
+
+@pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=["-".join(p) for p in VARIANT_PAIRS])
+def test_limits_raise_before_launching(pair):
+    """Offsets within one head past 2^31, or a grid past 2^31 programs, raise a ValueError naming the limit before
+    any launch; head dims past 256 too."""
+    ops.set_variant("mssa_forward", pair[0])
+    ops.set_variant("mssa_backward", pair[1])
+    try:
+        wide = torch.empty_strided((1, 1, 2 ** 20, 64), (0, 0, 2 ** 12, 1), device="meta")
+        with pytest.raises(ValueError, match=r"within one head in int32: \(N - 1\) \* stride_N"):
+            _launches(lambda: mssa_ops._FORWARD["triton"](wide, 0.1))
+        with pytest.raises(ValueError, match=r"within one head in int32"):
+            _launches(lambda: mssa_ops._BACKWARD["triton"](wide, wide, wide, torch.empty(1, 1, 2 ** 20,
+                                                                                     device="meta"), 0.1))
+        many = torch.empty(2 ** 27, 1, 256, 16, device="meta")
+        with pytest.raises(ValueError, match=r"programs, which must stay below 2\^31"):
+            _launches(lambda: mssa_ops._FORWARD["triton"](many, 0.1))
+        with pytest.raises(ValueError, match="head dims up to 256"):
+            _launches(lambda: mssa_ops._FORWARD["triton"](torch.empty(1, 1, 4, 257, device="meta"), 0.1))
+    finally:
+        ops.set_variant("mssa_forward", None)
+        ops.set_variant("mssa_backward", None)
+
+
+def test_empty_inputs(variants, device):
+    """An empty batch launches nothing and returns empty results; N = 0 is rejected with its name."""
+    w = torch.randn(0, 3, 17, 32, device=device, requires_grad=True)
+    out = mssa_attention(w, backend="triton")
+    out.sum().backward()
+    assert out.shape == w.shape and w.grad.shape == w.shape
+    with pytest.raises(ValueError, match="N >= 1 tokens"):
+        mssa_attention(torch.randn(2, 3, 0, 32, device=device), backend="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=["-".join(p) for p in VARIANT_PAIRS])
+def test_many_heads_cuda(pair):
+    """batch x heads = 70,000 on the device (bf16, the kernels test_variants_low_precision_cuda compiled): the last
+    heads against float64, error at most ~2x the reference math's in bf16."""
+    ops.set_variant("mssa_forward", pair[0])
+    ops.set_variant("mssa_backward", pair[1])
+    try:
+        w = torch.randn(35000, 197, 2, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        dout = torch.randn_like(w)
+        out, dw = run(w, dout)
+    finally:
+        ops.set_variant("mssa_forward", None)
+        ops.set_variant("mssa_backward", None)
+    last, g = w[-20:], dout[-20:]
+    ref_out, ref_dw, _ = reference64(last, g, 64 ** -0.5)
+    out_r, dw_r = run(last, g, backend="reference")
+    assert rel_err(out[-20:], ref_out) <= 2 * rel_err(out_r, ref_out) + 1e-4
+    assert rel_err(dw[-20:], ref_dw) <= 2 * rel_err(dw_r, ref_dw) + 1e-4
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=["-".join(p) for p in VARIANT_PAIRS])
+def test_past_2_31_elements_cuda(pair):
+    """A bf16 (B, N, H, p) view past 2^31 elements (14,200 CRATE-MAE-Base images, ~4.3 GB per tensor): the last
+    image, whose elements lie past 2^31, against float64 (error at most ~2x the reference math's in bf16)."""
+    ops.set_variant("mssa_forward", pair[0])
+    ops.set_variant("mssa_backward", pair[1])
+    try:
+        w = torch.randn(14200, 197, 12, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        assert w.numel() > 2 ** 31
+        dout = torch.randn_like(w)
+        out, dw = run(w, dout)
+    finally:
+        ops.set_variant("mssa_forward", None)
+        ops.set_variant("mssa_backward", None)
+    last, g = w[-1:].clone(), dout[-1:].clone()
+    del w, dout
+    ref_out, ref_dw, _ = reference64(last, g, 64 ** -0.5)
+    out_r, dw_r = run(last, g, backend="reference")
+    assert rel_err(out[-1:], ref_out) <= 2 * rel_err(out_r, ref_out) + 1e-4
+    assert rel_err(dw[-1:], ref_dw) <= 2 * rel_err(dw_r, ref_dw) + 1e-4
 
 
 def _space(tiles):

@@ -8,9 +8,12 @@ intercepted, so the compiler gets exactly the arguments, constexprs and speciali
 it. For every GPU arch, the kernel's own pruning (the function its autotuner calls) picks the configs, and
 Triton's compiler with its bundled ptxas builds each one: bf16, fp16 and fp32 at head dims 48, 64 and 128;
 fp32 with TF32 products in every kept config and with exact ("ieee") products in the first one only (the
-slow case to compile). Identical compiles (head dims with one tile size) are built once.
+slow case to compile). A module may name the (dtype, arch) pairs that compile every kept config
+(``AOT_ALL_CONFIGS``, e.g. the kernel variants: bf16 on sm_90); its other pairs compile the first kept config.
+Identical compiles (head dims with one tile size) are built once.
 
-Prints registers, spills and shared memory per config, then counts per kernel and arch. Exits 1 on any
+Prints registers, spills and shared memory per config, and per innermost loop of each kernel the products
+(wgmma on sm_90, mma on sm_80) and product waits one iteration runs, then counts per kernel and arch. Exits 1 on any
 compile error, on a launch whose first kept config (what CRATE_KERNELS_AUTOTUNE=first runs, and what an
 autotuner that found no config able to launch falls back to) exceeds the arch's shared memory, or on a
 registered kernel that no launch reached. Needs TRITON_INTERPRET unset, so that kernels are JIT functions.
@@ -32,7 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.ista")
+OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.mssa_variants", "crate_kernels.ops.ista",
+       "crate_kernels.ops.ista_variants")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (48, 64, 128)
 # Shared memory one block may opt in to, bytes (CUDA's per-block limit by compute capability)
@@ -46,6 +50,21 @@ def _jit_function(kernel):
     while not isinstance(kernel, JITFunction):
         kernel = kernel.fn
     return kernel
+
+
+def _with_heuristics(kernel, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus the values of the @triton.heuristics between an autotuner and its JIT function (as
+    Heuristics.run computes them at launch)."""
+    from triton.runtime.autotuner import Heuristics
+
+    kwargs = dict(kwargs)
+    kernel = kernel.fn
+    while not hasattr(kernel, "signature"):
+        if isinstance(kernel, Heuristics):
+            for name, heuristic in kernel.values.items():
+                kwargs[name] = heuristic({**dict(zip(kernel.arg_names, args)), **kwargs})
+        kernel = kernel.fn
+    return kwargs
 
 
 def _config_name(config) -> str:
@@ -87,8 +106,9 @@ def collect_launches(head_dims=HEAD_DIMS) -> list[dict]:
         module = importlib.import_module(module_name)
         for dtype_name, dtype in DTYPES.items():
             for head_dim in head_dims:
-                launches += capture(lambda: module.aot_launches(dtype, head_dim), f"{dtype_name} p={head_dim}",
-                                    dtype == torch.float32)
+                for launch in capture(lambda: module.aot_launches(dtype, head_dim), f"{dtype_name} p={head_dim}",
+                                      dtype == torch.float32):
+                    launches.append({**launch, "dtype": dtype_name})
     return launches
 
 
@@ -125,11 +145,15 @@ class _Binder:
 
 
 def launch_keys(launch: dict, arch: int = 90) -> dict:
-    """The tuning key of a launch and the runtime's compile key of its first kept config on ``arch``."""
+    """The tuning key of a launch, how many configs its autotuner chooses among, and the runtime's compile key of its
+    first kept config on ``arch``."""
     autotuner, args, kwargs = launch["autotuner"], launch["args"], launch["kwargs"]
-    config = _kept_configs(autotuner, args, kwargs)[0]
-    compile_key = _Binder()(_jit_function(autotuner), arch, args, {**kwargs, **config.all_kwargs()})[0]
-    return {"kernel": launch["kernel"][1], "tuning": repr(tuning_key(autotuner, args, kwargs)), "compile": compile_key}
+    kept = _kept_configs(autotuner, args, kwargs)
+    config = kept[0]
+    compile_key = _Binder()(_jit_function(autotuner), arch, args,
+                            _with_heuristics(autotuner, args, {**kwargs, **config.all_kwargs()}))[0]
+    return {"kernel": launch["kernel"][1], "tuning": repr(tuning_key(autotuner, args, kwargs)), "configs": len(kept),
+            "compile": compile_key}
 
 
 def _kept_configs(autotuner, args: tuple, kwargs: dict) -> list:
@@ -157,14 +181,16 @@ def plan_jobs(launches: list[dict], archs: list[int]) -> tuple[dict, list[dict]]
         if launch["fp32"] and "PRECISION" in launch["kwargs"]:  # fp32 operands: both dot precisions
             variants = [(" tf32", {**launch["kwargs"], "PRECISION": "tf32"}, False),
                         (" ieee", {**launch["kwargs"], "PRECISION": "ieee"}, True)]
+        every = getattr(importlib.import_module(module_name), "AOT_ALL_CONFIGS", None)
         for suffix, kwargs, first_only in variants:
             kept = _kept_configs(autotuner, launch["args"], kwargs)
-            kept = kept[:1] if first_only else kept
             for arch in archs:
                 keys = []
-                for config in kept:
+                all_configs = not first_only and (every is None or (launch.get("dtype"), arch) in every)
+                for config in kept if all_configs else kept[:1]:
                     key, signature, constexprs, attrs, options = bind(
-                        fn, arch, launch["args"], {**kwargs, **config.all_kwargs()})
+                        fn, arch, launch["args"], _with_heuristics(autotuner, launch["args"],
+                                                                   {**kwargs, **config.all_kwargs()}))
                     key = f"{module_name}.{name} sm_{arch} {key}"
                     jobs.setdefault(key, {"module": module_name, "kernel": name, "arch": arch,
                                           "case": launch["case"] + suffix, "config": _config_name(config),
@@ -185,6 +211,57 @@ def _ptxas_figures(log: str) -> dict:
     return out
 
 
+_LOOP_OPS = {  # TTGIR op -> figure: tensor-core products (wgmma on sm_90, mma otherwise), their waits, and loads
+    "dots": ("ttng.warp_group_dot ", "tt.dot "), "waits": ("ttng.warp_group_dot_wait ",),
+    "async_loads": ("ttg.async_copy_global_to_local ", "ttng.async_tma_copy_global_to_local "),
+    "sync_loads": ("tt.load ",), "smem_stores": ("ttg.local_alloc ", "ttg.local_store "),
+    "converts": ("ttg.convert_layout ",),
+}
+
+
+def loop_figures(ttgir: str) -> list[dict]:
+    """Per innermost loop (scf.for without a loop inside) of a compiled kernel's TTGIR, the ops one iteration runs:
+    products, product waits (with how many products each leaves in flight), async (pipelined) and synchronous global
+    loads, register-to-shared stores and layout conversions."""
+    lines, loops = ttgir.splitlines(), []
+    for start, line in enumerate(lines):
+        if " scf.for " not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for inner in lines[start + 1:]:
+            if inner.strip().startswith("}") and len(inner) - len(inner.lstrip()) == indent:
+                break
+            body.append(inner)
+        if any(" scf.for " in b for b in body):
+            continue
+        figures = {name: sum(any(op in b for op in ops) for b in body) for name, ops in _LOOP_OPS.items()}
+        figures["pendings"] = [int(m) for b in body for m in re.findall(r"pendings = (\d+)", b)]
+        loops.append(figures)
+    return loops
+
+
+_PTX_OPS = {  # PTX instruction -> figure, per thread and iteration of an innermost loop
+    "wgmma": r"wgmma\.mma_async", "mma": r"\bmma\.sync", "wgmma_waits": r"wgmma\.wait_group",
+    "cp_async": r"cp\.async\.c[ag]", "ld_global": r"ld\.global", "st_global": r"st\.global",
+    "st_shared": r"st\.shared|stmatrix", "ld_shared": r"ld\.shared|ldmatrix", "barriers": r"bar\.sync|barrier\.sync",
+    "shuffles": r"shfl\.", "exp2": r"ex2\.approx",
+}
+
+
+def ptx_loop_figures(ptx: str) -> list[dict]:
+    """Per innermost loop of a compiled kernel's PTX (a label and the backward branch to it, with no other loop
+    inside), the instructions one thread issues per iteration: tensor-core instructions and waits, global and shared
+    memory accesses, barriers, shuffles, exponentials."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\$(L__BB\d+_\d+):", line))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+\$(L__BB\d+_\d+);", line)) and labels.get(m.group(1), i) < i]
+    innermost = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [{name: sum(bool(re.search(pattern, line)) for line in lines[a:b]) for name, pattern in _PTX_OPS.items()}
+            for a, b in innermost]
+
+
 def compile_job(job: dict) -> dict:
     """Compile one job with Triton's compiler for its arch; registers and spills from ptxas' report."""
     import triton
@@ -201,7 +278,8 @@ def compile_job(job: dict) -> dict:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
                                       target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
-        result.update(shared=compiled.metadata.shared, **_ptxas_figures(log.getvalue()))
+        result.update(shared=compiled.metadata.shared, **_ptxas_figures(log.getvalue()),
+                      loops=loop_figures(compiled.asm["ttgir"]), ptx_loops=ptx_loop_figures(compiled.asm["ptx"]))
         result["fits"] = result["shared"] <= SHARED_MEMORY[job["arch"]]
     except Exception as exc:  # noqa: BLE001  (any compiler failure is this job's result)
         result["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
@@ -209,18 +287,65 @@ def compile_job(job: dict) -> dict:
     return result
 
 
+def kernel_ttir(job: dict) -> str:
+    """A job's kernel as Triton IR (the first compile stage: helpers inlined, no GPU layouts), in under a second."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", job["arch"], 32)
+    backend = make_backend(target)
+    options = backend.parse_options(job["options"])
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    fn = _jit_function(importlib.import_module(job["module"]).TRITON_KERNELS[job["kernel"]])
+    src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    return str(stages["ttir"](module, {}))
+
+
+def first_offset_types(ttir: str) -> dict[str, set[str]]:
+    """{pointer argument: element types of the offsets added to the argument itself} in a kernel's TTIR: the offsets
+    that locate a head or a row, which must be 64-bit once a tensor passes 2^31 elements (the offsets added after
+    them, within a head or a row, may stay 32-bit)."""
+    args = re.findall(r"%(\w+): !tt\.ptr<", ttir.split("tt.func public", 1)[1].split("\n", 1)[0])
+    root = {name: name for name in args}  # pointer values that are an argument, splatted or broadcast
+    found: dict[str, set[str]] = {name: set() for name in args}
+    for line in ttir.splitlines():
+        view = re.match(r"\s*%(\S+) = tt\.(?:splat|broadcast|expand_dims) %(\S+)", line)
+        if view and view.group(2) in root:
+            root[view.group(1)] = root[view.group(2)]
+        add = re.match(r"\s*%\S+ = tt\.addptr %(\S+), %\S+ : [^,]+, (?:tensor<[^>]*x)?(i\d+)", line)
+        if add and add.group(1) in root:
+            found[root[add.group(1)]].add(add.group(2))
+    return found
+
+
+def main_loop(loops: list[dict]) -> dict | None:
+    """The innermost loop that runs the most products (wgmma before mma on a tie: the kernel's main loop), or None."""
+    return max(loops, key=lambda loop: (loop["dots"], loop["waits"]), default=None)
+
+
 def table(results: list[dict]) -> str:
-    """One line per compiled config: registers, spill bytes (stores/loads), shared memory, fit, seconds."""
+    """One line per compiled config: registers, spill bytes (stores/loads), shared memory, fit, seconds, and the main
+    loop's products and product waits per iteration."""
     lines = [f"{'kernel':<10} {'sm':>3} {'case':<15} {'config':<18} {'regs':>4} {'spill st/ld':>11} "
-             f"{'smem KiB':>8} {'fits':>4} {'s':>5}"]
+             f"{'smem KiB':>8} {'fits':>4} {'s':>5} {'dots/waits':>10}"]
     for r in results:
         if "error" in r:
             lines.append(f"{r['kernel']:<10} {r['arch']:>3} {r['case']:<15} {r['config']:<18} ERROR "
                          + r["error"].splitlines()[0][:120])
             continue
         spills = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
+        loop = main_loop(r["loops"])
+        per_iteration = f"{loop['dots']}/{loop['waits']}" if loop else "-"
         lines.append(f"{r['kernel']:<10} {r['arch']:>3} {r['case']:<15} {r['config']:<18} {r['regs'] or '?':>4} "
-                     f"{spills:>11} {r['shared'] / 1024:>8.1f} {'yes' if r['fits'] else 'NO':>4} {r['seconds']:>5.1f}")
+                     f"{spills:>11} {r['shared'] / 1024:>8.1f} {'yes' if r['fits'] else 'NO':>4} {r['seconds']:>5.1f} "
+                     f"{per_iteration:>10}")
     return "\n".join(lines)
 
 

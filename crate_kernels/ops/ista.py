@@ -62,15 +62,17 @@ def unpack_mask(packed: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def dictionary_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """M = W - W^T W, accumulated in fp32 (fp64 for fp64 W)."""
+    """M = W - W^T W in fp32 (fp64 for fp64 W), also under autocast (which would run W^T W in its 16-bit dtype)."""
     wc = weight.to(accumulate_dtype(weight.dtype))
-    return wc - wc.t() @ wc
+    with torch.autocast(weight.device.type, enabled=False):
+        return wc - wc.t() @ wc
 
 
 def dictionary_grad(weight: torch.Tensor, grad_m: torch.Tensor) -> torch.Tensor:
-    """dW = dM - W (dM + dM^T) for M = W - W^T W."""
+    """dW = dM - W (dM + dM^T) for M = W - W^T W, in dM's dtype (fp32), also under autocast."""
     wc = weight.to(grad_m.dtype)
-    return (grad_m - wc @ (grad_m + grad_m.t())).to(weight.dtype)
+    with torch.autocast(weight.device.type, enabled=False):
+        return (grad_m - wc @ (grad_m + grad_m.t())).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ if triton_available():
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(
-            part_ptr + pid_s * d * d + offs_i[:, None] * d + offs_j[None, :], eta * acc,
+            part_ptr + pid_s.to(tl.int64) * d * d + offs_i[:, None] * d + offs_j[None, :], eta * acc,
             mask=(offs_i[:, None] < d) & (offs_j[None, :] < d),
         )
 
@@ -292,10 +294,25 @@ if triton_available():
         exercises the split on small inputs); a chunk is a multiple of _DM_CHUNK_ALIGN rows.
         """
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        blocks = triton.cdiv(d, 128) ** 2
+        blocks = max(1, triton.cdiv(d, 128) ** 2)
         n_chunks = max(1, min(triton.cdiv(rows, _DM_CHUNK_ALIGN), triton.cdiv(target, blocks)))
         chunk = triton.cdiv(triton.cdiv(max(rows, 1), n_chunks), _DM_CHUNK_ALIGN) * _DM_CHUNK_ALIGN
         return max(1, triton.cdiv(rows, chunk)), chunk
+
+    INT32_INDEXED = ("m_ptr",)  # pointers the kernels index with int32 offsets: M (d x d), d^2 < 2^31 checked below
+    _INT32_LIMIT = 2 ** 31
+    _MIN_BLOCK = 64  # the smallest BLOCK_M and BLOCK_N of any ISTA kernel's tiles
+
+    def _check_launch(rows: int, d: int) -> None:
+        """Raise before launching where the kernels' 32-bit arithmetic would not hold: offsets into M (d x d) are
+        int32, so d^2 < 2^31 (d <= 46,340); the 1-D grids of (rows / 64) x (d / 64) tiles stay below 2^31 programs.
+        Row offsets into x, dOut, dx, out and the mask are 64-bit, so tensors past 2^31 elements work."""
+        if d * d >= _INT32_LIMIT:
+            raise ValueError(f"backend 'triton' indexes the d x d dictionary matrix in int32: d must be at most 46340, "
+                             f"got d = {d}")
+        if triton.cdiv(rows, _MIN_BLOCK) * triton.cdiv(d, _MIN_BLOCK) >= _INT32_LIMIT:
+            raise ValueError(f"backend 'triton' launches cdiv(rows, 64) * cdiv(d, 64) programs, which must stay below "
+                             f"2^31; got rows = {rows}, d = {d}")
 
     def _tiles_grid(n_rows: int, n_cols: int, *more: int):
         """One program per (BLOCK_M, BLOCK_N) tile of an (n_rows, n_cols) output, times ``more``."""
@@ -308,7 +325,8 @@ if triton_available():
         mc = m.to(x.dtype)
         out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
         packed = torch.empty((rows, triton.cdiv(d, 8)), dtype=torch.uint8, device=x.device)
-        if rows:
+        if out.numel():
+            _check_launch(rows, d)
             with device_guard(x):
                 _ista_fwd_kernel[_tiles_grid(rows, d)](
                     x, mc, out, packed, rows, d, step_size, step_size * lambd, tuning_bucket(rows),
@@ -323,12 +341,13 @@ if triton_available():
         rows, d = x.shape
         dout = dout.to(x.dtype)
         upcast, precision = _upcast(x.dtype), fp32_dot_precision(x)
+        _check_launch(rows, d)
         dx = dm = None
         with device_guard(x):
             if need_dx:
                 mc = m.to(x.dtype)
                 dx = torch.empty((rows, d), dtype=x.dtype, device=x.device)
-                if rows:
+                if dx.numel():
                     _ista_dx_kernel[_tiles_grid(rows, d)](
                         dout, packed_mask, mc, dx, rows, d, step_size, tuning_bucket(rows),
                         dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
@@ -337,11 +356,12 @@ if triton_available():
             if need_dm:
                 n_chunks, chunk = _dm_chunks(rows, d, x.device)
                 part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-                _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=upcast, PRECISION=precision,
-                )
+                if part.numel():  # rows = 0 still writes zeros
+                    _ista_dm_kernel[_tiles_grid(d, d, n_chunks)](
+                        x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
+                        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+                        UPCAST=upcast, PRECISION=precision,
+                    )
                 dm = part[0] if n_chunks == 1 else part.sum(dim=0)
         return dx, dm
 
@@ -363,6 +383,8 @@ if triton_available():
         m = torch.randn(d, d)
         _, packed = _forward_triton(x, m, 0.1, 0.5)
         _backward_triton(torch.randn_like(x), x, m, packed, 0.1, True, True)
+
+    from . import ista_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _FORWARD["triton"]
@@ -501,10 +523,10 @@ def ista_step(
         return ista_reference(x if norm is None else norm(x), weight, step_size, lambd)
     if norm is None:
         x = autocast_input(x)  # under autocast the product runs in its dtype, as the release's F.linear calls do
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
         out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name)
     else:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
         out = ISTAFunction.apply(rows, weight, float(step_size), float(lambd), name,
                                  norm.weight, norm.bias, norm.eps, autocast_dtype(x))
     return out.view(x.shape)

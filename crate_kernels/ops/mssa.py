@@ -311,6 +311,25 @@ if triton_available():
     def _grid(batch_heads: int, n: int):
         return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * batch_heads,)
 
+    _INT32_LIMIT = 2 ** 31
+    _MIN_BLOCK_M = 16  # the smallest row block of any kernel's tiles
+
+    def _check_launch(*tensors: torch.Tensor) -> None:
+        """Raise before launching where the kernels' 32-bit arithmetic would not hold: the 1-D grid of at most
+        cdiv(N, 16) programs per (batch, head) (grid x is limited to 2^31 - 1; batch * heads itself is not limited
+        to 65,535), and element offsets within one head (row * stride_N + column * stride_p), which the kernels
+        compute in int32; heads are reached with 64-bit offsets, so tensors past 2^31 elements work."""
+        b, h, n, p = tensors[0].shape
+        if triton.cdiv(n, _MIN_BLOCK_M) * b * h >= _INT32_LIMIT:
+            raise ValueError(f"backend 'triton' launches cdiv(N, {_MIN_BLOCK_M}) * B * H programs, which must stay "
+                             f"below 2^31; got B * H = {b * h}, N = {n}")
+        for t in tensors:
+            span = (n - 1) * abs(t.stride(2)) + (p - 1) * abs(t.stride(3))
+            if span >= _INT32_LIMIT:
+                raise ValueError(f"backend 'triton' computes offsets within one head in int32: (N - 1) * stride_N + "
+                                 f"(p - 1) * stride_p must stay below 2^31, got {span} for shape {tuple(t.shape)} "
+                                 f"and strides {t.stride()}")
+
     def _forward_triton(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """w (B, H, N, p), any strides -> out (w's dtype and layout), lse (B, H, N) fp32 (fp64 for fp64 w).
 
@@ -320,6 +339,7 @@ if triton_available():
         out = torch.empty_like(w)
         lse = torch.empty((b, h, n), dtype=accumulate_dtype(w.dtype), device=w.device)
         if out.numel():
+            _check_launch(w, out)
             with device_guard(w):
                 _mssa_fwd_kernel[_grid(b * h, n)](
                     w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, tuning_bucket(b * h), **meta
@@ -333,6 +353,7 @@ if triton_available():
         dout, out = dout.to(w.dtype), out.to(w.dtype)  # the kernel's products take one operand dtype
         dw = torch.empty_like(w)
         if dw.numel():
+            _check_launch(w, out, dout, dw)
             with device_guard(w):
                 _mssa_bwd_kernel[_grid(b * h, n)](
                     w, out, dout, lse.contiguous(), dw,
@@ -358,6 +379,8 @@ if triton_available():
         w = torch.randn(b, n, h, head_dim, dtype=dtype).transpose(1, 2)
         out, lse = _forward_triton(w, head_dim ** -0.5)
         _backward_triton(torch.randn_like(w), w, out, lse, head_dim ** -0.5)
+
+    from . import mssa_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _FORWARD["triton"]
