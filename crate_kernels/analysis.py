@@ -26,6 +26,7 @@ from .pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "encoder_activations", "coding_rate", "sparsity", "coding_rate_and_sparsity", "attention_maps", "pca_maps",
+    "patch_pca",
     "reconstruct", "reconstruction_grid", "save_image_grid", "plot_whitebox_curves", "extract_features", "linear_probe",
 ]
 
@@ -169,16 +170,22 @@ def pca_maps(model, imgs: torch.Tensor, n_components: int = 4, layer: int = -1) 
     Returns the projections on the top ``n_components`` principal axes, (B, n_components, rows, cols);
     each axis's sign makes its largest loading positive.
     """
+    return patch_pca(model, imgs, n_components, layer)[0]
+
+
+def patch_pca(model, imgs: torch.Tensor, n_components: int = 4, layer: int = -1) -> tuple[torch.Tensor, list[float]]:
+    """``pca_maps`` and the fraction of the patch features' variance each component explains."""
     w, _ = encoder_activations(model, imgs)[_layer(model, layer)]
     b, h, n, p = w.shape
     feats = w.transpose(1, 2).reshape(b, n, h * p)[:, 1:].reshape(-1, h * p).double()
     feats = feats - feats.mean(dim=0)
-    _, _, vh = torch.linalg.svd(feats, full_matrices=False)
+    _, singular, vh = torch.linalg.svd(feats, full_matrices=False)
     axes = vh[:n_components]
     signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))
     proj = feats @ (axes * signs).T
     rows, cols = _grid(_unwrap(model), imgs)
-    return proj.reshape(b, rows, cols, -1).permute(0, 3, 1, 2).float()
+    explained = (singular[:n_components] ** 2 / (singular ** 2).sum()).tolist()
+    return proj.reshape(b, rows, cols, -1).permute(0, 3, 1, 2).float(), explained
 
 
 def _tile(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
