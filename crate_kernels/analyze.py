@@ -269,7 +269,8 @@ def run(cfg: dict, log=print) -> dict:
     device = distributed.resolve_device(cfg["device"], 0)
     models = {_label(main): main.build(cfg["backend"]).to(device)}
     if vit is not None:
-        models[_label(vit)] = vit.build().to(device)
+        label = _label(vit) + (" (--vit_checkpoint)" if _label(vit) in models else "")
+        models[label] = vit.build().to(device)
     depth = len(models[_label(main)].blocks)
     if not -depth <= cfg["layer"] < depth:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")

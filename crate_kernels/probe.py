@@ -122,12 +122,15 @@ def encoder_digest(clf: EncoderClassifier) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """A digest of what a labelled split holds: its description, and every item's file (or pixels) and label."""
+    """A digest of what a labelled split holds: its description, every item's label, and its file (path, size and
+    modification time) or its pixels."""
     h = hashlib.blake2b(digest_size=16)
     h.update(dataset.describe().encode())
     h.update(np.asarray(labels_of(dataset), dtype=np.int64).tobytes())
     if hasattr(dataset, "samples"):
-        h.update("\n".join(path for path, _ in dataset.samples).encode())
+        for path, _ in dataset.samples:
+            stat = os.stat(path) if os.path.exists(path) else None
+            h.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode())
     else:
         h.update(dataset.data.contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -144,7 +147,7 @@ def extract_features(clf: EncoderClassifier, dataset, cfg: dict, device: torch.d
     loader = torch.utils.data.DataLoader(LabelledViews(dataset), batch_size=cfg["batch_size"], shuffle=False,
                                          num_workers=workers, collate_fn=collate_labelled,
                                          pin_memory=device.type == "cuda")
-    tally = UnreadableImages(cfg["max_unreadable"], warn)
+    tally = UnreadableImages(cfg["max_unreadable"], warn, outcome="left out with its label")
     feats, labels, indices, unreadable = [], [], [], []
     clf.to(device).eval()
     with torch.no_grad(), tqdm(total=len(dataset), desc=what, unit="img", disable=None, leave=False) as bar:
@@ -186,7 +189,7 @@ def cached_features(clf: EncoderClassifier, splits: dict, cfg: dict, device, amp
             log(f"  note: cannot use cached features {path} ({e}); extracting again")
     out, start = {}, time.perf_counter()
     for split, dataset in splits.items():
-        out[split] = extract_features(clf, dataset, cfg, device, amp, f"{stem} {split}", log)
+        out[split] = extract_features(clf, dataset, cfg, device, amp, f"{stem} {split}", _warn)
     checkpoint.save({"key": key_fields, "splits": out}, path)
     dims = out["train"]["features"].shape[1]
     log(f"  features: {dims}-d, extracted in {time.perf_counter() - start:.1f} s -> {path}")
@@ -342,7 +345,7 @@ def probe_model(clf: EncoderClassifier, source: str, stem: str, splits: dict, cf
                                 cfg, device, topk)
     result.update({
         "model": source, "dataset": f"{splits['train'].describe()}; {splits['test'].describe()}",
-        "input_size": cfg["input_size"], "pool": cfg["pool"], "layer": cfg["layer"] % len(clf.blocks),
+        "input_size": cfg["input_size"], "pool": cfg["pool"], "layer": cfg["layer"],  # 0-based, as --layer
         "seed": cfg["seed"], "fit_seconds": round(time.perf_counter() - start, 2), "features": features_path,
         "train_images": len(train["labels"]), "test_images": len(test["labels"]), "classes": num_classes,
         "feature_dim": int(train["features"].shape[1]),
@@ -382,16 +385,17 @@ def run(cfg: dict, log=print) -> dict:
     depth = len(clf.blocks)
     if not -depth <= cfg["layer"] < depth:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
+    cfg["layer"] %= depth
     cfg["output_dir"] = _output_dir(cfg, cfg["checkpoint"])
     try:
         os.makedirs(cfg["output_dir"], exist_ok=True)
     except OSError as e:
         raise TrainError(f"cannot create --output_dir {cfg['output_dir']}: {e}") from e
     log(f"crate-probe: {pretrained.describe()}\n  data: {splits['train'].describe()}; {splits['test'].describe()}\n"
-        f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else 'mean patch token'} of layer "
-        f"{cfg['layer'] % len(clf.blocks)} ({len(clf.blocks)} layers), on {device}, amp {amp or 'off'}; "
+        f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else 'mean patch token'} of encoder "
+        f"layer {cfg['layer'] + 1} of {depth} (--layer {cfg['layer']}), on {device}, amp {amp or 'off'}; "
         f"output: {cfg['output_dir']}")
-    tag = f"{cfg['dataset']}-{cfg['pool']}-layer{cfg['layer'] % len(clf.blocks)}-{cfg['input_size']}px"
+    tag = f"{cfg['dataset']}-{cfg['pool']}-layer{cfg['layer']}-{cfg['input_size']}px"
     results = {"pretrained": probe_model(clf, pretrained.describe(), f"{pretrained.model}-{tag}", splits, cfg,
                                          device, amp, log)}
     log(_line("  pretrained", results["pretrained"]))
@@ -413,6 +417,10 @@ def random_classifier(pretrained: Pretrained, num_classes: int, cfg: dict) -> En
                       mae.state_dict(), f"random initialisation (seed {cfg['seed']})")
     return EncoderClassifier.from_pretrained(init, num_classes, cfg["pool"] == "mean", True,
                                              backend=cfg["backend"], log=None)
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _amp(amp: str, device: torch.device) -> torch.dtype | None:

@@ -4,8 +4,9 @@ The encoder sees only the visible patches; mask tokens enter the decoder. Blocks
 (x + Attn(LN(x)), then x + MLP(LN(x)), MLP ratio 4, GELU, qkv with bias), every LayerNorm with eps 1e-6,
 attention through ``F.scaled_dot_product_attention``. The module tree, and so the state_dict keys, are FAIR's:
 ``blocks.i.norm1``, ``blocks.i.attn.qkv`` (output channels ordered q | k | v, each head-major), ``blocks.i.attn.proj``,
-``blocks.i.norm2``, ``blocks.i.mlp.fc1``, ``blocks.i.mlp.fc2``, ``decoder_embed``, ``mask_token``, ``decoder_blocks.i...``,
-``decoder_norm``, ``decoder_pred``, with the fixed sin-cos tables ``pos_embed`` and ``decoder_pos_embed``.
+``blocks.i.norm2``, ``blocks.i.mlp.fc1``, ``blocks.i.mlp.fc2``, ``decoder_embed``, ``mask_token``,
+``decoder_blocks.i...``, ``decoder_norm``, ``decoder_pred``, and the fixed sin-cos tables ``pos_embed`` and
+``decoder_pos_embed``.
 
 forward(imgs, mask_ratio=0.75, noise=None) -> (loss, pred, mask), as ``CRATEMAE``.
 """

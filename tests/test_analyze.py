@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_kernels import CRATEMAE
+from crate_kernels import CRATEMAE, analysis
 from crate_kernels.analyze import main
 from crate_kernels.train import main as train_main
 from crate_kernels.vit_mae import MaskedAutoencoderViT
@@ -37,8 +37,23 @@ def _vit(path, decoder=True):
 
 
 def _photo(path, size=(30, 24)):
-    Image.fromarray(np.random.default_rng(int(torch.randint(1000, ()))).integers(0, 255, (*size, 3), np.uint8)).save(path)
+    pixels = np.random.default_rng(int(torch.randint(1000, ()))).integers(0, 255, (*size, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
     return path
+
+
+@pytest.mark.parametrize("family", ["crate", "vit"])
+def test_reconstruct_gives_each_images_loss_and_keeps_visible_patches(family):
+    cls = CRATEMAE if family == "crate" else MaskedAutoencoderViT
+    model = cls(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, norm_pix_loss=family == "vit")
+    imgs, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 16)
+    out = analysis.reconstruct(model, imgs, 0.75, noise)
+    with torch.no_grad():
+        loss = model(imgs, 0.75, noise)[0]
+    torch.testing.assert_close(out["loss"].mean(), loss)  # every image has 12 masked patches
+    visible = (out["mask"] == 0).repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].expand(-1, 3, -1, -1)
+    assert torch.equal(out["pasted"][visible], out["original"][visible])
+    assert torch.all(out["masked"][~visible] == 0.5) and out["mask"].sum().item() == 36
 
 
 def test_four_figures_and_numbers_beside_a_vit(run_dir, tmp_path, capsys):

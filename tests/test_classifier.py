@@ -87,6 +87,9 @@ def test_vit_classifier_loads_fair_layout_and_refuses_the_other_family(crate_for
     _, forms = crate_forms
     with pytest.raises(TrainError, match="holds a CRATE-MAE checkpoint; ViTClassifier needs a ViT-MAE one"):
         ViTClassifier.from_pretrained(str(forms["release"]), num_classes=5, log=None)
+    with pytest.raises(TrainError, match=r"(?s)does not fit this classifier: .* cls_token: checkpoint \(1, 1, 128\) vs "
+                                         r"model \(1, 1, 384\)"):
+        CRATEClassifier.from_pretrained(str(forms["release"]), num_classes=5, model="crate_mae_tiny", log=None)
     truncated = tmp_path / "truncated.pth"
     torch.save({"model": {k: v for k, v in vit.state_dict().items() if not k.startswith("blocks.2")}}, truncated)
     with pytest.raises(TrainError, match="cannot tell the architecture"):

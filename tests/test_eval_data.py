@@ -35,7 +35,8 @@ def test_bundled_sets_have_fixed_disjoint_stratified_splits():
         assert counts.min() > 0 and counts.max() - counts.min() < 25
     from sklearn.datasets import load_digits
     bunch = load_digits()
-    pixels = {(np.round(img / 16 * 255)).astype(np.uint8).tobytes(): int(t) for img, t in zip(bunch.images, bunch.target)}
+    pixels = {np.round(img / 16 * 255).astype(np.uint8).tobytes(): int(t)
+              for img, t in zip(bunch.images, bunch.target)}
     for split in ("train", "test"):
         ds = digits[split]
         for i in torch.randint(len(ds), (20,)).tolist():

@@ -361,19 +361,20 @@ class UnreadableImages:
     ``add(failures, images)`` takes one batch's failed reads and its number of images; it raises
     ``DatasetError`` when no image could be read for a sample, or when failed reads exceed ``max_fraction`` of
     all reads (counted over at least ``min_reads``, so a few bad files early in a run do not stop it).
+    ``outcome`` ends each warning: what happens to the sample.
     """
 
-    def __init__(self, max_fraction: float, warn, min_reads: int = 1000, failed: int = 0, reads: int = 0):
+    def __init__(self, max_fraction: float, warn, min_reads: int = 1000, failed: int = 0, reads: int = 0,
+                 outcome: str = "a deterministic other sample replaces it"):
         self.max_fraction, self.warn, self.min_reads = max_fraction, warn, min_reads
-        self.failed, self.reads = failed, reads
+        self.failed, self.reads, self.outcome = failed, reads, outcome
         self.seen: set[str] = set()
 
     def add(self, failures: list[tuple[str, str]], images: int | None) -> None:
         for path, reason in failures:
             if path not in self.seen:
                 self.seen.add(path)
-                self.warn(f"warning: skipped unreadable image {path} ({reason}); a deterministic other sample "
-                          "replaces it")
+                self.warn(f"warning: skipped unreadable image {path} ({reason}); {self.outcome}")
         self.failed += len(failures)
         self.reads += len(failures) + (images or 0)
         if images is None:
@@ -521,7 +522,8 @@ class BundledArrays(ImageDataset):
         return len(self.labels)
 
     def describe(self) -> str:
-        return f"{self.source}, {self.split} split ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
+        counts = f"{counted(len(self), 'image')}, {counted(len(self.classes), 'class')}"
+        return f"{self.source}, {self.split} split ({counts})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         return self.data[index], self.labels[index]
