@@ -4,6 +4,7 @@ and the same measurements of a ViT-MAE baseline for comparison.
     coding_rate_and_sparsity(model, imgs)   per encoder layer: compression R^c and ISTA sparsity (mean, std)
     attention_maps(model, imgs, layer)      [CLS] attention over the patch grid, per head
     pca_maps(model, imgs)                   4 PCA components of the last layer's qkv(LN(z)) patch features
+    patch_pca(model, imgs)                  the same, and the variance each component explains
     reconstruct(model, imgs, ...)           original, masked, prediction, pasted images and the loss per image
     reconstruction_grid(model, imgs, ...)   original | masked | prediction | prediction with visible patches
     save_image_grid(images, path)           PNG through PIL
@@ -26,8 +27,8 @@ from .pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "encoder_activations", "coding_rate", "sparsity", "coding_rate_and_sparsity", "attention_maps", "pca_maps",
-    "patch_pca",
-    "reconstruct", "reconstruction_grid", "save_image_grid", "plot_whitebox_curves", "extract_features", "linear_probe",
+    "patch_pca", "reconstruct", "reconstruction_grid", "save_image_grid", "plot_whitebox_curves", "extract_features",
+    "linear_probe",
 ]
 
 

@@ -126,6 +126,9 @@ def _infer_model(state: dict, source: str) -> str:
                      decoder_depth=_count(state, "decoder_blocks"))
     matches = [name for name, cfg in MODELS.items()
                if family(name) == fam and all(cfg.get(k, v) == v for k, v in shape.items())]
+    encoders = {tuple(MODELS[name][k] for k in ("embed_dim", "depth", "num_heads")) for name in matches}
+    if "decoder_embed.weight" not in state and len(encoders) == 1:
+        return matches[0]  # encoder only: the candidates build the same encoder
     if len(matches) != 1:
         found = ", ".join(f"{k} {v}" for k, v in shape.items())
         raise TrainError(f"cannot tell the architecture of {source} ({FAMILY_NAMES[fam]}, {found}): "

@@ -162,8 +162,9 @@ class EncoderClassifier(nn.Module):
         text = (f"{type(self).__name__}: {total:,} parameters ({total - head:,} encoder, {head:,} head: {kind}, "
                 f"{self.num_classes} classes; {pool})")
         if source:
-            text += f"; from {source}; {dropped:,} checkpoint parameters dropped (decoder" + \
-                (", norm)" if self.global_pool else ")")
+            text += f"; from {source}"
+        if dropped:
+            text += f"; {dropped:,} checkpoint parameters dropped (the decoder{', norm' if self.global_pool else ''})"
         return text
 
 

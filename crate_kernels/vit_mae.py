@@ -186,7 +186,9 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
 
 # The paper's baselines (patch 16, 224 px): ViT-S and ViT-B encoders. Their parameter counts (47.6M, 143.8M) fix the
 # decoders: 512 wide and 8 deep for S (FAIR's default), 768 wide and 8 deep for B; decoder heads 16 as in FAIR's
-# factories. ``mae_vit_demo`` is the CPU demo's scale (width 128, 4 heads, 3 + 3 layers).
+# factories. ``mae_vit_demo`` is the CPU demo's scale (width 128, 4 heads, 3 + 3 layers). The ``_patch`` names are
+# FAIR's own releases (decoder 512 x 8), so their checkpoints load as they are.
+_FAIR_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 VIT_CONFIGS = {
     "mae_vit_demo": dict(embed_dim=128, depth=3, num_heads=4, decoder_embed_dim=128, decoder_depth=3,
                          decoder_num_heads=4),
@@ -194,6 +196,9 @@ VIT_CONFIGS = {
                           decoder_num_heads=16),
     "mae_vit_base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
                          decoder_num_heads=16),
+    "mae_vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, **_FAIR_DECODER),
+    "mae_vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, **_FAIR_DECODER),
+    "mae_vit_huge_patch14": dict(embed_dim=1280, depth=32, num_heads=16, **_FAIR_DECODER),
 }
 
 

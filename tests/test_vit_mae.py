@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import crate_kernels
+import crate_kernels.architectures
 from crate_kernels import MaskedAutoencoderViT, analysis, load_checkpoint
 from crate_kernels.architectures import load_pretrained
 from crate_kernels.pipeline.checkpoint import TrainError
@@ -151,6 +152,16 @@ def test_fair_release_checkpoints_load(tmp_path):
     with pytest.raises(ValueError, match="mismatched tensors"):
         load_checkpoint(crate_kernels.CRATEMAE(img_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=4),
                         crate.state_dict())
+
+
+def test_fair_releases_are_recognised_by_shape():
+    """mae_visualize_vit_base.pth (decoder 512 x 8) is FAIR's mae_vit_base_patch16; the encoder-only
+    mae_pretrain_vit_base.pth fits both B encoders, which are the same, and so needs no --model."""
+    with torch.device("meta"), mock.patch.object(MaskedAutoencoderViT, "_init_weights"):
+        state = crate_kernels.architectures.build_mae("mae_vit_base_patch16").state_dict()
+    assert crate_kernels.architectures._infer_model(state, "visualize.pth") == "mae_vit_base_patch16"
+    encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask"))}
+    assert crate_kernels.architectures._infer_model(encoder, "pretrain.pth") in ("mae_vit_base", "mae_vit_base_patch16")
 
 
 def test_train_accepts_the_vit_models(tmp_path, capsys):
