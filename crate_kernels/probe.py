@@ -54,7 +54,7 @@ FLAGS = {
     "layer": (int, "encoder layer whose output is probed, 0-based; -1: the last (with the final norm)", None),
     "classifier": (str, "sklearn: logistic regression; torch: MAE's linear-probe head; auto: sklearn while "
                         "training images x max(feature dim, classes) <= 1e8, else torch", ("auto", "sklearn", "torch")),
-    "logreg_c": (float, "inverse L2 strength of the logistic regression (unset: the best of 1e-3 ... 1e1 on a "
+    "logreg_c": (float, "inverse L2 strength of the logistic regression (unset: the best of 1e-3 ... 1e2 on a "
                         "held-out 20%% of the training features, then refit on all)", None),
     "epochs": (int, "torch head: epochs over the cached features", None),
     "batch_size": (int, "images per batch of feature extraction", None),
@@ -81,7 +81,7 @@ FLAGS = {
 
 SKLEARN_LIMIT = 1e8  # training images x max(feature dim, classes) that auto leaves to scikit-learn
 SMALL_FIT = 1e7  # training features (images x dim) up to which the logistic regression runs on one BLAS thread
-C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 FORMAT = 1  # bump when the features a key describes change
 
 
@@ -254,6 +254,8 @@ def _fit_logistic(x_train, y_train, x_test, y_test, c, seed, topk) -> dict:
             for value in C_GRID:
                 selection[value] = 100 * float(fit(fit_x, fit_y, value).score(val_x, val_y))
             c = max(C_GRID, key=lambda v: (selection[v], -v))
+            if c in (C_GRID[0], C_GRID[-1]):
+                notes.append(f"C={c:g} is at the edge of the searched range {C_GRID[0]:g}-{C_GRID[-1]:g}")
     model = fit(xs_train, y_train, c)
     scores = model.predict_proba(xs_test)
     top5 = topk_accuracy(scores, y_test, model.classes_, 5) if topk else None
