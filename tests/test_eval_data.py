@@ -127,7 +127,11 @@ def test_cifar_through_the_labelled_builder(tmp_path):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": data, b"labels": labels}, f)
     test = build_labelled("auto", str(tmp_path), T, "test")
-    assert isinstance(test, CIFAR) and len(test.classes) == 10 and len(test) == 4
+    assert isinstance(test, CIFAR) and test.classes == [str(c) for c in range(10)] and len(test) == 4
+    names = [f"class{c}".encode() for c in range(10)]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f)
+    assert build_labelled("cifar10", str(folder), T, "train").classes[3] == "class3"
     assert all(_pixel(test, i) == 20 * labels_of(test)[i] for i in range(4))
 
 
@@ -139,6 +143,8 @@ def test_a_folder_in_no_layout_is_one_message_naming_the_layouts(tmp_path):
         resolve_labelled("auto", str(tmp_path / "nope"))
     with pytest.raises(DatasetError, match="--dataset pets needs --data_path"):
         build_labelled("pets", None, T, "train")
+    with pytest.raises(DatasetError, match="--dataset digits ships inside an installed package and reads no"):
+        build_labelled("digits", str(tmp_path), T, "train")
 
 
 def test_unreadable_images_are_skipped_with_their_labels(tmp_path):

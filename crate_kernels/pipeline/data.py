@@ -674,6 +674,21 @@ def resolve_labelled(name: str, data_path: str | None, default: str = "digits") 
     )
 
 
+def _cifar_class_names(data_path: str, count: int) -> list[str]:
+    """The class names in the archive's meta file (batches.meta / meta), else the label numbers."""
+    folder, meta, key = {10: ("cifar-10-batches-py", "batches.meta", b"label_names"),
+                         100: ("cifar-100-python", "meta", b"fine_label_names")}[count]
+    base = data_path if os.path.basename(os.path.normpath(data_path)) == folder else os.path.join(data_path, folder)
+    try:
+        with open(os.path.join(base, meta), "rb") as f:
+            names = [n.decode() for n in pickle.load(f, encoding="bytes")[key]]
+        if len(names) == count:
+            return names
+    except (OSError, pickle.UnpicklingError, KeyError, EOFError, AttributeError):
+        pass
+    return [str(c) for c in range(count)]
+
+
 def build_labelled(name: str, data_path: str | None, transform, split: str) -> ImageDataset:
     """The ``split`` ("train" or "test") of the labelled dataset ``name`` (see ``resolve_labelled``), with
     ``classes`` (names, index = label). ImageFolder's test split is val/, whose class folders must be train/'s."""
@@ -681,12 +696,16 @@ def build_labelled(name: str, data_path: str | None, transform, split: str) -> I
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = resolve_labelled(name, data_path)
     if name in ("digits", "faces"):
+        if data_path:
+            raise DatasetError(f"--dataset {name} ships inside an installed package and reads no --data_path "
+                               f"(got {data_path})")
         return BundledArrays(name, transform, split)
     if not data_path:
         raise DatasetError(f"--dataset {name} needs --data_path")
     if name in ("cifar10", "cifar100"):
-        dataset = CIFAR(data_path, transform, train=split == "train", num_classes=int(name[5:]))
-        dataset.classes = [str(c) for c in range(int(name[5:]))]
+        count = int(name[5:])
+        dataset = CIFAR(data_path, transform, train=split == "train", num_classes=count)
+        dataset.classes = _cifar_class_names(data_path, count)
         return dataset
     if name == "flowers102":
         return Flowers102(data_path, transform, split)
