@@ -49,7 +49,8 @@ FLAGS = {
     "vit_checkpoint": (str, "a ViT-MAE checkpoint (or run) whose reconstructions and statistics go beside", None),
     "vit_model": (str, "architecture of --vit_checkpoint when it does not name it",
                   tuple(name for name in MODELS if name.startswith("mae_vit"))),
-    "output_dir": (str, "where the figures go (unset: 'analysis' beside the checkpoint)", None),
+    "output_dir": (str, "where the figures go (unset: analysis/ beside the checkpoint: in its run directory, or "
+                        "its folder)", None),
     "device": (str, "auto, cpu, cuda or cuda:N", None),
     "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
                 BACKENDS),
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help=f"image files (default: scikit-image's {', '.join(SKIMAGE_HELD_OUT)}, held out of the "
                         "default pretraining)")
-    flags.add_flags(p, FLAGS, lambda name: "" if name == "config" else f" (default: {DEFAULTS[name]})")
+    flags.add_flags(p, FLAGS, lambda name: "" if DEFAULTS.get(name) is None else f" (default: {DEFAULTS[name]})")
     return p
 
 

@@ -63,8 +63,8 @@ FLAGS = {
     "lr": (float, "torch head: absolute lr (overrides --blr)", None),
     "weight_decay": (float, "torch head: weight decay (MAE's linear probe: 0)", None),
     "warmup_epochs": (int, "torch head: linear warmup epochs, then half-cycle cosine", None),
-    "output_dir": (str, "where features and results go (unset: 'probe' beside the checkpoint, inside a run "
-                        "directory)", None),
+    "output_dir": (str, "where features and results go (unset: probe/ beside the checkpoint: in its run "
+                        "directory, or its folder)", None),
     "compare_random": ("bool", "also probe a randomly initialised model of the same architecture", None),
     "recompute": ("bool", "extract the features again even when a cached file matches", None),
     "max_unreadable": (float, "fraction of images allowed to fail to decode (each is skipped, with its label, and "
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_OR_RUN",
                    help="a crate-train run directory, a checkpoint-*.pth, a model.safetensors, or a release .pth of "
                         f"CRATE-MAE or ViT-MAE (default: {DEFAULTS['checkpoint']})")
-    flags.add_flags(p, FLAGS, lambda name: "" if name == "config" else f" (default: {DEFAULTS[name]})")
+    flags.add_flags(p, FLAGS, lambda name: "" if DEFAULTS.get(name) is None else f" (default: {DEFAULTS[name]})")
     return p
 
 
