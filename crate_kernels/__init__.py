@@ -11,10 +11,14 @@ from .model import (
     load_checkpoint,
 )
 from .ops import get_backend, set_backend
+from .vit_mae import MaskedAutoencoderViT, mae_vit_base, mae_vit_small
+from .classifier import CRATEClassifier, ViTClassifier, classifier_from_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CRATEMAE", "CONFIGS", "crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large",
     "load_checkpoint", "clean_state_dict", "ops", "set_backend", "get_backend", "__version__",
+    "MaskedAutoencoderViT", "mae_vit_small", "mae_vit_base", "CRATEClassifier", "ViTClassifier",
+    "classifier_from_pretrained",
 ]

@@ -1,8 +1,11 @@
-"""White-box measurements and visual probes of a CRATE-MAE model (the paper's layer-wise compression and sparsity).
+"""White-box measurements and visual probes of a CRATE-MAE model (the paper's layer-wise compression and sparsity),
+and the same measurements of a ViT-MAE baseline for comparison.
 
     coding_rate_and_sparsity(model, imgs)   per encoder layer: compression R^c and ISTA sparsity (mean, std)
     attention_maps(model, imgs, layer)      [CLS] attention over the patch grid, per head
     pca_maps(model, imgs)                   4 PCA components of the last layer's qkv(LN(z)) patch features
+    patch_pca(model, imgs)                  the same, and the variance each component explains
+    reconstruct(model, imgs, ...)           original, masked, prediction, pasted images and the loss per image
     reconstruction_grid(model, imgs, ...)   original | masked | prediction | prediction with visible patches
     save_image_grid(images, path)           PNG through PIL
     plot_whitebox_curves(evals, path)       coding rate / sparsity per layer (needs matplotlib)
@@ -24,7 +27,8 @@ from .pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "encoder_activations", "coding_rate", "sparsity", "coding_rate_and_sparsity", "attention_maps", "pca_maps",
-    "reconstruction_grid", "save_image_grid", "plot_whitebox_curves", "extract_features", "linear_probe",
+    "patch_pca", "reconstruct", "reconstruction_grid", "save_image_grid", "plot_whitebox_curves", "extract_features",
+    "linear_probe",
 ]
 
 
@@ -60,18 +64,31 @@ def _grid(model, imgs: torch.Tensor) -> tuple[int, int]:
     return imgs.shape[-2] // p, imgs.shape[-1] // p
 
 
-def encoder_activations(model, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
-    """Run the encoder once; per layer, w = qkv(LN1(z^l)) as (B, H, n, p) and the ISTA output z^{l+1} (B, n, d).
+def _layer_taps(block):
+    """(module giving the attention's projections, module giving the layer's output, function from that projection
+    output to (q, k, v) of shape (B, H, n, p), attention scale) for one encoder layer of CRATE-MAE or ViT-MAE."""
+    if hasattr(block, "attn"):  # ViT-MAE: timm's block; qkv holds q | k | v
+        return block.attn.qkv, block, block.attn.split_heads, block.attn.scale
+    attn, ista = block.layers[0]
+    mssa = attn.fn
 
-    ``mask_ratio`` 0 (default) measures the unmasked image (``forward_features``); otherwise the training-time
-    masked sequence (mask tokens included), with optional fixed ``noise``.
-    """
+    def heads(w: torch.Tensor):
+        b, n, _ = w.shape
+        w = w.view(b, n, mssa.heads, mssa.dim_head).transpose(1, 2)
+        return w, w, w  # MSSA: query, key and value are the same projection
+
+    return mssa.qkv, ista, heads, mssa.scale
+
+
+def _encoder_taps(model, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
+    """Run the encoder once; per layer a dict: q, k, v (B, H, n, p), the layer output z (B, n, d), scale."""
     with _Measuring(model, imgs) as (model, imgs):
-        ws, zs, hooks = [], [], []
-        for block in model.blocks:
-            attn, ista = block.layers[0]
-            hooks.append(attn.fn.qkv.register_forward_hook(lambda m, i, out: ws.append(out)))
-            hooks.append(ista.register_forward_hook(lambda m, i, out: zs.append(out)))
+        outputs, hooks, taps = [], [], [_layer_taps(block) for block in model.blocks]
+        for projection, layer_output, _, _ in taps:
+            record = {}
+            outputs.append(record)
+            hooks.append(projection.register_forward_hook(lambda m, i, out, r=record: r.__setitem__("qkv", out)))
+            hooks.append(layer_output.register_forward_hook(lambda m, i, out, r=record: r.__setitem__("z", out)))
         try:
             if mask_ratio > 0:
                 model.forward_encoder(imgs, mask_ratio, None if noise is None else noise.to(imgs.device))
@@ -80,12 +97,22 @@ def encoder_activations(model, imgs: torch.Tensor, mask_ratio: float = 0.0, nois
         finally:
             for h in hooks:
                 h.remove()
-        out = []
-        for block, w, z in zip(model.blocks, ws, zs):
-            mssa = block.layers[0][0].fn
-            b, n, _ = w.shape
-            out.append((w.view(b, n, mssa.heads, mssa.dim_head).transpose(1, 2), z))
-        return out
+        layers = []
+        for record, (_, _, heads, scale) in zip(outputs, taps):
+            q, k, v = heads(record["qkv"])
+            layers.append({"q": q, "k": k, "v": v, "z": record["z"], "scale": scale})
+        return layers
+
+
+def encoder_activations(model, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
+    """Run the encoder once; per layer, the per-head features w (B, H, n, p) and the layer's output (B, n, d).
+
+    CRATE-MAE: w = qkv(LN1(z^l)) (query = key = value) and the ISTA output z^{l+1}. ViT-MAE: w = the attention's
+    value projection and the block's output. ``mask_ratio`` 0 (default) measures the unmasked image
+    (``forward_features``); otherwise the training-time masked sequence (CRATE: mask tokens included; ViT: the visible
+    tokens only), with optional fixed ``noise``.
+    """
+    return [(layer["v"], layer["z"]) for layer in _encoder_taps(model, imgs, mask_ratio, noise)]
 
 
 def coding_rate(w: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -128,30 +155,38 @@ def _layer(model, layer: int) -> int:
 
 
 def attention_maps(model, imgs: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """Per head, the [CLS] row of softmax(w w^T / sqrt(p)) over the patches at ``layer``: (B, H, rows, cols)."""
-    layer = _layer(model, layer)
-    w, _ = encoder_activations(model, imgs)[layer]
-    scale = _unwrap(model).blocks[layer].layers[0][0].fn.scale
-    attn = torch.softmax((w[:, :, :1] @ w.transpose(-1, -2)) * scale, dim=-1)[:, :, 0, 1:]
+    """Per head, the [CLS] row of softmax(q k^T / sqrt(p)) over the patches at ``layer``: (B, H, rows, cols).
+
+    CRATE-MAE: q = k = w, its MSSA projection; ViT-MAE: the block's own query and key."""
+    taps = _encoder_taps(model, imgs)[_layer(model, layer)]
+    q, k = taps["q"], taps["k"]
+    attn = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * taps["scale"], dim=-1)[:, :, 0, 1:]
     return attn.reshape(*attn.shape[:2], *_grid(_unwrap(model), imgs)).float()
 
 
 def pca_maps(model, imgs: torch.Tensor, n_components: int = 4, layer: int = -1) -> torch.Tensor:
-    """PCA of the patch features qkv(LN(z)) at ``layer`` (default last) over all patches of the batch.
+    """PCA of the patch features w at ``layer`` (default last) over all patches of the batch (CRATE-MAE: qkv(LN(z));
+    ViT-MAE: the value projection; see ``encoder_activations``).
 
     Returns the projections on the top ``n_components`` principal axes, (B, n_components, rows, cols);
     each axis's sign makes its largest loading positive.
     """
+    return patch_pca(model, imgs, n_components, layer)[0]
+
+
+def patch_pca(model, imgs: torch.Tensor, n_components: int = 4, layer: int = -1) -> tuple[torch.Tensor, list[float]]:
+    """``pca_maps`` and the fraction of the patch features' variance each component explains."""
     w, _ = encoder_activations(model, imgs)[_layer(model, layer)]
     b, h, n, p = w.shape
     feats = w.transpose(1, 2).reshape(b, n, h * p)[:, 1:].reshape(-1, h * p).double()
     feats = feats - feats.mean(dim=0)
-    _, _, vh = torch.linalg.svd(feats, full_matrices=False)
+    _, singular, vh = torch.linalg.svd(feats, full_matrices=False)
     axes = vh[:n_components]
     signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))
     proj = feats @ (axes * signs).T
     rows, cols = _grid(_unwrap(model), imgs)
-    return proj.reshape(b, rows, cols, -1).permute(0, 3, 1, 2).float()
+    explained = (singular[:n_components] ** 2 / (singular ** 2).sum()).tolist()
+    return proj.reshape(b, rows, cols, -1).permute(0, 3, 1, 2).float(), explained
 
 
 def _tile(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
@@ -183,27 +218,41 @@ def _with_row_labels(grid: torch.Tensor, labels: list[str], cell: int, pad: int)
     return torch.cat([column.expand(grid.shape[0], -1, -1), grid], dim=2)
 
 
-def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD, pad: int = 2, labels: bool = True) -> torch.Tensor:
-    """A (3, H', W') image in [0, 1]; rows: original | masked | prediction | prediction with the visible patches
-    pasted back; one column per image, and with ``labels`` a column naming the rows on the left. ``mean``/``std``
-    undo the input normalisation; with norm_pix_loss the prediction is un-normalised with each target patch's
-    own mean and variance (MAE's visualisation).
-    """
+def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, torch.Tensor]:
+    """One masked forward pass, as images in [0, 1] on the CPU, each (B, 3, H, W): ``original``, ``masked`` (grey where
+    masked), ``prediction`` (the decoder's output everywhere) and ``pasted`` (visible patches with the prediction in
+    the masked ones); ``mask`` (B, rows, cols) with 1 = masked; ``loss`` (B,): each image's masked-patch loss.
+    ``mean``/``std`` undo the input normalisation; with norm_pix_loss the prediction is un-normalised with each target
+    patch's own mean and variance (MAE's visualisation)."""
     with _Measuring(model, imgs) as (model, imgs):
         _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=None if noise is None else noise.to(imgs.device))
+        target = model.patchify(imgs)
         if model.norm_pix_loss:
-            target = model.patchify(imgs)
-            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+            scale = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            loss = (((pred - (target - target.mean(dim=-1, keepdim=True)) / scale) ** 2).mean(-1) * mask).sum(1)
+            pred = pred * scale + target.mean(dim=-1, keepdim=True)
+        else:
+            loss = (((pred - target) ** 2).mean(-1) * mask).sum(1)
         grid = _grid(model, imgs)
         m = model.unpatchify(mask.unsqueeze(-1).expand_as(pred).to(pred.dtype), grid)
         mean_t = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
         original = (imgs * std_t + mean_t).clamp(0, 1)
         prediction = (model.unpatchify(pred, grid) * std_t + mean_t).clamp(0, 1)
-        masked = original * (1 - m) + 0.5 * m
-        pasted = original * (1 - m) + prediction * m
-        grid = _tile([x.float().cpu() for x in (original, masked, prediction, pasted)], pad)
+        out = {"original": original, "masked": original * (1 - m) + 0.5 * m, "prediction": prediction,
+               "pasted": original * (1 - m) + prediction * m, "mask": mask.reshape(-1, *grid),
+               "loss": loss / mask.sum(1)}
+        return {k: v.float().cpu() for k, v in out.items()}
+
+
+def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD, pad: int = 2, labels: bool = True) -> torch.Tensor:
+    """A (3, H', W') image in [0, 1]; rows: original | masked | prediction | prediction with the visible patches
+    pasted back; one column per image, and with ``labels`` a column naming the rows on the left (see
+    ``reconstruct``)."""
+    images = reconstruct(model, imgs, mask_ratio, noise, mean, std)
+    grid = _tile([images[k] for k in ("original", "masked", "prediction", "pasted")], pad)
     if labels:
         names = ["original", f"masked {mask_ratio:.0%}", "prediction", "visible + pred."]
         grid = _with_row_labels(grid, names, imgs.shape[-2], pad)

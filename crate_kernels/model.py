@@ -38,7 +38,87 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
-class CRATEMAE(nn.Module):
+class MaskedImageModel:
+    """What the masked autoencoders of this package share: image checks, (un)patchify, the masked-patch loss.
+
+    Needs ``self.patch_embed`` (a ``PatchEmbed``), ``self.in_chans`` and ``self.norm_pix_loss``.
+    """
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each encoder and decoder layer in backward instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward per layer."""
+        self.grad_checkpointing = enable
+        return self
+
+    def _run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        return x
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    def _check_imgs(self, imgs: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
+            shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
+            raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {shape}")
+        b, c, h, w = imgs.shape
+        p = self.patch_size
+        if c != self.in_chans:
+            raise ValueError(f"imgs must have {self.in_chans} channels, got {c} (shape {tuple(imgs.shape)})")
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(f"imgs height and width must be positive multiples of the patch size {p}, got {h}x{w}")
+        return h // p, w // p
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), per-patch layout (p, q, c)."""
+        gh, gw = self._check_imgs(imgs)
+        p, c = self.patch_size, imgs.shape[1]
+        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W); ``grid`` (rows, cols) defaults to a square grid."""
+        p, c = self.patch_size, self.in_chans
+        if grid is None:
+            side = int(round(x.shape[1] ** 0.5))
+            if side * side != x.shape[1]:
+                raise ValueError(f"unpatchify needs grid=(rows, cols) for a non-square count of {x.shape[1]} patches")
+            grid = (side, side)
+        gh, gw = grid
+        if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != p * p * c:
+            raise ValueError(f"x must have shape (B, {gh * gw}, {p * p * c}), got {tuple(x.shape)}")
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+
+    def masking_order(self, batch: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device):
+        """MAE's per-sample shuffle: ids_shuffle (B, N) (kept patches first), its inverse ids_restore (B, N) and the
+        number of kept patches. ``noise`` (B, N) fixes the order (uniform random noise when None)."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+        if noise is None:
+            noise = torch.rand(batch, num_patches, device=device)
+        elif tuple(noise.shape) != (batch, num_patches):
+            raise ValueError(f"noise must have shape (B, N) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
+        ids_shuffle = torch.argsort(noise, dim=1)
+        return ids_shuffle, torch.argsort(ids_shuffle, dim=1), int(num_patches * (1 - mask_ratio))
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over masked patches (per-patch normalised if norm_pix_loss)."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+
+class CRATEMAE(MaskedImageModel, nn.Module):
     """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
 
     def __init__(
@@ -122,70 +202,13 @@ class CRATEMAE(nn.Module):
                 m.set_backend(backend)
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True) -> "CRATEMAE":
-        """Recompute each encoder and decoder layer in backward instead of keeping its activations
-        (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward per layer."""
-        self.grad_checkpointing = enable
-        return self
-
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        return x
-
-    @property
-    def patch_size(self) -> int:
-        return self.patch_embed.patch_size
-
-    # ------------------------------------------------------------------ patches
-    def _check_imgs(self, imgs: torch.Tensor) -> tuple[int, int]:
-        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
-            shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
-            raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {shape}")
-        b, c, h, w = imgs.shape
-        p = self.patch_size
-        if c != self.in_chans:
-            raise ValueError(f"imgs must have {self.in_chans} channels, got {c} (shape {tuple(imgs.shape)})")
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"imgs height and width must be positive multiples of the patch size {p}, got {h}x{w}")
-        return h // p, w // p
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, p*p*C), per-patch layout (p, q, c)."""
-        gh, gw = self._check_imgs(imgs)
-        p, c = self.patch_size, imgs.shape[1]
-        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(B, N, p*p*C) -> (B, C, H, W); ``grid`` (rows, cols) defaults to a square grid."""
-        p, c = self.patch_size, self.in_chans
-        if grid is None:
-            side = int(round(x.shape[1] ** 0.5))
-            if side * side != x.shape[1]:
-                raise ValueError(f"unpatchify needs grid=(rows, cols) for a non-square count of {x.shape[1]} patches")
-            grid = (side, side)
-        gh, gw = grid
-        if x.dim() != 3 or x.shape[1] != gh * gw or x.shape[2] != p * p * c:
-            raise ValueError(f"x must have shape (B, {gh * gw}, {p * p * c}), got {tuple(x.shape)}")
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
-
     def _table(self, grid: tuple[int, int]) -> torch.Tensor:
         return resize_table(self.decoder_pos_embed, self.patch_embed.grid_size, grid)
 
     # ------------------------------------------------------------------ model
     def random_masking(self, batch: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device):
         """MAE's per-sample shuffle; returns mask (B, N) with 1 = masked, in raster order."""
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
-        if noise is None:
-            noise = torch.rand(batch, num_patches, device=device)
-        elif tuple(noise.shape) != (batch, num_patches):
-            raise ValueError(f"noise must have shape (B, N) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
-        len_keep = int(num_patches * (1 - mask_ratio))
-        ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+        _, ids_restore, len_keep = self.masking_order(batch, num_patches, mask_ratio, noise, device)
         return (ids_restore >= len_keep).to(torch.float32)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
@@ -203,16 +226,6 @@ class CRATEMAE(nn.Module):
         """latent (B, 1 + N, d) -> pred (B, N, p*p*C)."""
         x = self._run_blocks(self.decoder_blocks, latent)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over masked patches (per-patch normalised if norm_pix_loss)."""
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         latent, mask = self.forward_encoder(imgs, mask_ratio, noise)
@@ -260,8 +273,8 @@ def clean_state_dict(checkpoint: Mapping) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def load_checkpoint(model: CRATEMAE, checkpoint, strict: bool = True):
-    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model``.
+def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True):
+    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE or ViT-MAE).
 
     Shape mismatches are reported by tensor name before anything is copied; a file written by this package
     whose bytes no longer match their checksum is refused (``crate_kernels.pipeline.checkpoint.load``).

@@ -299,39 +299,14 @@ class SkimagePhotos(ImageDataset):
         return index % len(self.images)
 
 
-class ImageFolder(ImageDataset):
-    """ImageNet layout ``root/<class>/<image>`` (classes: the sorted sub-folder names), or unlabelled images
-    directly in ``root`` (one class) when no sub-folder holds any: pretraining needs no labels."""
+class FileImages(ImageDataset):
+    """Images in files, ``self.samples`` = [(path, label)]: decoded lazily, JPEGs at reduced size where the view
+    allows and with simplejpeg when it is installed."""
 
-    def __init__(self, root: str, transform):
-        super().__init__(transform)
-        if not os.path.isdir(root):
-            raise DatasetError(f"image folder {root} does not exist or is not a directory")
-        self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.samples = []
-        for label, cls in enumerate(self.classes):
-            for folder, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
-                self.samples += [
-                    (os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
-                ]
-        if not self.samples:  # a flat folder of unlabelled images
-            self.classes = [os.path.basename(os.path.normpath(root))]
-            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
-                            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
-        if not self.samples:
-            raise DatasetError(
-                f"no images found in {root}: expected images in it or the ImageNet layout {root}/<class>/<image>, "
-                f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
-            )
+    samples: list[tuple[str, int]]
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def describe(self) -> str:
-        decoder = "simplejpeg" if _SIMPLEJPEG else "PIL (pip install simplejpeg decodes them faster)"
-        return (f"image folder {self.root} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')}; "
-                f"JPEG decoder {decoder})")
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
@@ -358,6 +333,38 @@ class ImageFolder(ImageDataset):
 
     def source(self, index: int) -> str:
         return self.samples[index][0]
+
+
+class ImageFolder(FileImages):
+    """ImageNet layout ``root/<class>/<image>`` (classes: the sorted sub-folder names), or unlabelled images
+    directly in ``root`` (one class) when no sub-folder holds any: pretraining needs no labels."""
+
+    def __init__(self, root: str, transform):
+        super().__init__(transform)
+        if not os.path.isdir(root):
+            raise DatasetError(f"image folder {root} does not exist or is not a directory")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = []
+        for label, cls in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+                self.samples += [
+                    (os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        if not self.samples:  # a flat folder of unlabelled images
+            self.classes = [os.path.basename(os.path.normpath(root))]
+            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
+                            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
+        if not self.samples:
+            raise DatasetError(
+                f"no images found in {root}: expected images in it or the ImageNet layout {root}/<class>/<image>, "
+                f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            )
+
+    def describe(self) -> str:
+        decoder = "simplejpeg" if _SIMPLEJPEG else "PIL (pip install simplejpeg decodes them faster)"
+        return (f"image folder {self.root} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')}; "
+                f"JPEG decoder {decoder})")
 
 
 class CIFAR(ImageDataset):
@@ -493,19 +500,20 @@ class UnreadableImages:
     ``add(failures, images)`` takes one batch's failed reads and its number of images; it raises
     ``DatasetError`` when no image could be read for a sample, or when failed reads exceed ``max_fraction`` of
     all reads (counted over at least ``min_reads``, so a few bad files early in a run do not stop it).
+    ``outcome`` ends each warning: what happens to the sample.
     """
 
-    def __init__(self, max_fraction: float, warn, min_reads: int = 1000, failed: int = 0, reads: int = 0):
+    def __init__(self, max_fraction: float, warn, min_reads: int = 1000, failed: int = 0, reads: int = 0,
+                 outcome: str = "a deterministic other sample replaces it"):
         self.max_fraction, self.warn, self.min_reads = max_fraction, warn, min_reads
-        self.failed, self.reads = failed, reads
+        self.failed, self.reads, self.outcome = failed, reads, outcome
         self.seen: set[str] = set()
 
     def add(self, failures: list[tuple[str, str]], images: int | None) -> None:
         for path, reason in failures:
             if path not in self.seen:
                 self.seen.add(path)
-                self.warn(f"warning: skipped unreadable image {path} ({reason}); a deterministic other sample "
-                          "replaces it")
+                self.warn(f"warning: skipped unreadable image {path} ({reason}); {self.outcome}")
         self.failed += len(failures)
         self.reads += len(failures) + (images or 0)
         if images is None:
@@ -593,3 +601,292 @@ def stop_workers(loader: torch.utils.data.DataLoader) -> None:
         if worker.is_alive():
             worker.kill()
             worker.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------- labelled sets
+# The labelled datasets of the evaluation commands (probe, analyze, finetune), each with its official split.
+LABELLED_DATASETS = ("auto", "digits", "faces", "imagefolder", "cifar10", "cifar100", "flowers102", "pets")
+SPLITS = ("train", "test")
+
+
+def labels_of(dataset: ImageDataset) -> list[int]:
+    """Every item's label, without decoding an image."""
+    if hasattr(dataset, "labels"):
+        return list(dataset.labels)
+    return [label for _, label in dataset.samples]
+
+
+def _every_third_to_test(labels: np.ndarray, split: str) -> np.ndarray:
+    """Indices of a fixed stratified split: within each class, in dataset order, every third item is test."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.flatnonzero((rank % 3 == 2) == (split == "test"))
+
+
+class BundledArrays(ImageDataset):
+    """A small labelled set that ships inside an installed package, as uint8 RGB images; fixed stratified split
+    (in each class, every third image is test).
+
+    ``digits``: scikit-learn's 1,797 handwritten digits (8 x 8, 10 classes, 1,201 train / 596 test).
+    ``faces``: scikit-image's LFW subset (25 x 25, 100 faces then 100 non-faces, 134 train / 66 test).
+    """
+
+    def __init__(self, name: str, transform, split: str = "train"):
+        super().__init__(transform)
+        if name == "digits":
+            try:
+                from sklearn.datasets import load_digits
+            except ImportError as e:
+                raise DatasetError("--dataset digits needs scikit-learn (pip install 'crate_kernels[analysis]')") from e
+            bunch = load_digits()
+            images, labels = bunch.images / 16.0, bunch.target
+            self.classes = [str(c) for c in bunch.target_names]
+            self.origin = "scikit-learn's handwritten digits"
+        elif name == "faces":
+            images = np.load(os.path.join(skimage_data_dir(), "lfw_subset.npy"))
+            labels = np.repeat([0, 1], len(images) // 2)
+            self.classes = ["face", "non-face"]
+            self.origin = "scikit-image's LFW face / non-face subset"
+        else:
+            raise DatasetError(f"no bundled labelled set {name!r}; choose digits or faces")
+        keep = _every_third_to_test(np.asarray(labels), split)
+        grey = torch.from_numpy(np.round(np.clip(images[keep], 0, 1) * 255).astype(np.uint8))
+        self.data = grey.unsqueeze(1).expand(-1, 3, -1, -1)
+        self.labels = [int(c) for c in np.asarray(labels)[keep]]
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> str:
+        counts = f"{counted(len(self), 'image')}, {counted(len(self.classes), 'class')}"
+        return f"{self.origin}, {self.split} split ({counts})"
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[index], self.labels[index]
+
+
+def _find_root(data_path: str, marker: str, folders: tuple[str, ...]) -> str | None:
+    """``data_path`` or one of its sub-folders ``folders`` that holds the file or folder ``marker``."""
+    for root in (data_path, *(os.path.join(data_path, f) for f in folders)):
+        if os.path.exists(os.path.join(root, marker)):
+            return root
+    return None
+
+
+def _check_files(paths: list[str], what: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"{what} lists {counted(len(missing), 'image')} that do not exist, e.g. "
+                           f"{', '.join(missing[:3])}")
+
+
+class Flowers102(FileImages):
+    """Oxford Flowers-102 as its archives unpack: ``jpg/image_00001.jpg``..., ``imagelabels.mat`` (labels 1-102) and
+    ``setid.mat`` (image ids of trnid / valid / tstid). Official split: train = trnid + valid (2,040 images),
+    test = tstid (6,149). Labels are 0-based (the .mat's label minus one)."""
+
+    FOLDERS = ("flowers-102", "flowers102")
+
+    def __init__(self, root: str, transform, split: str = "train"):
+        super().__init__(transform)
+        base = _find_root(root, "setid.mat", self.FOLDERS)
+        if base is None or not os.path.isfile(os.path.join(base, "imagelabels.mat")):
+            raise DatasetError(f"Oxford Flowers-102 not found under {root}: expected jpg/, imagelabels.mat and "
+                               "setid.mat (the official archives unpacked)")
+        labels = self._mat(os.path.join(base, "imagelabels.mat"), "labels")
+        ids = self._mat(os.path.join(base, "setid.mat"), *(("trnid", "valid") if split == "train" else ("tstid",)))
+        if labels.min() < 1 or ids.min() < 1 or ids.max() > len(labels):
+            raise DatasetError(f"{base}: setid.mat or imagelabels.mat holds ids or labels outside 1..{len(labels)}")
+        self.classes = [str(c) for c in range(1, int(labels.max()) + 1)]
+        self.samples = [(os.path.join(base, "jpg", f"image_{i:05d}.jpg"), int(labels[i - 1]) - 1) for i in ids]
+        _check_files([p for p, _ in self.samples], os.path.join(base, "setid.mat"))
+        self.name = f"Oxford Flowers-102 {split} split in {base}"
+
+    @staticmethod
+    def _mat(path: str, *keys: str) -> np.ndarray:
+        """The integer arrays ``keys`` of a MATLAB file, flattened and concatenated."""
+        from scipy.io import loadmat
+
+        try:
+            mat = loadmat(path)
+            return np.concatenate([np.asarray(mat[k]).astype(np.int64).ravel() for k in keys])
+        except KeyError as e:
+            raise DatasetError(f"{path} has no variable {e} (expected {', '.join(keys)})") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise DatasetError(f"cannot read {path}: {e}") from e
+
+    def describe(self) -> str:
+        return f"{self.name} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
+
+
+class OxfordPets(FileImages):
+    """Oxford-IIIT Pets as its archives unpack: ``images/<Name>_<n>.jpg`` and ``annotations/trainval.txt`` /
+    ``annotations/test.txt`` (lines ``<image> <class id 1-37> <species> <breed id>``). Official split: train =
+    trainval (3,680 images), test (3,669). Labels are the class id minus one; class names come from the image
+    names."""
+
+    FOLDERS = ("oxford-iiit-pet", "oxford_iiit_pet", "pets")
+
+    def __init__(self, root: str, transform, split: str = "train"):
+        super().__init__(transform)
+        base = _find_root(root, os.path.join("annotations", "trainval.txt"), self.FOLDERS)
+        if base is None or not os.path.isdir(os.path.join(base, "images")):
+            raise DatasetError(f"Oxford-IIIT Pets not found under {root}: expected images/ and "
+                               "annotations/trainval.txt, annotations/test.txt (the official archives unpacked)")
+        names = {}
+        for which in ("trainval", "test"):  # class names from both lists, so both splits share them
+            rows = self._rows(os.path.join(base, "annotations", f"{which}.txt"))
+            for _, _, class_id, breed in rows:
+                if names.setdefault(class_id, breed) != breed:
+                    raise DatasetError(f"annotations/{which}.txt in {base}: class id {class_id} is given to both "
+                                       f"{names[class_id]} and {breed}")
+            if which == ("trainval" if split == "train" else "test"):
+                self.samples = [(os.path.join(base, "images", image + ".jpg"), class_id - 1)
+                                for _, image, class_id, _ in rows]
+        if sorted(names) != list(range(1, len(names) + 1)):
+            raise DatasetError(f"annotations in {base}: class ids {sorted(names)} are not 1..{len(names)}")
+        self.classes = [names[c] for c in range(1, len(names) + 1)]
+        _check_files([p for p, _ in self.samples], os.path.join(base, "annotations"))
+        self.name = f"Oxford-IIIT Pets {split} split in {base}"
+
+    @staticmethod
+    def _rows(path: str) -> list[tuple[int, str, int, str]]:
+        """(line number, image name, class id, breed name) of an annotation list; '#' lines are comments."""
+        if not os.path.isfile(path):
+            raise DatasetError(f"Oxford-IIIT Pets annotation list {path} does not exist")
+        rows = []
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields or fields[0].startswith("#"):
+                    continue
+                try:
+                    rows.append((number, fields[0], int(fields[1]), fields[0].rsplit("_", 1)[0]))
+                except (IndexError, ValueError):
+                    raise DatasetError(f"{path}, line {number}: expected '<image> <class id> <species> <breed id>', "
+                                       f"got {line.strip()!r}") from None
+        return rows
+
+    def describe(self) -> str:
+        return f"{self.name} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
+
+
+def resolve_labelled(name: str, data_path: str | None, default: str = "digits") -> str:
+    """``auto``: ``default`` without --data_path; else the layout found in it (CIFAR, Flowers-102, Pets, an
+    ImageNet-style folder with train/ and val/); a folder in none of them is an error listing the layouts."""
+    if name != "auto":
+        return name
+    if not data_path:
+        return default
+    if not os.path.isdir(data_path):
+        raise DatasetError(f"--data_path {data_path} does not exist or is not a directory")
+    for variant, (folder, *_rest) in CIFAR.LAYOUT.items():
+        if os.path.basename(os.path.normpath(data_path)) == folder or os.path.isdir(os.path.join(data_path, folder)):
+            return f"cifar{variant}"
+    if _find_root(data_path, "setid.mat", Flowers102.FOLDERS):
+        return "flowers102"
+    if _find_root(data_path, os.path.join("annotations", "trainval.txt"), OxfordPets.FOLDERS):
+        return "pets"
+    if os.path.isdir(os.path.join(data_path, "train")) and os.path.isdir(os.path.join(data_path, "val")):
+        return "imagefolder"
+    raise DatasetError(
+        f"--data_path {data_path} is in none of the labelled layouts: an ImageNet-style folder with train/<class>/ and "
+        "val/<class>/, cifar-10-batches-py/ or cifar-100-python/, Oxford Flowers-102 (jpg/, imagelabels.mat, "
+        "setid.mat) or Oxford-IIIT Pets (images/, annotations/trainval.txt, annotations/test.txt)"
+    )
+
+
+def _cifar_class_names(data_path: str, count: int) -> list[str]:
+    """The class names in the archive's meta file (batches.meta / meta), else the label numbers."""
+    folder, meta, key = {10: ("cifar-10-batches-py", "batches.meta", b"label_names"),
+                         100: ("cifar-100-python", "meta", b"fine_label_names")}[count]
+    base = data_path if os.path.basename(os.path.normpath(data_path)) == folder else os.path.join(data_path, folder)
+    try:
+        with open(os.path.join(base, meta), "rb") as f:
+            names = [n.decode() for n in pickle.load(f, encoding="bytes")[key]]
+        if len(names) == count:
+            return names
+    except (OSError, pickle.UnpicklingError, KeyError, EOFError, AttributeError):
+        pass
+    return [str(c) for c in range(count)]
+
+
+def build_labelled(name: str, data_path: str | None, transform, split: str) -> ImageDataset:
+    """The ``split`` ("train" or "test") of the labelled dataset ``name`` (see ``resolve_labelled``), with
+    ``classes`` (names, index = label). ImageFolder's test split is val/, whose class folders must be train/'s."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = resolve_labelled(name, data_path)
+    if name in ("digits", "faces"):
+        if data_path:
+            raise DatasetError(f"--dataset {name} ships inside an installed package and reads no --data_path "
+                               f"(got {data_path})")
+        return BundledArrays(name, transform, split)
+    if not data_path:
+        raise DatasetError(f"--dataset {name} needs --data_path")
+    if name in ("cifar10", "cifar100"):
+        count = int(name[5:])
+        dataset = CIFAR(data_path, transform, train=split == "train", num_classes=count)
+        dataset.classes = _cifar_class_names(data_path, count)
+        return dataset
+    if name == "flowers102":
+        return Flowers102(data_path, transform, split)
+    if name == "pets":
+        return OxfordPets(data_path, transform, split)
+    if name == "imagefolder":
+        folders = {s: os.path.join(data_path, f) for s, f in (("train", "train"), ("test", "val"))}
+        missing = [f for f in folders.values() if not os.path.isdir(f)]
+        if missing:
+            raise DatasetError(f"an image-folder dataset needs {data_path}/train and {data_path}/val with one folder "
+                               f"per class; missing: {', '.join(missing)}")
+        classes = {s: sorted(e.name for e in os.scandir(f) if e.is_dir()) for s, f in folders.items()}
+        if classes["train"] != classes["test"]:
+            only_train = sorted(set(classes["train"]) - set(classes["test"]))
+            only_val = sorted(set(classes["test"]) - set(classes["train"]))
+            raise DatasetError(
+                f"the class folders of {folders['train']} and {folders['test']} differ, so labels would not match: "
+                + "; ".join(part for part in (
+                    only_train and f"missing from val/: {', '.join(only_train[:10])}",
+                    only_val and f"not in train/: {', '.join(only_val[:10])}") if part))
+        if len(classes["train"]) < 2:
+            raise DatasetError(f"{folders['train']} needs at least 2 class folders, found {len(classes['train'])}")
+        return ImageFolder(folders[split], transform)
+    raise DatasetError(f"--dataset must be one of {', '.join(LABELLED_DATASETS)}, got {name!r}")
+
+
+class LabelledViews(torch.utils.data.Dataset):
+    """index -> (uint8 view or None, label, index, failed read or None): an unreadable image is skipped, never
+    replaced, so no image is ever paired with another's label. Views are ``dataset.view(index, generator)`` with a
+    generator seeded by (``seed``, ``epoch``, index) when ``seed`` is given (random training views that a resumed
+    run repeats exactly), else torch's global one; ``normalize`` them on the device."""
+
+    def __init__(self, dataset: ImageDataset, seed: int | None = None):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        gen = None if self.seed is None else torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
+        try:
+            img = self.dataset.view(index, gen)
+        except UnreadableImage as e:
+            return None, None, index, (e.path, e.reason)
+        return img, self.dataset.label(index), index, None
+
+
+def collate_labelled(samples: list):
+    """A batch of ``LabelledViews`` items -> (uint8 images (b, 3, S, S) or None, labels (b,), indices (b,), failed
+    reads), b counting the readable ones."""
+    kept = [s for s in samples if s[0] is not None]
+    failures = [s[3] for s in samples if s[3] is not None]
+    if not kept:
+        return None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), failures
+    return (torch.stack([s[0] for s in kept]), torch.tensor([s[1] for s in kept]), torch.tensor([s[2] for s in kept]),
+            failures)

@@ -10,13 +10,12 @@ import argparse
 
 import yaml
 
-from ..model import CONFIGS
+from ..architectures import MODELS
 from ..ops.backend import BACKENDS
+from ..pipeline import flags
 from ..pipeline.checkpoint import atomic_write
 from ..pipeline.data import DATASETS
-
-# Architectures: the release's four sizes (patch 16) plus a small CPU demo.
-MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS}
+from ..pipeline.flags import ConfigError, add_flags
 
 # The MAE / CRATE-MAE ImageNet-1K recipe (MAE's main_pretrain.py defaults); the model sizes use it as is.
 DEFAULTS = dict(
@@ -31,14 +30,13 @@ DEFAULTS = dict(
 )
 
 # What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
-# ~5 minutes on 2 CPU cores, loss falling and reconstructions recovering structure.
-PRESETS = {
-    "demo": dict(
-        input_size=64, patch_size=8, epochs=25, warmup_epochs=1.0, blr=6e-3, min_lr=1e-5,
-        num_workers=1, threads=1, log_every=10, save_every=320, save_every_epochs=5, eval_every=320,
-    ),
-    **{name: {} for name in CONFIGS},
-}
+# ~5 minutes on 2 CPU cores, loss falling and reconstructions recovering structure. ``mae_vit_demo``, the ViT-MAE
+# of the same width and depth, trains with the same preset.
+_DEMO = dict(
+    input_size=64, patch_size=8, epochs=25, warmup_epochs=1.0, blr=6e-3, min_lr=1e-5,
+    num_workers=1, threads=1, log_every=10, save_every=320, save_every_epochs=5, eval_every=320,
+)
+PRESETS = {name: _DEMO if name in ("demo", "mae_vit_demo") else {} for name in MODELS}
 
 _POSITIVE = ("input_size", "patch_size", "batch_size", "accum_iter", "epochs", "epoch_size", "eval_images",
              "log_every", "save_every", "save_every_epochs")
@@ -48,7 +46,8 @@ _NON_NEGATIVE = ("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight
 # name: (type, help, choices); type "bool" gives --name / --no_name.
 FLAGS = {
     "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture and preset; 'demo' (default) trains on CPU in minutes", tuple(MODELS)),
+    "model": (str, "architecture and preset: CRATE-MAE (demo, crate_mae_*) or the ViT-MAE baselines (mae_vit_*); "
+                   "'demo' (default) trains on CPU in minutes", tuple(MODELS)),
     "input_size": (int, "image side in pixels", None),
     "patch_size": (int, "patch side in pixels", None),
     "mask_ratio": (float, "fraction of patches masked", None),
@@ -100,86 +99,28 @@ FLAGS = {
 }
 
 
-class ConfigError(ValueError):
-    """An invalid flag or config value; the message names the flag."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """MAE's flag names with underscores; hyphenated aliases are accepted too."""
     p = argparse.ArgumentParser(
         prog="crate-train", argument_default=argparse.SUPPRESS,
         description="CRATE-MAE masked-autoencoder pretraining (single process, or DDP under torchrun).",
     )
-    for name, (kind, help_text, choices) in FLAGS.items():
-        shown = "" if name == "config" else f" (default: {DEFAULTS[name]}"
-        if name in PRESETS["demo"]:
-            shown = f" (crate_mae_* models: {DEFAULTS[name]}; demo, the default --model: {PRESETS['demo'][name]}"
-        shown += ")" if shown else ""
-        if choices:
-            help_text += f"; one of: {', '.join(choices)}"
-        names = _spellings(name)
-        if kind == "bool":
-            help_text += f"; --no_{name} turns it off"
-            p.add_argument(*names, dest=name, action="store_const", const=True, help=help_text + shown)
-            p.add_argument(*_spellings("no_" + name), dest=name, action="store_const", const=False,
-                           help=argparse.SUPPRESS)
-        else:
-            p.add_argument(*names, dest=name, type=kind, choices=choices, metavar=name.upper(), help=help_text + shown)
+    add_flags(p, FLAGS, _shown_default)
     return p
 
 
-def _spellings(name: str) -> list[str]:
-    return sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=lambda s: "-" in s[2:])
-
-
-def _coerce(name: str, value, source: str):
-    """Convert a YAML value to the flag's type; errors name the flag and the source."""
-    kind, _, choices = FLAGS[name]
-    if value is None:
-        return None
-    try:
-        if kind == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-                value = value.lower() in ("true", "yes", "on")
-            if not isinstance(value, bool):
-                raise ValueError
-        elif kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        elif kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        else:
-            value = str(value)
-    except (TypeError, ValueError):
-        expected = {"bool": "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-        raise ConfigError(f"--{name} expects {expected}, got {value!r} (in {source})") from None
-    if choices and value not in choices:
-        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r} (in {source})")
-    return value
+def _shown_default(name: str) -> str:
+    if name == "config":
+        return ""
+    if name in PRESETS["demo"]:
+        return (f" (crate_mae_* and mae_vit_small/base: {DEFAULTS[name]}; demo, the default --model, and "
+                f"mae_vit_demo: {PRESETS['demo'][name]})")
+    return f" (default: {DEFAULTS[name]})"
 
 
 def load_yaml(path: str) -> dict:
     """Flag values from a YAML mapping; unknown keys and wrong types are errors naming the key."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    known = set(FLAGS) - {"config"}
-    cfg = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
-        cfg[name] = _coerce(name, value, path)
-    return cfg
+    return flags.load_yaml(path, FLAGS)
 
 
 def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from .. import analysis
+from ..architectures import build_mae
 from ..model import CRATEMAE, load_checkpoint
 from ..ops.backend import get_backend, resolve_backend
 from ..pipeline import checkpoint, distributed
 from ..pipeline.checkpoint import TrainError
-from .config import MODELS, ConfigError, effective_batch, resolve, save_yaml
+from .config import ConfigError, effective_batch, resolve, save_yaml
 from ..pipeline.data import (
     DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, UnreadableImages, build_dataset,
     collate_views, counted, default_num_workers, fixed_batch, normalize, resolve_dataset, stop_workers,
@@ -34,21 +35,22 @@ _RECIPE_KEYS = ("model", "input_size", "patch_size", "mask_ratio", "norm_pix_los
                 "clip_grad", "data_path", "dataset", "epoch_size", "seed", "amp")
 
 
-def build_model(cfg: dict) -> CRATEMAE:
-    """The ``--model`` architecture at ``--input_size``/``--patch_size``, with ``--backend``."""
-    return CRATEMAE(img_size=cfg["input_size"], patch_size=cfg["patch_size"], norm_pix_loss=cfg["norm_pix_loss"],
-                    backend=cfg["backend"], **MODELS[cfg["model"]])
+def build_model(cfg: dict):
+    """The ``--model`` architecture (CRATE-MAE or ViT-MAE) at ``--input_size``/``--patch_size``, with ``--backend``."""
+    return build_mae(cfg["model"], cfg["input_size"], cfg["patch_size"], cfg["norm_pix_loss"], cfg["backend"])
 
 
-def freeze_unused(model: CRATEMAE) -> None:
+def freeze_unused(model) -> None:
     """Exclude the release's never-called ``decoder_embed`` from training.
 
     DDP expects a gradient for every parameter that requires one and fails at the second step otherwise
     (find_unused_parameters=True would instead search the autograd graph every step). decoder_embed never
     gets a gradient, so freezing it changes nothing else; it stays in the state_dict, so checkpoints keep the
-    release's layout. pos_embed and decoder_pos_embed are fixed tables and are frozen already.
+    release's layout. pos_embed and decoder_pos_embed are fixed tables and are frozen already. ViT-MAE uses its
+    decoder_embed and freezes nothing.
     """
-    model.decoder_embed.requires_grad_(False)
+    if isinstance(model, CRATEMAE):
+        model.decoder_embed.requires_grad_(False)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,201 @@
+"""Every pretraining architecture by name, and the masked autoencoder a checkpoint holds.
+
+``MODELS``: name -> constructor arguments, for CRATE-MAE (``demo``, ``crate_mae_*``) and ViT-MAE (``mae_vit_*``).
+``load_pretrained(source)`` reads any pretraining checkpoint (a crate-train run directory, its checkpoint-*.pth or
+model.safetensors, a release ``{'model': ...}`` .pth of either family, 'module.' prefixes allowed) and tells which
+architecture it is; ``Pretrained.build()`` gives the model with those weights.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import CONFIGS, CRATEMAE, clean_state_dict, load_checkpoint
+from .pipeline.checkpoint import TrainError
+from .vit_mae import VIT_CONFIGS, MaskedAutoencoderViT
+
+MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS, **VIT_CONFIGS}
+
+FAMILY_NAMES = {"crate": "CRATE-MAE", "vit": "ViT-MAE"}
+
+
+def family(name: str) -> str:
+    """``crate`` or ``vit``: the family of the architecture ``name`` (a key of MODELS)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    return "vit" if name in VIT_CONFIGS else "crate"
+
+
+def build_mae(name: str, img_size: int = 224, patch_size: int = 16, norm_pix_loss: bool = False,
+              backend: str | None = None) -> CRATEMAE | MaskedAutoencoderViT:
+    """The masked autoencoder ``name`` at ``img_size``/``patch_size``; ``backend`` sets CRATE's operators (ViT-MAE
+    has none: its attention is ``F.scaled_dot_product_attention``)."""
+    if family(name) == "vit":
+        return MaskedAutoencoderViT(img_size=img_size, patch_size=patch_size, norm_pix_loss=norm_pix_loss,
+                                    **MODELS[name])
+    return CRATEMAE(img_size=img_size, patch_size=patch_size, norm_pix_loss=norm_pix_loss, backend=backend,
+                    **MODELS[name])
+
+
+def is_decoder_key(key: str) -> bool:
+    """Whether a state_dict key belongs to the decoder (dropped by classifiers; absent from FAIR's encoder-only
+    releases)."""
+    return key.startswith(("decoder_", "mask_token"))
+
+
+@dataclass
+class Pretrained:
+    """A pretraining checkpoint, resolved: architecture ``model`` at ``img_size``/``patch_size``, and its weights."""
+
+    model: str
+    img_size: int
+    patch_size: int
+    norm_pix_loss: bool
+    state: dict = field(repr=False)
+    source: str = ""
+
+    @property
+    def family(self) -> str:
+        return family(self.model)
+
+    @property
+    def has_decoder(self) -> bool:
+        return any(k.startswith("decoder_blocks.") for k in self.state)
+
+    def describe(self) -> str:
+        return (f"{self.model} ({FAMILY_NAMES[self.family]}, {self.img_size}px, patch {self.patch_size}) from "
+                f"{self.source}" + ("" if self.has_decoder else ", encoder only"))
+
+    def build(self, backend: str | None = None, weights: bool = True) -> CRATEMAE | MaskedAutoencoderViT:
+        """The masked autoencoder in eval mode, on CPU, with these weights (``weights=False``: freshly initialised,
+        from torch's global generator). An encoder-only checkpoint leaves the decoder at its initialisation."""
+        model = build_mae(self.model, self.img_size, self.patch_size, self.norm_pix_loss, backend)
+        if weights:
+            try:
+                result = load_checkpoint(model, self.state, strict=False)
+            except ValueError as e:
+                raise TrainError(f"{self.source} does not fit --model {self.model}: {e}") from None
+            missing = [k for k in result.missing_keys if not is_decoder_key(k)]
+            decoder_missing = [k for k in result.missing_keys if is_decoder_key(k)]
+            if missing or (decoder_missing and self.has_decoder):
+                absent = missing or decoder_missing
+                raise TrainError(f"{self.source} lacks {len(absent)} tensors of {self.model}: "
+                                 f"{', '.join(absent[:6])}{' ...' if len(absent) > 6 else ''}")
+        return model.eval()
+
+
+def _family_of_state(state: dict) -> str | None:
+    if "blocks.0.attn.qkv.weight" in state:
+        return "vit"
+    if "blocks.0.layers.0.0.fn.qkv.weight" in state:
+        return "crate"
+    return None
+
+
+def _count(state: dict, prefix: str) -> int:
+    """Number of consecutive numbered sub-modules ``prefix.<i>.`` in ``state``."""
+    indices = {int(k[len(prefix) + 1:].split(".", 1)[0]) for k in state if k.startswith(prefix + ".")}
+    return max(indices) + 1 if indices else 0
+
+
+def _geometry(state: dict, source: str) -> tuple[int, int]:
+    """(img_size, patch_size) from the patch embedding and the position table (square grids)."""
+    try:
+        patch = int(state["patch_embed.proj.weight"].shape[-1])
+        table = state.get("pos_embed", state.get("decoder_pos_embed"))
+        n = int(table.shape[1]) - 1
+    except (KeyError, AttributeError, IndexError):
+        raise TrainError(f"{source} lacks patch_embed.proj.weight or pos_embed: not a masked-autoencoder "
+                         "checkpoint") from None
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise TrainError(f"{source}: position table of {n} patches is not a square grid")
+    return side * patch, patch
+
+
+def _infer_model(state: dict, source: str) -> str:
+    """The MODELS name whose family, width, depth (and decoder, when present) match ``state``."""
+    fam = _family_of_state(state)
+    width = int(state["patch_embed.proj.weight"].shape[0])
+    depth = _count(state, "blocks")
+    shape = {"embed_dim": width, "depth": depth}
+    if fam == "vit" and "decoder_embed.weight" in state:
+        shape.update(decoder_embed_dim=int(state["decoder_embed.weight"].shape[0]),
+                     decoder_depth=_count(state, "decoder_blocks"))
+    matches = [name for name, cfg in MODELS.items()
+               if family(name) == fam and all(cfg.get(k, v) == v for k, v in shape.items())]
+    encoders = {tuple(MODELS[name][k] for k in ("embed_dim", "depth", "num_heads")) for name in matches}
+    if "decoder_embed.weight" not in state and len(encoders) == 1:
+        return matches[0]  # encoder only: the candidates build the same encoder
+    if len(matches) != 1:
+        found = ", ".join(f"{k} {v}" for k, v in shape.items())
+        raise TrainError(f"cannot tell the architecture of {source} ({FAMILY_NAMES[fam]}, {found}): "
+                         + ("pass --model, one of " + ", ".join(matches) if matches
+                            else "no --model has this shape; choices: " + ", ".join(MODELS)))
+    return matches[0]
+
+
+def _read_state(path: str) -> tuple[dict, dict, dict]:
+    """(state_dict, training args or {}, safetensors metadata or {}) of a checkpoint file."""
+    from .pipeline.checkpoint import load
+
+    ckpt = load(path)
+    meta = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    try:
+        state = clean_state_dict(ckpt)
+    except TypeError as e:
+        raise TrainError(f"{path}: {e}") from None
+    return state, ckpt.get("args") or {}, meta
+
+
+def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool | None = None) -> Pretrained:
+    """Resolve a pretraining checkpoint: a crate-train run directory (args.yaml, then model.safetensors or
+    checkpoint-last.pth), a checkpoint file of such a run, or a release ``.pth``/``.safetensors`` of CRATE-MAE or
+    FAIR's ViT-MAE (full, or encoder only). The architecture comes from the run's settings, else ``model``, else the
+    one MODELS entry that fits the tensors; a ``model`` that contradicts the checkpoint is an error. ``norm_pix_loss``
+    (how the decoder's output is read) comes from the run's settings, else the argument, else False."""
+    args_path = None
+    if os.path.isdir(source):
+        args_path = os.path.join(source, "args.yaml")
+        if not os.path.isfile(args_path):
+            raise TrainError(f"{source} is a directory but not a crate-train run (no args.yaml); pass a run "
+                             "directory or a checkpoint file")
+        final = os.path.join(source, "model.safetensors")
+        path = final if os.path.isfile(final) else os.path.join(source, "checkpoint-last.pth")
+        if not os.path.isfile(path):
+            raise TrainError(f"run {source} holds no weights yet (no model.safetensors or checkpoint-last.pth)")
+    elif os.path.isfile(source):
+        path = source
+        beside = os.path.join(os.path.dirname(os.path.abspath(source)), "args.yaml")
+        args_path = beside if source.endswith(".safetensors") and os.path.isfile(beside) else None
+    else:
+        raise TrainError(f"checkpoint {source} does not exist")
+    state, args, meta = _read_state(path)
+    if args_path:
+        import yaml
+
+        with open(args_path) as f:
+            args = {**(yaml.safe_load(f) or {}), **args}
+    fam = _family_of_state(state)
+    if fam is None:
+        keys = ", ".join(list(state)[:5])
+        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint (its first keys: {keys})")
+    img_size, patch_size = _geometry(state, path)
+    named = args.get("model") or meta.get("model")
+    if model is not None and named is not None and model != named:
+        raise TrainError(f"--model {model} contradicts {path}, which was trained as {named}")
+    name = model or named or _infer_model(state, path)
+    if name not in MODELS:
+        raise TrainError(f"{path} names the architecture {name!r}, which is not one of {', '.join(MODELS)}")
+    if family(name) != fam:
+        raise TrainError(f"{path} holds a {FAMILY_NAMES[fam]} checkpoint, but {name} is a "
+                         f"{FAMILY_NAMES[family(name)]}")
+    pix = args.get("norm_pix_loss", norm_pix_loss)
+    return Pretrained(name, img_size, patch_size, bool(pix), state, path)

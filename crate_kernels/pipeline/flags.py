@@ -1,0 +1,109 @@
+"""Command-line flags shared by every command (train, probe, analyze): MAE's flag names with underscores (hyphenated
+spellings accepted), ``--no_<flag>`` for booleans, a YAML ``--config`` whose keys are the flag names, and
+``ConfigError`` messages that name the flag.
+
+A flag table maps name -> (type, help, choices); type ``"bool"`` gives ``--name`` / ``--no_name``.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid flag or config value; the message names the flag."""
+
+
+def spellings(name: str) -> list[str]:
+    """``--flag_name`` first, then ``--flag-name`` when it differs."""
+    return sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=lambda s: "-" in s[2:])
+
+
+def add_flags(parser: argparse.ArgumentParser, table: dict, shown_default: Callable[[str], str]) -> None:
+    """Add every flag of ``table`` to ``parser`` (whose ``argument_default`` is SUPPRESS, so only the flags given
+    appear); ``shown_default(name)`` is appended to each help text."""
+    for name, (kind, help_text, choices) in table.items():
+        shown = shown_default(name)
+        if choices:
+            help_text += f"; one of: {', '.join(choices)}"
+        if kind == "bool":
+            help_text += f"; --no_{name} turns it off"
+            parser.add_argument(*spellings(name), dest=name, action="store_const", const=True, help=help_text + shown)
+            parser.add_argument(*spellings("no_" + name), dest=name, action="store_const", const=False,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*spellings(name), dest=name, type=kind, choices=choices, metavar=name.upper(),
+                                help=help_text + shown)
+
+
+def coerce(table: dict, name: str, value, source: str):
+    """Convert a YAML value to the flag's type; errors name the flag and the source."""
+    kind, _, choices = table[name]
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+                value = value.lower() in ("true", "yes", "on")
+            if not isinstance(value, bool):
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        expected = {"bool": "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ConfigError(f"--{name} expects {expected}, got {value!r} (in {source})") from None
+    if choices and value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r} (in {source})")
+    return value
+
+
+def load_yaml(path: str, table: dict) -> dict:
+    """Flag values from a YAML mapping; unknown keys and wrong types are errors naming the key."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    known = set(table) - {"config"}
+    cfg = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+        cfg[name] = coerce(table, name, value, path)
+    return cfg
+
+
+def parse(parser: argparse.ArgumentParser, table: dict, defaults: dict, argv: list[str] | None) -> dict:
+    """defaults < ``--config`` YAML < command line, as one dict (no validation)."""
+    cli = vars(parser.parse_args(argv))
+    config_path = cli.pop("config", None)
+    from_file = load_yaml(config_path, table) if config_path else {}
+    return {**defaults, **from_file, **cli}
+
+
+def check_ranges(cfg: dict, positive=(), non_negative=(), fractions=()) -> None:
+    """Range checks naming the flag: > 0, >= 0, within [0, 1]; None passes (unset)."""
+    for name in positive:
+        if cfg[name] is not None and cfg[name] <= 0:
+            raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
+    for name in non_negative:
+        if cfg[name] is not None and cfg[name] < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {cfg[name]}")
+    for name in fractions:
+        if cfg[name] is not None and not 0.0 <= cfg[name] <= 1.0:
+            raise ConfigError(f"--{name} must lie in [0, 1], got {cfg[name]}")

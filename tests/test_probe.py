@@ -1,0 +1,162 @@
+"""python -m crate_kernels.probe: the classifiers on synthetic features, end to end on tiny models (a run directory,
+a release-format checkpoint, ViT-MAE), the feature cache, unreadable images, and bad inputs."""
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crate_kernels import CRATEMAE
+from crate_kernels.probe import fit_logistic, fit_torch_head, main, resolve, topk_accuracy
+from crate_kernels.train import main as train_main
+from crate_kernels.vit_mae import MaskedAutoencoderViT
+
+TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
+            "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0"]
+QUIET = ["--num_workers", "0", "--threads", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "run"
+    assert train_main(TINY_RUN + ["--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """An image-folder dataset of 3 classes told apart by colour (red, green, blue noise), 6 train / 3 val each."""
+    root = tmp_path_factory.mktemp("colours")
+    gen = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for c, name in enumerate(("red", "green", "blue")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = gen.integers(0, 90, (20, 20, 3))
+                pixels[..., c] += 160
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one thread (two, on a busy 2-core machine, made these steps 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_classifiers_reach_100_percent_on_linearly_separable_features(one_thread):
+    k, d = 8, 24
+    centres = 6 * torch.randn(k, d)
+    y_train, y_test = torch.arange(k).repeat(40), torch.arange(k).repeat(10)
+    x_train = centres[y_train] + torch.randn(len(y_train), d)
+    x_test = centres[y_test] + torch.randn(len(y_test), d)
+    sk = fit_logistic(x_train.numpy(), y_train.numpy(), x_test.numpy(), y_test.numpy(), blas_threads=1)
+    assert sk["top1"] >= 99.0 and sk["top5"] == 100.0 and set(sk["selection"]) == {"0.001", "0.01", "0.1", "1", "10", "100"}
+    cfg = dict(seed=0, head_batch_size=64, lr=None, blr=0.1, weight_decay=0.0, epochs=30, warmup_epochs=3)
+    head = fit_torch_head(x_train, y_train, x_test, y_test, k, cfg, torch.device("cpu"))
+    assert head["top1"] >= 99.0 and head["final_train_loss"] < 0.1
+    shuffled = y_train[torch.randperm(len(y_train))]  # no signal: chance level, not 100%
+    assert fit_logistic(x_train.numpy(), shuffled.numpy(), x_test.numpy(), y_test.numpy(), c=1.0)["top1"] < 60
+
+
+def test_topk_accuracy_counts_labels_among_the_best_scores():
+    scores = np.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    classes = np.array([4, 7, 9])  # column j scores class classes[j]
+    labels = np.array([7, 9, 7])
+    assert topk_accuracy(scores, labels, classes, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(scores, labels, classes, 2) == pytest.approx(2 / 3)
+
+
+def test_probe_end_to_end_with_random_baseline_and_feature_cache(run_dir, colours, tmp_path, capsys):
+    out = tmp_path / "probe"
+    args = [str(run_dir), "--data_path", str(colours), "--compare_random", "--output_dir", str(out)] + QUIET
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "image folder" in text and "pretrained: top-1" in text and "random init: top-1" in text
+    jsons = sorted(f for f in os.listdir(out) if f.endswith(".json"))
+    assert len(jsons) == 2 and len([f for f in os.listdir(out) if f.endswith(".pt")]) == 2
+    for name in jsons:
+        result = json.loads((out / name).read_text())
+        assert result["classes"] == 3 and result["train_images"] == 18 and result["test_images"] == 9
+        assert "top5" not in result and result["feature_dim"] == 128 and os.path.isfile(result["features"])
+        assert result["features"][:-3] == str(out / name)[:-5]  # the JSON lies beside its features
+    assert main(args) == 0  # the same command again reuses both feature files
+    assert capsys.readouterr().out.count("features: cached") == 2
+    assert main(args + ["--pool", "mean", "--layer", "1"]) == 0
+    assert "layer1" in capsys.readouterr().out and len(os.listdir(out)) == 8
+
+
+def test_release_checkpoints_of_both_families_probe(colours, tmp_path, capsys):
+    crate = CRATEMAE(img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4)
+    release = tmp_path / "crate_release.pth"
+    torch.save({"model": {"module." + k: v for k, v in crate.state_dict().items()}}, release)
+    vit = MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4, decoder_embed_dim=128,
+                               decoder_depth=3, decoder_num_heads=4)
+    encoder_only = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": {k: v for k, v in vit.state_dict().items() if not k.startswith(("decoder", "mask"))}},
+               encoder_only)
+    for path, name in ((release, "demo (CRATE-MAE, 16px, patch 4)"), (encoder_only, "mae_vit_demo (ViT-MAE")):
+        assert main([str(path), "--data_path", str(colours), "--classifier", "torch", "--epochs", "20",
+                     "--warmup_epochs", "2"] + QUIET) == 0
+        text = capsys.readouterr().out
+        assert name in text and "[torch linear-probe head]" in text
+        assert os.path.isdir(tmp_path / "probe")  # default output: beside the checkpoint
+
+
+def test_unreadable_images_are_skipped_and_counted(run_dir, colours, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "val" / "red" / "1.png").write_bytes(b"broken")
+    assert main([str(run_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o")] + QUIET) == 0
+    captured = capsys.readouterr()
+    assert f"skipped unreadable image {data / 'val' / 'red' / '1.png'} (" in captured.err
+    assert "left out with its label" in captured.err
+    result = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert result["test_images"] == 8 and result["unreadable_skipped"] == 1
+
+
+def _exit_code(args):
+    try:
+        return main(args)
+    except SystemExit as e:  # argparse's own errors (unknown flag, invalid choice)
+        return e.code
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--pool", "max"], 2, "argument --pool: invalid choice: 'max'"),
+    (["--logreg_c", "0"], 2, "--logreg_c must be positive, got 0.0"),
+    (["--layer", "3"], 2, "--layer must lie in [-3, 3) for this 3-layer encoder, got 3"),
+    (["--input_size", "18"], 2, "--input_size (18) must be a multiple of the checkpoint's patch size (4)"),
+    (["--data_path", "NOWHERE"], 1, "--data_path NOWHERE does not exist"),
+    (["--model", "crate_mae_base"], 1, "--model crate_mae_base contradicts"),
+])
+def test_bad_inputs_are_one_message_before_any_output(run_dir, tmp_path, extra, code, message, capfd):
+    out = tmp_path / "never"
+    nowhere = str(tmp_path / "x")
+    args = [str(run_dir), "--output_dir", str(out)] + QUIET + [a.replace("NOWHERE", nowhere) for a in extra]
+    assert _exit_code(args) == code
+    err = capfd.readouterr().err
+    assert message.replace("NOWHERE", nowhere) in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+    assert main([str(tmp_path / "none.pth")] + QUIET) == 1
+    assert f"checkpoint {tmp_path / 'none.pth'} does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point(monkeypatch, tmp_path, capsys):
+    """``python -m crate_kernels.probe`` runs main() and exits with its status (run in this interpreter)."""
+    monkeypatch.setattr(sys, "argv", ["crate_kernels.probe", str(tmp_path / "none.pth")])
+    monkeypatch.delitem(sys.modules, "crate_kernels.probe")  # run_module executes a fresh copy as __main__
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("crate_kernels.probe", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 1 and "crate-probe: error: checkpoint" in capsys.readouterr().err
