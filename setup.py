@@ -21,11 +21,15 @@ setup(
         "scikit-image>=0.20",  # ships the natural photographs of the default training set
         "pillow>=9",
     ],
-    entry_points={"console_scripts": ["crate-train = crate_kernels.train:main"]},
+    entry_points={"console_scripts": ["crate-train = crate_kernels.train:main",
+                                      "crate-finetune = crate_kernels.finetune:main",
+                                      "crate-probe = crate_kernels.probe:main",
+                                      "crate-analyze = crate_kernels.analyze:main"]},
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'"],
         "jpeg": ["simplejpeg>=1.6"],  # JPEG decoding straight to numpy, about twice PIL's rate (pipeline.data)
-        "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1"],
+        # figures, the probe's logistic regression, fine-tuning's RandAugment and random erasing
+        "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1", "kornia>=0.7.1"],
         "tensorboard": ["tensorboard>=2.10"],
     },
 )

@@ -268,7 +268,7 @@ def fit_torch_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     """MAE's linear-probe head (BatchNorm1d without affine, then Linear with std 0.01) trained on the features:
     SGD (momentum 0.9, --weight_decay), per-step linear warmup then half-cycle cosine, --epochs of shuffled batches of
     --head_batch_size; returns top-1 (and top-5) on the test features, in percent."""
-    from .train.loop import lr_at
+    from .pipeline.run import lr_at
 
     gen = torch.Generator().manual_seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])

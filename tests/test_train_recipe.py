@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from crate_kernels import CRATEMAE
-from crate_kernels.train.loop import amp_dtype, freeze_unused, lr_at, param_groups
+from crate_kernels.pipeline.run import amp_dtype, lr_at
+from crate_kernels.train.loop import freeze_unused, param_groups
 
 
 def test_lr_schedule_warmup_then_half_cosine():

@@ -147,12 +147,13 @@ def save_safetensors(state_dict: dict, path: str, metadata: dict | None = None) 
     atomic_write(path, lambda f: f.write(to_bytes(tensors, metadata=metadata)))
 
 
-def load(path: str) -> dict:
+def load(path: str | os.PathLike) -> dict:
     """Load a checkpoint on CPU as {'model': state_dict, ...}; errors name the file.
 
     Takes this trainer's checkpoints (``torch.load`` with ``weights_only=True``, after checking their digest)
     and weights alone: a bare state_dict in a .pth (e.g. a release checkpoint without its wrapper) or a
     .safetensors file (this trainer's model.safetensors)."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path} does not exist or is not a file")
     try:

@@ -183,15 +183,18 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to ``size`` (bicubic) and centre crop ``size`` x ``size``: PIL image or uint8
-    (H, W, 3) tensor -> uint8 (3, size, size)."""
+    """The centre square of side ``crop_pct`` x the shorter side, resized to ``size`` x ``size`` (bicubic); with
+    ``crop_pct`` 0.875 this is MAE's evaluation view (resize the shorter side to size / 0.875, centre crop size).
+    PIL image or uint8 (H, W, 3) tensor -> uint8 (3, size, size)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, crop_pct: float = 1.0):
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
+        self.size, self.crop_pct = size, crop_pct
 
     def __call__(self, im, gen: torch.Generator | None = None) -> torch.Tensor:
         height, width = image_size(im)
-        side = min(width, height)
+        side = max(1, round(min(width, height) * self.crop_pct))
         return _decode_region(im, ((height - side) // 2, (width - side) // 2, side, side), self.size)
 
 
@@ -468,20 +471,39 @@ class MaskedViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def sample(self, index: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 view, masking noise (num_patches,)) of item ``index``; raises ``UnreadableImage``."""
+        return self.dataset.view(index, gen), torch.rand(self.num_patches, generator=gen)
+
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         failures = []
         for attempt in range(self.attempts):
-            gen = torch.Generator().manual_seed(seed if attempt == 0 else seed_for(seed, attempt))
+            tried = seed if attempt == 0 else seed_for(seed, attempt)
+            gen = torch.Generator().manual_seed(tried)
             if attempt:
                 index = int(torch.randint(len(self.dataset), (), generator=gen))
             try:
-                img = self.dataset.view(index, gen)
+                return (*self.sample(index, tried, gen), failures)
             except UnreadableImage as e:
                 failures.append((e.path, e.reason))
-                continue
-            return img, torch.rand(self.num_patches, generator=gen), failures
         return None, None, failures
+
+
+class LabelledTrainViews(MaskedViews):
+    """(item, sample seed) -> (uint8 training view, label, failed reads), each view a function of its seed;
+    ``augment(view, seed)`` (optional) transforms the uint8 view further. An unreadable image is replaced, as in
+    ``MaskedViews``, by a seeded other item with that item's own label."""
+
+    def __init__(self, dataset: ImageDataset, augment=None, attempts: int = 8):
+        super().__init__(dataset, 0, attempts)
+        self.augment = augment
+
+    def sample(self, index: int, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        view = self.dataset.view(index, gen)
+        if self.augment is not None:
+            view = self.augment(view, seed_for(seed, 1 << 20))
+        return view, torch.tensor(self.dataset.label(index))
 
 
 def collate_views(samples: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:

@@ -40,6 +40,13 @@ class Dist:
             value /= self.world_size
         return value
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (the tensor itself in a single process)."""
+        if self.active:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
     def minimum(self, value: torch.Tensor) -> torch.Tensor:
         """Minimum of a tensor over ranks (the tensor itself in a single process)."""
         if self.active:

@@ -4,7 +4,7 @@ log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_e
 loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced, data_wait: the
 fraction of the time the step waited for the data loader, and on CUDA peak_mem_gib and mfu: model FLOPs
 utilisation against the GPU's datasheet bf16/fp16 peak), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
-with their std) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
+with their std; fine-tuning: top1, top5, eval_loss) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
 so the log reads as if the run had never stopped.
 """
 from __future__ import annotations
@@ -137,6 +137,20 @@ class Monitor:
         sparse = " ".join(f"{v:.3f}" for v in stats["sparsity"])
         self.say(f"eval step {step}: loss {eval_loss:.4f} | coding rate per layer {rates} | "
                  f"non-zero fraction per layer {sparse}")
+
+    def scores(self, step: int, epoch: int, scores: dict, text: str) -> None:
+        """An ``eval`` record of figures (e.g. top1, top5, eval_loss), sent to TensorBoard under eval/, and
+        ``text`` printed."""
+        if not self.enabled:
+            return
+        record = {"type": "eval", "step": step, "epoch": epoch, **scores}
+        self._write(record)
+        self.evals.append(record)
+        if self.tb is not None:
+            for key, value in scores.items():
+                self.tb.add_scalar(f"eval/{key}", value, step)
+            self.tb.flush()
+        self.say(text)
 
     def close(self) -> None:
         if self.bar is not None:

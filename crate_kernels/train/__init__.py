@@ -2,8 +2,9 @@
 
 With no arguments it trains the small ``demo`` model on scikit-image's bundled photographs on CPU in a few
 minutes. ``--model crate_mae_base --data_path /path/to/imagenet`` (under torchrun for several GPUs) runs the
-MAE recipe. Submodules: config (flags, presets) and loop (the run), on top of the shared layer
-crate_kernels.pipeline (data, checkpoint, distributed, monitor).
+MAE recipe. Submodules: config (flags, presets) and loop (the masked autoencoder's part of the run), on top of the
+shared layer crate_kernels.pipeline (the training engine run, data, checkpoint, distributed, monitor, flags), which
+fine-tuning (crate_kernels.finetune) shares.
 ``load_run(output_dir)`` gives back the model a run trained.
 """
 from __future__ import annotations

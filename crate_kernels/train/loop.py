@@ -1,31 +1,22 @@
-"""The MAE pretraining loop: set-up, exact resume, train steps, white-box evaluation, checkpoints."""
+"""MAE pretraining on the shared engine (``crate_kernels.pipeline.run``): the masked autoencoder, its data, its
+white-box evaluation (eval loss, per-layer coding rate and sparsity, reconstructions) and its outputs."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import math
 import os
-import random
-import signal
-import sys
-import threading
-import time
 
-import numpy as np
 import torch
 
 from .. import analysis
 from ..architectures import build_mae
-from ..model import CRATEMAE, load_checkpoint
-from ..ops.backend import get_backend, resolve_backend
-from ..pipeline import checkpoint, distributed
-from ..pipeline.checkpoint import TrainError
-from .config import ConfigError, effective_batch, resolve, save_yaml
+from ..model import CRATEMAE
+from ..ops.backend import get_backend
+from ..pipeline import checkpoint, run
 from ..pipeline.data import (
-    DatasetError, EvalTransform, MaskedViews, ShardedBatchSampler, TrainTransform, UnreadableImages, build_dataset,
-    collate_views, counted, default_num_workers, fixed_batch, normalize, resolve_dataset, stop_workers,
+    EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
+    resolve_dataset,
 )
-from ..pipeline.monitor import Monitor
+from .config import resolve, save_yaml
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
@@ -72,43 +63,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0, then half-cycle cosine to min_lr."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs, off (None) elsewhere."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and python's global generators."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s, datasheets) of the GPUs MFU is reported for, by name fragment.
-_PEAK_FLOPS = (("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-               ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
-
-
-def peak_flops(device: torch.device, amp: torch.dtype | None) -> float | None:
-    """The datasheet bf16/fp16 dense peak of ``device`` when training in mixed precision, else None."""
-    if device.type != "cuda" or amp is None:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in _PEAK_FLOPS if fragment in name), None)
-
-
 def train_flops_per_image(model: CRATEMAE, cfg: dict, device: torch.device, amp: torch.dtype | None) -> float:
     """FLOPs of one training image, forward and backward, counted by FlopCounterMode (the fused operators count
     as the reference's products; recomputation under --grad_checkpointing is not counted)."""
@@ -129,83 +83,22 @@ def train_flops_per_image(model: CRATEMAE, cfg: dict, device: torch.device, amp:
     return float(counter.get_total_flops())
 
 
-class LossMeter:
-    """Step losses kept on the device: sums over the reporting window and the epoch, and the first step whose
-    loss was not finite (inf when none). Nothing is read back until a report asks (``take_window``)."""
+class Trainer(run.Run):
+    """One MAE pretraining run (one process of it under torchrun)."""
 
-    def __init__(self, device: torch.device):
-        self.window = torch.zeros((), device=device)
-        self.epoch = torch.zeros((), device=device)
-        self.window_steps = self.epoch_steps = 0
-        self.first_bad = torch.full((), math.inf, device=device)
-
-    def add(self, loss: torch.Tensor, step: int) -> None:
-        self.window += loss
-        self.epoch += loss
-        self.window_steps += 1
-        self.epoch_steps += 1
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=float(step)))
-
-    def take_window(self, dist: distributed.Dist) -> tuple[int, float]:
-        """(steps, mean loss over them and over ranks) of the window, which restarts."""
-        steps, mean = self.window_steps, dist.mean(self.window / max(1, self.window_steps)).item()
-        self.window.zero_()
-        self.window_steps = 0
-        return steps, mean
-
-    def epoch_mean(self, dist: distributed.Dist) -> float:
-        mean = dist.mean(self.epoch / max(1, self.epoch_steps)).item()
-        self.epoch.zero_()
-        self.epoch_steps = 0
-        return mean
-
-
-class Trainer:
-    """One pretraining run (one process of it under torchrun)."""
-
-    def __init__(self, cfg: dict, dist: distributed.Dist):
-        self.cfg, self.dist, self.device = cfg, dist, dist.device
-        self.out = cfg["output_dir"]
-        self.step, self.last_saved = 0, None
-        self.monitor = None
-        self._build_data()
-        self._build_model()
-        self.amp = amp_dtype(cfg["amp"], self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        self.losses = LossMeter(self.device)
-        self.data_wait, self.last_loss, self.compile_seconds = 0.0, float("nan"), None
-        self.flops_per_image = (train_flops_per_image(self.model, cfg, self.device, self.amp)
-                                if self.device.type == "cuda" else None)
+    program = "crate-train"
+    recipe_keys = _RECIPE_KEYS
+    betas = (0.9, 0.95)
 
     # ------------------------------------------------------------------ set-up
-    def _build_data(self) -> None:
-        cfg, dist = self.cfg, self.dist
+    def build_data(self) -> None:
+        cfg = self.cfg
         size, grid = cfg["input_size"], cfg["input_size"] // cfg["patch_size"]
         self.num_patches = grid * grid
         dataset = build_dataset(cfg["dataset"], cfg["data_path"], TrainTransform(size), True, cfg["epoch_size"])
-        self.data_desc = dataset.describe()
-        self.sampler = ShardedBatchSampler(len(dataset), cfg["batch_size"], dist.world_size, dist.rank, cfg["seed"],
-                                           cfg["accum_iter"])
-        self.global_batch = effective_batch(cfg, dist.world_size)
-        if self.sampler.num_batches == 0:
-            raise DatasetError(
-                f"the dataset, {self.data_desc}, is smaller than one optimizer step: "
-                f"batch_size x accum_iter x processes = {self.global_batch} images"
-            )
-        self.num_workers = default_num_workers() if cfg["num_workers"] is None else cfg["num_workers"]
-        self.loader = torch.utils.data.DataLoader(
-            MaskedViews(dataset, self.num_patches), batch_sampler=self.sampler, num_workers=self.num_workers,
-            collate_fn=collate_views, pin_memory=cfg["pin_mem"] and self.device.type == "cuda",
-            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(cfg["seed"]),
-            worker_init_fn=_leave_stop_signals_to_the_main,
-        )
-        self.unreadable = UnreadableImages(cfg["max_unreadable"], self._warn)
-        self.steps_per_epoch = self.sampler.num_batches // cfg["accum_iter"]
-        self.total_steps = cfg["max_steps"] or cfg["epochs"] * self.steps_per_epoch
-        self.warmup_steps = (cfg["warmup_steps"] if cfg["warmup_steps"] is not None
-                             else round(cfg["warmup_epochs"] * self.steps_per_epoch))
+        self.make_loader(MaskedViews(dataset, self.num_patches), collate_views, dataset.describe())
         self.eval_batch, self.eval_desc = None, None
-        if dist.is_main and cfg["eval_every"]:
+        if self.dist.is_main and cfg["eval_every"]:
             self._build_eval_batch(size)
 
     def _build_eval_batch(self, size: int) -> None:
@@ -219,200 +112,39 @@ class Trainer:
             eval_set.transform = TrainTransform(size)
         imgs, noise, failures = fixed_batch(eval_set, cfg["eval_images"], self.num_patches, cfg["seed"])
         for path, reason in dict(failures).items():
-            self._warn(f"warning: the evaluation batch skipped unreadable image {path} ({reason})")
+            self.warn(f"warning: the evaluation batch skipped unreadable image {path} ({reason})")
         self.eval_batch = normalize(imgs), noise
         held_out = (resolve_dataset(cfg["dataset"], cfg["data_path"]) != "imagefolder"
                     or os.path.isdir(os.path.join(cfg["data_path"], "val")))
         self.eval_desc = (f"{cfg['eval_images']} {'random crops' if crops else 'centre crops'} of "
                           f"{eval_set.describe()}" + ("" if held_out else " (no val/ split: training images)"))
 
-    def _warn(self, text: str) -> None:
-        if self.monitor is not None:
-            self.monitor.say(text)
-        else:
-            print(text, file=sys.stderr, flush=True)
+    def build_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg)
+        freeze_unused(model)
+        model.set_grad_checkpointing(self.cfg["grad_checkpointing"])
+        return model
 
-    def _build_model(self) -> None:
-        cfg = self.cfg
-        seed_everything(cfg["seed"])  # identical initial weights on every rank
-        self.model = build_model(cfg)
-        freeze_unused(self.model)
-        self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
-                                           betas=(0.9, 0.95), fused=self.device.type == "cuda")
-        self.model.set_grad_checkpointing(cfg["grad_checkpointing"])
-        self.ddp = self.model
-        if self.dist.active:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        # what the step calls: under --compile the (DDP-wrapped) model compiled as one graph per bucket
-        self.step_model = torch.compile(self.ddp) if cfg["compile"] else self.ddp
-        seed_everything(cfg["seed"] + self.dist.rank)
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.model, self.cfg["weight_decay"])
 
-    # ------------------------------------------------------------------ resume
-    def resume_source(self) -> tuple[str, dict] | None:
-        """(path, checkpoint) to start from: this run's own checkpoint-last.pth (with --auto_resume), else
-        --resume, else None. An unreadable or corrupted checkpoint-last.pth gives way to --resume when one is
-        given; otherwise the error names the newest readable numbered checkpoint to continue from."""
-        last, asked = os.path.join(self.out, "checkpoint-last.pth"), self.cfg["resume"]
-        if self.cfg["auto_resume"] and os.path.isfile(last):
-            try:
-                ckpt = checkpoint.load(last)
-            except TrainError as e:
-                if asked:
-                    self._warn(f"warning: {e}; continuing from --resume {asked} instead")
-                    return asked, checkpoint.load(asked)
-                older = self._newest_readable_numbered_checkpoint()
-                offer = (f"the newest readable earlier checkpoint is {older}: to continue from it, run the same "
-                         f"command with --resume {older}" if older else "no earlier numbered checkpoint is readable")
-                raise TrainError(f"{e}; {offer}") from e
-            if asked and os.path.abspath(asked) != os.path.abspath(last):
-                self._warn(f"note: --resume {asked} is not used: {last} continues this output directory's own run "
-                           "(--auto_resume); to start from the --resume file, use a new --output_dir")
-            return last, ckpt
-        return (asked, checkpoint.load(asked)) if asked else None
+    def train_flops_per_image(self) -> float:
+        return train_flops_per_image(self.model, self.cfg, self.device, self.amp)
 
-    def _newest_readable_numbered_checkpoint(self) -> str | None:
-        numbered = []
-        for name in os.listdir(self.out):
-            stem = name[len("checkpoint-"):-len(".pth")] if name.startswith("checkpoint-") else ""
-            if name.endswith(".pth") and stem.isdigit():
-                numbered.append((int(stem), os.path.join(self.out, name)))
-        for _, path in sorted(numbered, reverse=True):
-            try:
-                checkpoint.load(path)
-                return path
-            except TrainError:
-                continue
-        return None
+    def batch_loss(self, model, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return model(imgs, mask_ratio=self.cfg["mask_ratio"], noise=noise)[0]
 
-    def resume(self, path: str, ckpt: dict) -> None:
-        """Restore model, optimizer, scaler, step and RNG states from the checkpoint ``ckpt`` read from ``path``;
-        a weights-only file just initialises the model."""
-        try:
-            load_checkpoint(self.model, ckpt)
-        except (ValueError, RuntimeError) as e:
-            hint = ("" if path == self.cfg["resume"]
-                    else " (found by --auto_resume: use another --output_dir for a new run)")
-            raise TrainError(f"cannot resume from {path}{hint}: {e}") from e
-        if "optimizer" not in ckpt:
-            self.say(f"initialised the model from {path} (no training state in it): starting at step 0")
-            return
-        self._load_optimizer(ckpt["optimizer"], path)
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = self.last_saved = int(ckpt["step"])
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng[self.dist.rank % len(rng)])
-        counts = ckpt["data"].get("unreadable", [])
-        if counts:
-            self.unreadable.failed, self.unreadable.reads = counts[self.dist.rank % len(counts)]
-        saved = ckpt.get("args", {})
-        changed = [f"{k} {saved[k]!r} -> {self.cfg[k]!r}" for k in _RECIPE_KEYS if k in saved and saved[k] != self.cfg[k]]
-        if saved.get("world_size", self.dist.world_size) != self.dist.world_size:
-            changed.append(f"processes {saved['world_size']} -> {self.dist.world_size}")
-        self.say(f"resumed from {path} at step {self.step}"
-                 + (f"; changed settings (the run will not replay the original exactly): {', '.join(changed)}"
-                    if changed else ""))
+    # ------------------------------------------------------------------ evaluation and outputs
+    def on_start(self) -> None:
+        if self.step == 0:
+            self._evaluate()
 
-    def _load_optimizer(self, state: dict, path: str) -> None:
-        own = [g["param_names"] for g in self.optimizer.param_groups]
-        saved = [g.get("param_names") for g in state["param_groups"]]
-        if own != saved:
-            diff = sorted(set(sum((s or [] for s in saved), [])) ^ set(sum(own, [])))
-            raise TrainError(
-                f"cannot resume from {path}: its optimizer state does not fit this model's parameter groups "
-                f"(groups of {[len(s or []) for s in saved]} vs {[len(g) for g in own]} parameters"
-                + (f"; parameters in only one of them: {', '.join(diff)}" if diff else "; same names, other grouping")
-                + ")"
-            )
-        self.optimizer.load_state_dict(state)
+    def evaluate(self, epoch_end: bool, final: bool) -> None:
+        every = self.cfg["eval_every"]
+        if every and (self.step % every == 0 or final):
+            self._evaluate()
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, numbered: bool) -> None:
-        """checkpoint-last.pth (and checkpoint-<epoch>.pth when ``numbered``), written by rank 0 only, after
-        checking that no step since the last check had a non-finite loss."""
-        self.check_finite()
-        # collective: every rank calls save at the same steps
-        per_rank = self.dist.gather((checkpoint.rng_state(), (self.unreadable.failed, self.unreadable.reads)))
-        if not self.dist.is_main:
-            return
-        epoch = self.step // self.steps_per_epoch
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "step": self.step,
-            "epoch": epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "data": {"seed": self.cfg["seed"], "epoch": epoch,
-                     "batches_done": self.step % self.steps_per_epoch * self.cfg["accum_iter"],
-                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                     "unreadable": [counts for _, counts in per_rank]},  # (failed reads, reads) per rank
-            "rng": [rng for rng, _ in per_rank],
-            "args": {**self.cfg, "world_size": self.dist.world_size},
-        }
-        self._write(checkpoint.save, state, os.path.join(self.out, "checkpoint-last.pth"))
-        self.last_saved = self.step
-        if numbered:
-            self._write(checkpoint.save, state,
-                        os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
-
-    def _write(self, save, obj, path: str, **kwargs) -> None:
-        """``save(obj, path)``; a failed write (a full disk, a lost mount) stops the run with one message, and the
-        previous file at ``path`` is intact (writes are atomic)."""
-        try:
-            save(obj, path, **kwargs)
-        except OSError as e:
-            kept = (f"checkpoint-last.pth (step {self.last_saved}) is intact" if self.last_saved
-                    else "no checkpoint was written before")
-            raise TrainError(f"cannot write {path}: {e.strerror or e}; {kept}; free space (or fix the output "
-                             "directory) and run the same command again to continue") from e
-
-    # ------------------------------------------------------------------ steps
-    def train_step(self, batches) -> torch.Tensor:
-        """One optimizer step over ``accum_iter`` batches; returns this rank's mean loss as a device scalar.
-
-        Nothing here waits for the device: the loss stays on it (``self.losses`` sums it and notes the first
-        non-finite step), and ``report``/``save`` read it."""
-        cfg, accum = self.cfg, self.cfg["accum_iter"]
-        lr = lr_at(self.step, cfg["lr"], cfg["min_lr"], self.warmup_steps, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            waited = time.perf_counter()
-            imgs, noise, failures = next(batches)
-            self.data_wait += time.perf_counter() - waited
-            self.unreadable.add(failures, None if imgs is None else len(imgs))
-            imgs = normalize(imgs.to(self.device, non_blocking=True))
-            noise = noise.to(self.device, non_blocking=True)
-            sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    loss = self.step_model(imgs, mask_ratio=cfg["mask_ratio"], noise=noise)[0]
-                self.scaler.scale(loss / accum).backward()
-            total += loss.detach().float()
-        if cfg["clip_grad"]:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.losses.add(total / accum, self.step)
-        return total / accum
-
-    def check_finite(self) -> None:
-        """Stop, naming the first step whose loss was NaN or inf on any rank, before anything is written after it."""
-        first_bad = self.dist.minimum(self.losses.first_bad).item()
-        if math.isfinite(first_bad):
-            where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
-                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
-            raise TrainError(f"training diverged: the loss is not finite at step {int(first_bad)} "
-                             f"(epoch {(int(first_bad) - 1) // self.steps_per_epoch}); stopped without saving; {where}")
-
-    def evaluate(self) -> None:
+    def _evaluate(self) -> None:
         """Rank 0: eval loss, per-layer coding rate and sparsity, reconstruction grid and curves on the fixed batch."""
         if self.eval_batch is None:
             return
@@ -428,135 +160,18 @@ class Trainer:
             analysis.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
                                           self.monitor.losses)
 
-    def close(self) -> None:
-        """End the data-loading workers and close the logs (every way a run ends goes through here)."""
-        stop_workers(self.loader)
-        if self.monitor is not None:
-            self.monitor.close()
-
-    def say(self, text: str) -> None:
+    def finish(self) -> dict:
         if self.dist.is_main:
-            (self.monitor.say if self.monitor else print)(text)
-
-    # ------------------------------------------------------------------ run
-    def run(self) -> dict:
-        """Train to the end, or until SIGTERM or SIGINT: then finish the step, save checkpoint-last.pth and stop
-        (a second SIGINT stops at once, keeping the last checkpoint)."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return self._run()
-
-        def request_stop(signum, frame):
-            if signum == signal.SIGINT and self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            if signum == signal.SIGINT and self.dist.is_main:
-                print("crate-train: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
-                      flush=True)
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return self._run()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM or SIGINT (a collective, so every rank stops at the same step)."""
-        return not self.dist.all_true(self.stop_signal is None)
-
-    def _run(self) -> dict:
-        cfg, dist = self.cfg, self.dist
-        source = self.resume_source()
-        if source:
-            self.resume(*source)
-        if dist.is_main:
-            self.write_config()
-        self.monitor = Monitor(self.out, cfg["log_dir"] or self.out, cfg["tensorboard"], self.total_steps,
-                               self.step, dist.is_main)
-        if dist.is_main:
-            self.say(self.banner())
-        if self.step == 0 and cfg["eval_every"]:
-            self.evaluate()
-        spe = self.steps_per_epoch
-        self.window_start = self.epoch_start = time.perf_counter()
-        while self.step < self.total_steps:
-            epoch = self.step // spe
-            self.sampler.set_epoch(epoch, self.step % spe * cfg["accum_iter"])
-            batches = iter(self.loader)
-            while self.step < self.total_steps:
-                first = cfg["compile"] and self.compile_seconds is None
-                started = time.perf_counter()
-                self.train_step(batches)
-                if first:
-                    self.compile_seconds = time.perf_counter() - started
-                    self.say(f"torch.compile: the first step (compiling the model) took {self.compile_seconds:.1f} s")
-                    self.window_start = time.perf_counter()  # img/s counts trained steps, not the compilation
-                self.monitor.advance()
-                epoch_end, final = self.step % spe == 0, self.step == self.total_steps
-                if self.step % cfg["log_every"] == 0 or final:
-                    self.report(epoch)
-                if epoch_end:
-                    self.check_finite()
-                    self.monitor.epoch(epoch, self.step, self.losses.epoch_mean(self.dist), self.lr(),
-                                       time.perf_counter() - self.epoch_start)
-                    self.epoch_start = time.perf_counter()
-                paused = time.perf_counter()
-                if cfg["eval_every"] and (self.step % cfg["eval_every"] == 0 or final) and dist.is_main:
-                    self.evaluate()
-                if epoch_end or final or self.step % cfg["save_every"] == 0:
-                    self.save(numbered=final or (epoch_end and (epoch + 1) % cfg["save_every_epochs"] == 0))
-                self.window_start += time.perf_counter() - paused  # img/s counts training only
-                if self._stop_requested():
-                    if self.last_saved != self.step:
-                        self.save(numbered=False)
-                    signum = self.stop_signal or signal.SIGTERM
-                    message = (f"stopped by {signal.Signals(signum).name} at step {self.step}; "
-                               f"{os.path.join(self.out, 'checkpoint-last.pth')} holds it: run the same command "
-                               "again to continue")
-                    self.say(message)
-                    raise StopRequested(signum, message)
-                if epoch_end:
-                    break
-        self.check_finite()
-        if dist.is_main:
-            self._write(checkpoint.save_safetensors, self.model.state_dict(),
-                        os.path.join(self.out, "model.safetensors"),
-                        metadata={"model": cfg["model"], "step": str(self.step)})
+            self.write(checkpoint.save_safetensors, self.model.state_dict(),
+                       os.path.join(self.out, "model.safetensors"),
+                       metadata={"model": self.cfg["model"], "step": str(self.step)})
         summary = {"step": self.step, "loss": self.last_loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
-        skipped = (f"; skipped {self.unreadable.failed} unreadable image reads ({len(self.unreadable.seen)} files "
-                   "in this session)" if self.unreadable.failed else "")
-        self.say(f"done: {self.step} steps; outputs in {self.out}{skipped}")
         return summary
 
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def report(self, epoch: int) -> None:
-        """A log line for the steps since the last one: mean loss over ranks (the one point where the host waits
-        for the device), img/s, the fraction of the time spent waiting for data, and on CUDA peak memory and
-        model FLOPs utilisation."""
-        self.check_finite()
-        steps, loss = self.losses.take_window(self.dist)
-        self.last_loss = loss
-        seconds = max(time.perf_counter() - self.window_start, 1e-9)
-        img_s = steps * self.global_batch / seconds
-        extra = {"data_wait": round(min(1.0, self.data_wait / seconds), 3)}
-        if self.device.type == "cuda":
-            extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
-            peak = peak_flops(self.device, self.amp)
-            if peak and self.flops_per_image:
-                extra["mfu"] = round(self.flops_per_image * img_s / self.dist.world_size / peak, 4)
-        self.monitor.train(self.step, epoch, loss, self.lr(), img_s, self.unreadable.failed, **extra)
-        self.window_start, self.data_wait = time.perf_counter(), 0.0
-
-    def write_config(self) -> None:
-        header = (f"# crate-train resolved configuration ({time.strftime('%Y-%m-%d %H:%M:%S')}); processes: "
-                  f"{self.dist.world_size}, effective batch: {self.global_batch}, steps per epoch: "
-                  f"{self.steps_per_epoch}, total steps: {self.total_steps}, warmup steps: {self.warmup_steps}\n")
-        save_yaml(self.cfg, os.path.join(self.out, "args.yaml"), header)
+    def save_config(self, path: str, header: str) -> None:
+        save_yaml(self.cfg, path, header)
 
     def banner(self) -> str:
         cfg, m = self.cfg, self.model
@@ -576,94 +191,15 @@ class Trainer:
         )
 
 
-def _leave_stop_signals_to_the_main(worker_id: int) -> None:
-    """Data-loading workers ignore SIGTERM and SIGINT, which schedulers and terminals send to every process of a
-    job: the main process finishes its step, saves, and then ends the workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class StopRequested(Exception):
-    """SIGTERM (a scheduler's preemption, ``kill``) or SIGINT (Ctrl-C) arrived: the run saved its state and stopped."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
-
-
-def _check_backend(backend: str | None, device: torch.device) -> None:
-    """Refuse, before any output is written, an operator backend that cannot run on ``device``."""
-    try:
-        name = get_backend() if backend is None else backend
-    except ValueError as e:  # a misspelt $CRATE_KERNELS_BACKEND
-        raise TrainError(str(e)) from e
-    probe = torch.empty(0, device=device)
-    try:
-        resolve_backend(name, probe, ("reference", "torch", "triton", "cuda"))
-    except (RuntimeError, NotImplementedError) as e:
-        raise TrainError(f"--backend {name} cannot run on {device}: {e}") from e
-
-
 def train(cfg: dict) -> dict:
     """Run pretraining with a resolved configuration (``config.resolve``); returns a summary of the end state.
 
     Holds an exclusive lock on the output directory for the whole run. Errors meant for the user are
     ``TrainError``/``DatasetError``/``ConfigError``.
     """
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    dist = distributed.init(cfg["device"], cfg["dist_backend"])
-    _check_backend(cfg["backend"], dist.device)
-    lock = checkpoint.OutputLock(cfg["output_dir"])
-    created = not os.path.exists(cfg["output_dir"])
-    trainer = None
-    try:
-        error = None
-        if dist.is_main:
-            try:
-                os.makedirs(cfg["output_dir"], exist_ok=True)
-                if not lock.acquire():
-                    error = (f"output directory {cfg['output_dir']} is in use by another run (process "
-                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another --output_dir")
-            except OSError as e:
-                error = f"cannot use output directory {cfg['output_dir']}: {e}"
-        if not dist.all_true(error is None):
-            raise TrainError(error or f"rank 0 could not lock the output directory {cfg['output_dir']}")
-        if dist.is_main:
-            checkpoint.remove_stale_temporaries(cfg["output_dir"])
-        trainer = Trainer(cfg, dist)
-        summary = trainer.run()
-        dist.barrier()  # all ranks done (rank 0 writes last) before the process group goes away
-        return summary
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if lock.file is not None and os.listdir(cfg["output_dir"]) == [".lock"]:  # a start that wrote nothing
-            os.remove(lock.path)
-            lock.release()
-            if created:
-                os.rmdir(cfg["output_dir"])
-        lock.release()
-        distributed.shutdown()
+    return run.launch(cfg, Trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.train`` / ``crate-train``: parse flags, train, report errors as one line."""
-    try:
-        cfg = resolve(argv, distributed.world_size_from_env())
-    except ConfigError as e:
-        print(f"crate-train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except (TrainError, DatasetError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"crate-train: error: {e}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print("crate-train: interrupted; run the same command again to resume from checkpoint-last.pth",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run.main("crate-train", resolve, train, argv)
