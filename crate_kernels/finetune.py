@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .architectures import MODELS, Pretrained, load_pretrained
 from .classifier import EncoderClassifier
@@ -26,7 +27,7 @@ from .pipeline import checkpoint, flags, run
 from .pipeline.checkpoint import TrainError
 from .pipeline.data import (
     LABELLED_DATASETS, DatasetError, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
-    build_labelled, collate_labelled, collate_views, counted, labels_of, normalize, resolve_labelled,
+    build_labelled, collate_labelled, collate_views, counted, labels_of, normalize, resolve_labelled, stop_workers,
 )
 from .pipeline.flags import ConfigError
 
@@ -420,8 +421,6 @@ class Finetuning(run.Run):
         if self.cfg.get("lr_from_blr"):
             header += f"# lr = blr x effective batch / 256 = {self.cfg['lr']:.6g}\n"
             values["lr"] = None
-        import yaml
-
         text = header + yaml.safe_dump(values, sort_keys=False)
         checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -445,8 +444,6 @@ class Finetuning(run.Run):
         )
 
     def close(self) -> None:
-        from .pipeline.data import stop_workers
-
         if hasattr(self, "test_loader"):
             stop_workers(self.test_loader)
         super().close()

@@ -30,7 +30,7 @@ DEFAULTS = dict(
 )
 
 # What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
-# ~5 minutes on 2 CPU cores, loss falling and reconstructions recovering structure. ``mae_vit_demo``, the ViT-MAE
+# about 8 minutes on 2 CPU cores, loss falling and reconstructions recovering structure. ``mae_vit_demo``, the ViT-MAE
 # of the same width and depth, trains with the same preset.
 _DEMO = dict(
     input_size=64, patch_size=8, epochs=25, warmup_epochs=1.0, blr=6e-3, min_lr=1e-5,
