@@ -26,8 +26,9 @@ from .ops.backend import BACKENDS, get_backend
 from .pipeline import checkpoint, flags, run
 from .pipeline.checkpoint import TrainError
 from .pipeline.data import (
-    LABELLED_DATASETS, DatasetError, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
-    build_labelled, collate_labelled, collate_views, counted, labels_of, normalize, resolve_labelled, stop_workers,
+    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, DatasetError, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
+    UnreadableImages, build_labelled, collate_labelled, collate_views, counted, labels_of, normalize,
+    resolve_labelled, stop_workers,
 )
 from .pipeline.flags import ConfigError
 
@@ -258,24 +259,34 @@ def mix_batch(imgs: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup:
     return imgs, targets * lam + targets.flip(0) * (1.0 - lam)
 
 
-class RandAugment:
-    """Per-image RandAugment on uint8 (3, H, W) views (kornia's, on [0, 1] floats, back to uint8): ``n`` operations
-    drawn per image, magnitude ``m`` on timm's 0-10 scale (kornia's 0-30 scale x 3). ``augment(view, seed)`` is a
-    function of the seed: kornia draws from torch's generator, forked and seeded here."""
+class ImageAugment:
+    """Per-image RandAugment and random erasing of uint8 (3, H, W) views, in the data-loading workers (kornia's
+    operations on floats, back to uint8): RandAugment draws ``n`` operations per image at magnitude ``m`` on timm's
+    0-10 scale (kornia's 0-30 scale x 3; 0: off); random erasing (probability ``reprob``, area 0.02-1/3, aspect
+    0.3-3.3) fills its box with the mean colour, 0 after normalisation. ``augment(view, seed)`` is a function of
+    the seed: kornia draws from torch's global generator, forked and seeded here."""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, reprob: float):
         try:
-            from kornia.augmentation.auto import RandAugment as KorniaRandAugment
+            import kornia.augmentation as K
+            from kornia.augmentation.auto import RandAugment
         except ImportError as e:
-            raise TrainError("RandAugment needs kornia: pip install 'crate_kernels[analysis]' (or --randaug_m 0)") from e
-        self.n, self.m = n, m
-        self.op = KorniaRandAugment(n=n, m=min(29, 3 * m))  # kornia's magnitude lies in (0, 30)
+            raise TrainError("RandAugment and random erasing need kornia: pip install 'crate_kernels[analysis]' "
+                             "(or --randaug_m 0 --reprob 0)") from e
+        self.randaug = RandAugment(n=n, m=min(29, 3 * m)) if m else None  # kornia's magnitude lies in (0, 30)
+        self.erase = K.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0.0) if reprob else None
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def __call__(self, view: torch.Tensor, seed: int) -> torch.Tensor:
+        x = view.unsqueeze(0).float() / 255.0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            out = self.op(view.unsqueeze(0).float() / 255.0)[0]
-        return (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
+            if self.randaug is not None:
+                x = self.randaug(x).clamp(0, 1)
+            if self.erase is not None:
+                x = self.erase((x - self.mean) / self.std) * self.std + self.mean
+        return (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def save_json(obj, path: str) -> None:
@@ -308,37 +319,32 @@ class Finetuning(run.Run):
             names = [test.classes[c] for c in unseen[:10]]
             raise DatasetError(f"{test.describe()} holds classes with no training image: {', '.join(names)}")
         self.classes = train.classes
-        augment = RandAugment(cfg["randaug_n"], cfg["randaug_m"]) if cfg["randaug_m"] else None
+        augment = (ImageAugment(cfg["randaug_n"], cfg["randaug_m"], cfg["reprob"])
+                   if cfg["randaug_m"] or cfg["reprob"] else None)
         self.make_loader(LabelledTrainViews(train, augment), collate_views, train.describe())
         self.test_desc = test.describe()
+        # the test split, each rank its share; the loader's own generator seeds its workers, so starting them draws
+        # nothing from the global generator that mixing uses (a resumed run starts them at another step)
         shard = torch.utils.data.Subset(LabelledViews(test), range(self.dist.rank, len(test), self.dist.world_size))
         self.test_loader = torch.utils.data.DataLoader(
             shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=self.num_workers,
             collate_fn=collate_labelled, pin_memory=cfg["pin_mem"] and self.device.type == "cuda",
             persistent_workers=self.num_workers > 0, worker_init_fn=run.leave_stop_signals_to_the_main,
+            generator=torch.Generator().manual_seed(cfg["seed"]),
         )
-        self.erase = None
-        if cfg["reprob"]:
-            try:
-                import kornia.augmentation as K
-            except ImportError as e:
-                raise TrainError("random erasing needs kornia: pip install 'crate_kernels[analysis]' "
-                                 "(or --reprob 0)") from e
-            # on normalised images: the erased box takes value 0, the dataset's mean colour
-            self.erase = K.RandomErasing(p=cfg["reprob"], scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0.0)
 
     def build_model(self) -> torch.nn.Module:
         self.load_summary = []
-        return EncoderClassifier.from_pretrained(self.pretrained, len(self.classes), self.cfg["pool"] == "mean",
-                                                 backend=self.cfg["backend"], log=self.load_summary.append).train()
+        model = EncoderClassifier.from_pretrained(self.pretrained, len(self.classes), self.cfg["pool"] == "mean",
+                                                  backend=self.cfg["backend"], log=self.load_summary.append)
+        model.pos_embed.requires_grad_(True)  # fine-tuned from the sin-cos table, as MAE does
+        return model.train()
 
     def param_groups(self) -> list[dict]:
         return layer_decay_groups(self.model, self.cfg["weight_decay"], self.cfg["layer_decay"])
 
     def batch_loss(self, model, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        if self.erase is not None:
-            imgs = self.erase(imgs)
         imgs, targets = mix_batch(imgs, labels, len(self.classes), cfg["mixup"], cfg["cutmix"],
                                   cfg["mixup_switch_prob"], cfg["smoothing"])
         logits = model(imgs)
@@ -354,11 +360,16 @@ class Finetuning(run.Run):
         unreadable images left out and counted); the best top-1 so far keeps model-best.safetensors."""
         self.model.eval()
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1, top-5, loss sum, images
-        failed = 0
-        k = min(5, len(self.classes))
+        tally = UnreadableImages(self.cfg["max_unreadable"], self.warn, min_reads=len(self.test_loader.dataset),
+                                 outcome="left out of the test")  # a fraction of the split
+        error, k = None, min(5, len(self.classes))
         with torch.no_grad():
             for imgs, labels, _, failures in self.test_loader:
-                failed += len(failures)
+                try:
+                    tally.add(failures, len(labels))
+                except DatasetError as e:
+                    error = e
+                    break
                 if imgs is None:
                     continue
                 imgs, labels = normalize(imgs.to(self.device)), labels.to(self.device)
@@ -370,8 +381,9 @@ class Finetuning(run.Run):
                 counts[2] += F.cross_entropy(logits, labels, reduction="sum")
                 counts[3] += len(labels)
         self.model.train()
+        self.agree(error)
         counts = self.dist.sum(counts).tolist()
-        failed = sum(self.dist.gather(failed))
+        failed = sum(self.dist.gather(tally.failed))
         if counts[3] == 0:
             raise DatasetError(f"no readable image in {self.test_desc}")
         scores = {"top1": 100.0 * counts[0] / counts[3], "eval_loss": counts[2] / counts[3],
@@ -382,9 +394,9 @@ class Finetuning(run.Run):
         better = scores["top1"] > self.best["top1"]
         if better:
             self.best = {"top1": scores["top1"], "top5": scores.get("top5"), "step": self.step, "epoch": epoch}
-            if self.dist.is_main:
-                self.write(checkpoint.save_safetensors, self.model.state_dict(),
-                           os.path.join(self.out, "model-best.safetensors"), metadata=self._metadata())
+            self.on_main(lambda: self.write(checkpoint.save_safetensors, self.model.state_dict(),
+                                            os.path.join(self.out, "model-best.safetensors"),
+                                            metadata=self._metadata()))
         top5 = f", top-5 {scores['top5']:.2f}%" if "top5" in scores else ""
         self.monitor.scores(self.step, epoch, scores,
                             f"test epoch {epoch}: top-1 {scores['top1']:.2f}%{top5}, loss {scores['eval_loss']:.4f} "
@@ -406,10 +418,12 @@ class Finetuning(run.Run):
         last = self.monitor.evals[-1] if self.monitor.evals else {}  # the final step was tested
         summary = {"step": self.step, "loss": self.last_loss, "final": {k: last.get(k) for k in ("top1", "top5")},
                    "best": self.best, "test": self.test_desc, "model": self.pretrained.describe()}
-        if self.dist.is_main:
+        def write_outputs():
             self.write(checkpoint.save_safetensors, self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
                        metadata=self._metadata())
             self.write(save_json, summary, os.path.join(self.out, "results.json"))
+
+        self.on_main(write_outputs)
         top5 = f", top-5 {last['top5']:.2f}%" if last.get("top5") is not None else ""
         self.say(f"final: top-1 {last.get('top1', float('nan')):.2f}%{top5}; best top-1 {self.best['top1']:.2f}% at "
                  f"epoch {self.best['epoch']} (model-best.safetensors)")

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEClassifier, ViTClassifier
-from crate_kernels.finetune import RandAugment, layer_decay_groups, main, mix_batch, resolve, smoothed_one_hot
+from crate_kernels.finetune import ImageAugment, layer_decay_groups, main, mix_batch, resolve, smoothed_one_hot
 from crate_kernels.pipeline import checkpoint
 from crate_kernels.train import main as train_main
 from crate_kernels.vit_mae import MaskedAutoencoderViT
@@ -108,15 +108,23 @@ def test_mixup_and_cutmix_targets_sum_to_one_and_weigh_the_pixels_they_mix(mixup
     assert plain is imgs and torch.allclose(targets.sum(1), torch.ones(b))
 
 
-def test_randaugment_is_a_function_of_the_seed_and_keeps_uint8():
+@pytest.mark.parametrize("m,reprob", [(9, 0.0), (0, 1.0), (9, 0.25)])
+def test_image_augment_is_a_function_of_the_seed_and_keeps_uint8(m, reprob):
     pytest.importorskip("kornia")
     view = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
-    augment = RandAugment(2, 9)
+    augment = ImageAugment(2, m, reprob)
     state = torch.get_rng_state()
     a, b, c = augment(view, 11), augment(view, 11), augment(view, 12)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
     assert a.dtype == torch.uint8 and a.shape == view.shape
     assert torch.equal(a, b) and not torch.equal(a, c)
+    if m == 0:  # erasing alone: a box of the mean colour, the rest untouched
+        erased = (a != view).any(0)
+        mean = torch.tensor([round(255 * v) for v in (0.485, 0.456, 0.406)], dtype=torch.uint8)
+        assert erased.any() and (a.permute(1, 2, 0)[erased] - mean.int()).abs().max() <= 1
+        rows, cols = erased.nonzero().unbind(1)
+        box = erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.9  # one rectangle (a few box pixels may equal the mean colour already)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -267,7 +275,8 @@ def test_bad_inputs_are_one_message_before_anything_is_written(run_dir, tmp_path
 def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_dir, tmp_path):
     """With RandAugment, random erasing, mixup and cutmix all on, and the default data-loading workers."""
     pytest.importorskip("kornia")
-    args = [str(run_dir), "--batch_size", "8", "--max_steps", "40", "--save_every", "5", "--log_every", "1",
+    # 18 steps an epoch: tests at steps 18, 36 and 45, the stop after the first of them
+    args = [str(run_dir), "--batch_size", "64", "--max_steps", "45", "--save_every", "5", "--log_every", "1",
             "--recipe", "mae", "--no_tensorboard", "--threads", "1", "--seed", "4"]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = _finetune_cli(args + ["--output_dir", str(reference)])
@@ -277,14 +286,14 @@ def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_
     proc = subprocess.Popen([sys.executable, "-m", "crate_kernels.finetune", *args, "--output_dir", str(victim)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (victim / "log.txt").exists() or not any(r["step"] >= 12 for r in _records(victim, "train")):
+    while not (victim / "log.txt").exists() or not any(r["step"] >= 22 for r in _records(victim, "train")):
         assert proc.poll() is None, "the run finished before it could be stopped"
         assert time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
     stopped_at = checkpoint.load(victim / "checkpoint-last.pth")["step"]
-    assert 12 <= stopped_at < 40
+    assert 20 <= stopped_at < 36
 
     resumed = _finetune_cli(args + ["--output_dir", str(victim)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -293,6 +302,7 @@ def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_
     assert [(r["step"], r["loss"]) for r in _records(victim, "train")] == expected  # bitwise, every step once
     a, b = load_file(reference / "model.safetensors"), load_file(victim / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _records(reference, "eval")] == [18, 36, 45]
     assert [r["top1"] for r in _records(victim, "eval")] == [r["top1"] for r in _records(reference, "eval")]
 
 

@@ -230,6 +230,26 @@ def test_too_many_unreadable_images_stop_the_run_with_one_message(tmp_path):
         line.split(" (")[0] for line in stderr.splitlines() if "warning: skipped" in line))
 
 
+def test_one_process_stopping_on_unreadable_images_stops_the_whole_ddp_job(tmp_path):
+    """The one unreadable file is read by one rank only: every rank stops at that step, and the job's one error line
+    (printed by rank 0) names the file another rank found."""
+    data = tmp_path / "data" / "x"
+    data.mkdir(parents=True)
+    for i in range(15):
+        Image.fromarray(torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8).numpy()).save(data / f"{i}.png")
+    (data / "bad.jpg").write_bytes(b"not a jpeg")
+    args = TINY + ["--max_steps", "12", "--batch_size", "2", "--max_unreadable", "0", "--data_path",
+                   str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "crate_kernels.train", *args],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("crate-train: error")]
+    assert len(errors) == 1 and "more than --max_unreadable 0" in errors[0] and "bad.jpg" in errors[0], proc.stderr
+
+
 def test_a_failed_start_leaves_no_output_directory_and_no_lock(tmp_path, capsys):
     out = tmp_path / "new"
     assert main(IN_PROCESS + ["--max_steps", "1", "--dataset", "imagefolder", "--output_dir", str(out)]) == 1

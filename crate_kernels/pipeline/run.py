@@ -325,8 +325,10 @@ class Run:
         self.check_finite()
         # collective: every rank calls save at the same steps
         per_rank = self.dist.gather((checkpoint.rng_state(), (self.unreadable.failed, self.unreadable.reads)))
-        if not self.dist.is_main:
-            return
+        self.on_main(lambda: self._write_checkpoints(per_rank, numbered))
+        self.last_saved = self.step
+
+    def _write_checkpoints(self, per_rank: list, numbered: bool) -> None:
         epoch = self.step // self.steps_per_epoch
         state = {
             "model": self.model.state_dict(),
@@ -344,10 +346,30 @@ class Run:
             "extra": self.extra_state(),
         }
         self.write(checkpoint.save, state, os.path.join(self.out, "checkpoint-last.pth"))
-        self.last_saved = self.step
         if numbered:
             self.write(checkpoint.save, state,
                        os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
+
+    def agree(self, error: Exception | None) -> None:
+        """Collective: when any rank passes an error, every rank raises (the failing rank its own error, the others
+        the first failing rank's message), so no process is left waiting in a collective for one that stopped."""
+        if self.dist.all_true(error is None):
+            return
+        found = self.dist.gather(None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        kind, message = next(e for e in found if e is not None)
+        raise (DatasetError if kind == "DatasetError" else TrainError)(message)
+
+    def on_main(self, action) -> None:
+        """Collective: ``action()`` (a write) on rank 0; a ``TrainError`` it raises stops every rank."""
+        error = None
+        if self.dist.is_main:
+            try:
+                action()
+            except TrainError as e:
+                error = e
+        self.agree(error)
 
     def write(self, save, obj, path: str, **kwargs) -> None:
         """``save(obj, path)``; a failed write (a full disk, a lost mount) stops the run with one message, and the
@@ -375,7 +397,13 @@ class Run:
             waited = time.perf_counter()
             imgs, *tensors, failures = next(batches)
             self.data_wait += time.perf_counter() - waited
-            self.unreadable.add(failures, None if imgs is None else len(imgs))
+            error = None
+            try:
+                self.unreadable.add(failures, None if imgs is None else len(imgs))
+            except DatasetError as e:
+                error = e
+            if self.dist.active or error is not None:  # before any backward: DDP's would wait for this rank
+                self.agree(error)
             imgs = normalize(imgs.to(self.device, non_blocking=True))
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()

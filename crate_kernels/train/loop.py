@@ -161,10 +161,9 @@ class Trainer(run.Run):
                                           self.monitor.losses)
 
     def finish(self) -> dict:
-        if self.dist.is_main:
-            self.write(checkpoint.save_safetensors, self.model.state_dict(),
-                       os.path.join(self.out, "model.safetensors"),
-                       metadata={"model": self.cfg["model"], "step": str(self.step)})
+        self.on_main(lambda: self.write(checkpoint.save_safetensors, self.model.state_dict(),
+                                        os.path.join(self.out, "model.safetensors"),
+                                        metadata={"model": self.cfg["model"], "step": str(self.step)}))
         summary = {"step": self.step, "loss": self.last_loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
