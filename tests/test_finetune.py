@@ -219,20 +219,26 @@ def test_each_dataset_layout_end_to_end(run_dir, tmp_path, layout, one_thread):
         assert f"dataset: {layout}" in f.read()
 
 
-def test_a_vit_mae_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread):
+@pytest.mark.parametrize("family", ["crate", "vit"])
+def test_a_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread, family):
+    from crate_kernels import CRATEMAE
     from crate_kernels.architectures import MODELS
 
     torch.manual_seed(0)
-    vit = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"])
-    release = tmp_path / "mae_release.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in vit.state_dict().items()}}, release)  # FAIR's format
+    if family == "vit":
+        mae, name, clf_class = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"]), "mae_vit_demo", \
+            ViTClassifier
+    else:
+        mae, name, clf_class = CRATEMAE(img_size=16, patch_size=4, **MODELS["demo"]), "demo", CRATEClassifier
+    release = tmp_path / "release.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in mae.state_dict().items()}}, release)  # the releases' format
     out = tmp_path / "ft"
     assert main([str(release), "--max_steps", "2", "--batch_size", "4", "--num_workers", "0", "--threads", "0",
                  "--no_tensorboard", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ViTClassifier:" in printed and "mae_vit_demo (ViT-MAE, 16px, patch 4)" in printed
+    assert f"{clf_class.__name__}:" in printed and f"{name} (" in printed and "16px, patch 4)" in printed
     assert _records(out, "eval")[-1]["step"] == 2
-    clf = ViTClassifier(10, img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4)
+    clf = clf_class(10, img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4)
     clf.load_state_dict(load_file(out / "model.safetensors"))
 
 
