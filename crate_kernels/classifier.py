@@ -20,7 +20,7 @@ from torch import nn
 
 from .architectures import FAMILY_NAMES, MODELS, Pretrained, load_pretrained
 from .layers import EncoderBlock, _BackendMixin
-from .model import PatchEmbed, load_checkpoint
+from .model import GradCheckpointing, PatchEmbed, load_checkpoint
 from .ops.backend import _check_name
 from .pipeline.checkpoint import TrainError
 from .pos_embed import resize_table, sincos_2d_table
@@ -44,7 +44,7 @@ def _count(parameters) -> int:
     return sum(p.numel() for p in parameters)
 
 
-class EncoderClassifier(nn.Module):
+class EncoderClassifier(GradCheckpointing, nn.Module):
     """The shared part: embedding, blocks (built by the subclass), pooling, norm and head."""
 
     family = ""
@@ -83,9 +83,7 @@ class EncoderClassifier(nn.Module):
         x = self.patch_embed(imgs)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + resize_table(self.pos_embed, self.patch_embed.grid_size, grid).to(x.dtype)
-        for block in self.blocks[: layer % depth + 1]:
-            x = block(x)
-        return x
+        return self._run_blocks(self.blocks[: layer % depth + 1], x)
 
     def pooled(self, imgs: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """(B, d), what the head sees: [CLS] after ``norm``, or ``fc_norm`` of the mean patch token (global pool).

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     reprob=None, max_unreadable=0.01,
     output_dir=None, log_dir=None, tensorboard=True, device="auto", threads=0, seed=0, resume=None,
     auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000, save_every_epochs=20,
-    backend=None, amp="auto", dist_backend="auto", compile=False,
+    backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
 )
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
@@ -121,6 +121,8 @@ FLAGS = {
                  "off on CPU", ("auto", "bf16", "fp16", "off")),
     "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
     "compile": ("bool", "run the training step's model under torch.compile", None),
+    "grad_checkpointing": ("bool", "recompute each encoder layer in backward instead of keeping its activations "
+                                   "(less memory, about one more forward pass)", None),
 }
 
 
@@ -338,7 +340,7 @@ class Finetuning(run.Run):
         model = EncoderClassifier.from_pretrained(self.pretrained, len(self.classes), self.cfg["pool"] == "mean",
                                                   backend=self.cfg["backend"], log=self.load_summary.append)
         model.pos_embed.requires_grad_(True)  # fine-tuned from the sin-cos table, as MAE does
-        return model.train()
+        return model.set_grad_checkpointing(self.cfg["grad_checkpointing"]).train()
 
     def param_groups(self) -> list[dict]:
         return layer_decay_groups(self.model, self.cfg["weight_decay"], self.cfg["layer_decay"])

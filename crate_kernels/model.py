@@ -38,17 +38,14 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
-class MaskedImageModel:
-    """What the masked autoencoders of this package share: image checks, (un)patchify, the masked-patch loss.
-
-    Needs ``self.patch_embed`` (a ``PatchEmbed``), ``self.in_chans`` and ``self.norm_pix_loss``.
-    """
+class GradCheckpointing:
+    """Blocks run one after the other, each optionally recomputed in backward."""
 
     grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True):
-        """Recompute each encoder and decoder layer in backward instead of keeping its activations
-        (``torch.utils.checkpoint``, non-reentrant): less memory, one more forward per layer."""
+        """Recompute each layer in backward instead of keeping its activations (``torch.utils.checkpoint``,
+        non-reentrant): less memory, one more forward per layer."""
         self.grad_checkpointing = enable
         return self
 
@@ -57,6 +54,14 @@ class MaskedImageModel:
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
+
+
+class MaskedImageModel(GradCheckpointing):
+    """What the masked autoencoders of this package share: image checks, (un)patchify, the masked-patch loss,
+    gradient checkpointing.
+
+    Needs ``self.patch_embed`` (a ``PatchEmbed``), ``self.in_chans`` and ``self.norm_pix_loss``.
+    """
 
     @property
     def patch_size(self) -> int:

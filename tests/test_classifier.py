@@ -96,3 +96,27 @@ def test_vit_classifier_loads_fair_layout_and_refuses_the_other_family(crate_for
         classifier_from_pretrained(str(truncated), num_classes=5, log=None)
     with pytest.raises(TrainError, match="lacks 12 encoder tensors: blocks.2"):
         classifier_from_pretrained(str(truncated), num_classes=5, model="mae_vit_demo", log=None)
+
+
+@pytest.mark.parametrize("cls", [CRATEClassifier, ViTClassifier])
+def test_gradient_checkpointing_gives_the_same_logits_and_gradients(cls):
+    torch.manual_seed(0)
+    clf = cls(7, img_size=24, patch_size=4, embed_dim=32, depth=3, num_heads=2, global_pool=cls is ViTClassifier)
+    torch.nn.init.normal_(clf.head.weight, std=0.1)  # a head that passes gradients on to the blocks
+    imgs = torch.randn(3, 3, 24, 24)
+    calls = []
+    clf.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run(recompute: bool):
+        clf.zero_grad(set_to_none=True)
+        calls.clear()
+        logits = clf.set_grad_checkpointing(recompute)(imgs)
+        logits.square().sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, plain_grads, plain_calls = run(False)
+    again, again_grads, again_calls = run(True)
+    assert (plain_calls, again_calls) == (1, 2)  # the first block ran again in backward
+    assert set(again_grads) == set(plain_grads) and any(n.startswith("blocks.0.") for n in plain_grads)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again_grads, plain_grads, rtol=1e-6, atol=1e-7)

@@ -234,7 +234,7 @@ def test_a_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread, family):
     torch.save({"model": {f"module.{k}": v for k, v in mae.state_dict().items()}}, release)  # the releases' format
     out = tmp_path / "ft"
     assert main([str(release), "--max_steps", "2", "--batch_size", "4", "--num_workers", "0", "--threads", "0",
-                 "--no_tensorboard", "--output_dir", str(out)]) == 0
+                 "--no_tensorboard", "--grad_checkpointing", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{clf_class.__name__}:" in printed and f"{name} (" in printed and "16px, patch 4)" in printed
     assert _records(out, "eval")[-1]["step"] == 2
