@@ -227,13 +227,10 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torc
     patch's own mean and variance (MAE's visualisation)."""
     with _Measuring(model, imgs) as (model, imgs):
         _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=None if noise is None else noise.to(imgs.device))
-        target = model.patchify(imgs)
+        loss = (model.patch_loss(imgs, pred) * mask).sum(1)
         if model.norm_pix_loss:
-            scale = (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-            loss = (((pred - (target - target.mean(dim=-1, keepdim=True)) / scale) ** 2).mean(-1) * mask).sum(1)
-            pred = pred * scale + target.mean(dim=-1, keepdim=True)
-        else:
-            loss = (((pred - target) ** 2).mean(-1) * mask).sum(1)
+            target = model.patchify(imgs)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
         grid = _grid(model, imgs)
         m = model.unpatchify(mask.unsqueeze(-1).expand_as(pred).to(pred.dtype), grid)
         mean_t = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)

@@ -13,7 +13,6 @@ figures show the whole images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -243,14 +242,6 @@ def _label(pretrained) -> str:
     return f"{FAMILY_NAMES[pretrained.family]} ({pretrained.model})"
 
 
-def _output_dir(cfg: dict) -> str:
-    if cfg["output_dir"]:
-        return cfg["output_dir"]
-    source = cfg["checkpoint"]
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    return os.path.join(folder, "analysis")
-
-
 def run(cfg: dict, log=print) -> dict:
     """Write the four figures and analysis.json; returns the numbers."""
     if distributed.world_size_from_env() > 1:
@@ -277,11 +268,8 @@ def run(cfg: dict, log=print) -> dict:
     if not -depth <= cfg["layer"] < depth:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
     no_decoder = [label for label, p in zip(models, (main, vit)) if p is not None and not p.has_decoder]
-    out = _output_dir(cfg)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"cannot create --output_dir {out}: {e}") from e
+    out = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "analysis")
+    checkpoint.make_output_dir(out)
     whole, all_views = views(images, size, cfg["crops"], cfg["seed"])
     shown, shown_names = whole[: cfg["max_shown"]], names[: cfg["max_shown"]]
     log(f"crate-analyze: {main.describe()}" + (f"\n  beside: {vit.describe()}" if vit else "")
@@ -319,8 +307,7 @@ def run(cfg: dict, log=print) -> dict:
         "reconstruction_loss": {label: dict(zip(shown_names, r["loss"].tolist())) for label, r in recons.items()},
         "figures": files,
     }
-    checkpoint.atomic_write(os.path.join(out, "analysis.json"),
-                            lambda f: f.write((json.dumps(numbers, indent=2) + "\n").encode()))
+    checkpoint.save_json(numbers, os.path.join(out, "analysis.json"))
     for label, s in stats.items():
         log(f"  {label}: coding rate per layer {' '.join(f'{v:.1f}' for v in s['coding_rate'])}; non-zero "
             f"fraction {' '.join(f'{v:.3f}' for v in s['sparsity'])}")

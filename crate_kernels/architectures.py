@@ -19,6 +19,7 @@ from .vit_mae import VIT_CONFIGS, MaskedAutoencoderViT
 MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS, **VIT_CONFIGS}
 
 FAMILY_NAMES = {"crate": "CRATE-MAE", "vit": "ViT-MAE"}
+DEMO_MODELS = ("demo", "mae_vit_demo")  # the CPU demo's scale, in each family
 
 
 def family(name: str) -> str:

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from .architectures import FAMILY_NAMES, MODELS, Pretrained, load_pretrained
-from .layers import EncoderBlock, _BackendMixin
+from .layers import CRATELayers, EncoderBlock
 from .model import GradCheckpointing, PatchEmbed, load_checkpoint
-from .ops.backend import _check_name
 from .pipeline.checkpoint import TrainError
 from .pos_embed import resize_table, sincos_2d_table
 from .vit_mae import Block
@@ -101,15 +100,16 @@ class EncoderClassifier(GradCheckpointing, nn.Module):
     # ------------------------------------------------------------------ from a pretraining checkpoint
     def _encoder_state(self, state: dict) -> dict:
         """The checkpoint's tensors under this classifier's names (the subclass maps its position table)."""
-        return {k: v for k, v in state.items() if k in self.state_dict()}
+        own = self.state_dict()
+        return {k: v for k, v in state.items() if k in own}
 
     def load_pretrained_state(self, state: dict, source: str = "checkpoint") -> int:
         """Copy the encoder (and a head of the same shape, if the checkpoint is a classifier's) from ``state``;
         returns the number of checkpoint parameters left out (the decoder, a ``norm`` that global pooling replaces;
         position tables not counted)."""
-        own = self._encoder_state(state)
+        own, mine = self._encoder_state(state), self.state_dict()
         head = [k for k in own if k.startswith(("head.", "fc_norm."))]
-        if any(tuple(own[k].shape) != tuple(self.state_dict()[k].shape) for k in head):
+        if any(tuple(own[k].shape) != tuple(mine[k].shape) for k in head):
             own = {k: v for k, v in own.items() if k not in head}  # another number of classes: a fresh head
         try:
             result = load_checkpoint(self, own, strict=False)
@@ -166,7 +166,7 @@ class EncoderClassifier(GradCheckpointing, nn.Module):
         return text
 
 
-class CRATEClassifier(EncoderClassifier):
+class CRATEClassifier(CRATELayers, EncoderClassifier):
     """CRATE-MAE encoder (MSSA + ISTA layers, the release's names) with MAE's pooling and head."""
 
     family = "crate"
@@ -181,14 +181,6 @@ class CRATEClassifier(EncoderClassifier):
             [EncoderBlock(embed_dim, num_heads, embed_dim // num_heads, step_size, lambd) for _ in range(depth)]
         )
         self.set_backend(backend)
-
-    def set_backend(self, backend: str | None) -> "CRATEClassifier":
-        """Operator backend for every layer (``None``: the process-wide default, see crate_kernels.ops)."""
-        self.backend = None if backend is None else _check_name(backend)
-        for m in self.modules():
-            if isinstance(m, _BackendMixin):
-                m.set_backend(backend)
-        return self
 
     def _encoder_state(self, state: dict) -> dict:
         # the release's encoder adds the table it names decoder_pos_embed (its pos_embed is an unused copy)

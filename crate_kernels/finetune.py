@@ -18,9 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from .architectures import MODELS, Pretrained, load_pretrained
+from .architectures import DEMO_MODELS, MODELS, Pretrained, load_pretrained
 from .classifier import EncoderClassifier
 from .ops.backend import BACKENDS, get_backend
 from .pipeline import checkpoint, flags, run
@@ -46,7 +45,6 @@ DEFAULTS = dict(
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
 DEMO = dict(epochs=40, warmup_epochs=2.0, blr=1e-2, threads=1, num_workers=1, log_every=20, save_every_epochs=10)
-DEMO_MODELS = ("demo", "mae_vit_demo")
 
 # What each augmentation recipe sets: RandomResizedCrop's smallest area, RandAugment magnitude (timm's 0-10 scale,
 # 0: off), random erasing probability, mixup and cutmix alphas (0: off), and the evaluation crop. On the demo
@@ -150,10 +148,8 @@ def _shown_default(name: str) -> str:
 def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     """Flags (and --config YAML) -> the configuration, range-checked; what depends on the checkpoint (demo
     settings, input size, layer decay, recipe, lr) is filled in by ``complete``."""
-    cli = vars(build_parser().parse_args(argv))
-    config_path = cli.pop("config", None)
-    from_file = flags.load_yaml(config_path, {**FLAGS, "checkpoint": (str, "", None)}) if config_path else {}
-    cfg = {**DEFAULTS, **from_file, **cli, "given": sorted(set(from_file) | set(cli)), "world_size": world_size}
+    values = flags.given(build_parser(), {**FLAGS, "checkpoint": (str, "", None)}, argv)
+    cfg = {**DEFAULTS, **values, "given": sorted(values), "world_size": world_size}
     flags.check_ranges(cfg, positive=("input_size", "batch_size", "accum_iter", "epochs", "blr", "lr", "layer_decay",
                                       "log_every", "save_every", "save_every_epochs", "randaug_n"),
                        non_negative=("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight_decay",
@@ -191,9 +187,7 @@ def complete(cfg: dict, pretrained: Pretrained) -> dict:
         cfg["lr_from_blr"] = True
     else:
         cfg.pop("world_size")
-    if not cfg["output_dir"]:
-        folder = cfg["checkpoint"] if os.path.isdir(cfg["checkpoint"]) else os.path.dirname(cfg["checkpoint"])
-        cfg["output_dir"] = os.path.join(folder, "finetune")
+    cfg["output_dir"] = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "finetune")
     return cfg
 
 
@@ -289,10 +283,6 @@ class ImageAugment:
             if self.erase is not None:
                 x = self.erase((x - self.mean) / self.std) * self.std + self.mean
         return (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8)
-
-
-def save_json(obj, path: str) -> None:
-    checkpoint.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 class Finetuning(run.Run):
@@ -423,7 +413,7 @@ class Finetuning(run.Run):
         def write_outputs():
             self.write(checkpoint.save_safetensors, self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
                        metadata=self._metadata())
-            self.write(save_json, summary, os.path.join(self.out, "results.json"))
+            self.write(checkpoint.save_json, summary, os.path.join(self.out, "results.json"))
 
         self.on_main(write_outputs)
         top5 = f", top-5 {last['top5']:.2f}%" if last.get("top5") is not None else ""
@@ -432,13 +422,7 @@ class Finetuning(run.Run):
         return summary
 
     def save_config(self, path: str, header: str) -> None:
-        values = {k: self.cfg[k] for k in FLAGS if k in self.cfg}
-        values["checkpoint"] = self.cfg["checkpoint"]
-        if self.cfg.get("lr_from_blr"):
-            header += f"# lr = blr x effective batch / 256 = {self.cfg['lr']:.6g}\n"
-            values["lr"] = None
-        text = header + yaml.safe_dump(values, sort_keys=False)
-        checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+        flags.save_yaml(self.cfg, {"checkpoint": None, **FLAGS}, path, header)
 
     def banner(self) -> str:
         cfg = self.cfg

@@ -32,6 +32,20 @@ class _BackendMixin:
         return norm is not None and torch.is_grad_enabled() and backend != "reference"
 
 
+class CRATELayers:
+    """A model made of CRATE layers: ``set_backend`` chooses the operator backend of all of them at once."""
+
+    backend: str | None = None
+
+    def set_backend(self, backend: str | None):
+        """Operator backend for every layer (``None``: the process-wide default, see crate_kernels.ops)."""
+        self.backend = None if backend is None else _check_name(backend)
+        for m in self.modules():
+            if isinstance(m, _BackendMixin):
+                m.set_backend(backend)
+        return self
+
+
 class MSSA(_BackendMixin, nn.Module):
     """Multi-head subspace self-attention: w = x U (shared q = k = v), softmax(w w^T / sqrt(p)) w, then to_out."""
 

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DecoderBlock, EncoderBlock, _BackendMixin
-from .ops.backend import _check_name
+from .layers import CRATELayers, DecoderBlock, EncoderBlock
 from .pos_embed import resize_table, sincos_2d_table
 
 __all__ = [
@@ -112,18 +111,40 @@ class MaskedImageModel(GradCheckpointing):
         ids_shuffle = torch.argsort(noise, dim=1)
         return ids_shuffle, torch.argsort(ids_shuffle, dim=1), int(num_patches * (1 - mask_ratio))
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over masked patches (per-patch normalised if norm_pix_loss)."""
+    def patch_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of each patch (B, N) against its pixels (per-patch normalised if norm_pix_loss)."""
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        return ((pred - target) ** 2).mean(dim=-1)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The patch loss averaged over masked patches."""
+        return (self.patch_loss(imgs, pred) * mask).sum() / mask.sum()
+
+    def _init_weights(self) -> None:
+        """MAE's initialisation: sin-cos tables, patch embedding as a linear map (xavier), tokens normal(0.02),
+        linear layers xavier_uniform with zero bias, LayerNorms (1, 0)."""
+        grid = self.patch_embed.grid_size
+        for table in (self.pos_embed, self.decoder_pos_embed):
+            table.data.copy_(sincos_2d_table(table.shape[-1], *grid))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
-class CRATEMAE(MaskedImageModel, nn.Module):
+class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module):
     """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
 
     def __init__(
@@ -179,33 +200,6 @@ class CRATEMAE(MaskedImageModel, nn.Module):
         self.grad_checkpointing = False
         self._init_weights()
         self.set_backend(backend)
-
-    # ------------------------------------------------------------------ set-up
-    def _init_weights(self) -> None:
-        grid = self.patch_embed.grid_size
-        table = sincos_2d_table(self.pos_embed.shape[-1], grid[0], grid[1])
-        self.pos_embed.data.copy_(table)
-        self.decoder_pos_embed.data.copy_(table)
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def set_backend(self, backend: str | None) -> "CRATEMAE":
-        """Operator backend for every layer (``None``: the process-wide default, see crate_kernels.ops)."""
-        self.backend = None if backend is None else _check_name(backend)
-        for m in self.modules():
-            if isinstance(m, _BackendMixin):
-                m.set_backend(backend)
-        return self
 
     def _table(self, grid: tuple[int, int]) -> torch.Tensor:
         return resize_table(self.decoder_pos_embed, self.patch_embed.grid_size, grid)

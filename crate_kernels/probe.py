@@ -307,13 +307,6 @@ def choose_classifier(cfg: dict, samples: int, dim: int, num_classes: int) -> st
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _output_dir(cfg: dict, source: str) -> str:
-    if cfg["output_dir"]:
-        return cfg["output_dir"]
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    return os.path.join(folder, "probe")
-
-
 def load_splits(cfg: dict, input_size: int) -> dict:
     """The train and test splits at ``input_size``; a test class absent from training is an error."""
     transform = EvalTransform(input_size)
@@ -354,7 +347,7 @@ def probe_model(clf: EncoderClassifier, source: str, stem: str, splits: dict, cf
         "unreadable_skipped": len(train["unreadable"]) + len(test["unreadable"]),
     })
     results_path = features_path[:-len(".pt")] + ".json"
-    checkpoint.atomic_write(results_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    checkpoint.save_json(result, results_path)
     result["results"] = results_path
     return result
 
@@ -388,11 +381,8 @@ def run(cfg: dict, log=print) -> dict:
     if not -depth <= cfg["layer"] < depth:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
     cfg["layer"] %= depth
-    cfg["output_dir"] = _output_dir(cfg, cfg["checkpoint"])
-    try:
-        os.makedirs(cfg["output_dir"], exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"cannot create --output_dir {cfg['output_dir']}: {e}") from e
+    cfg["output_dir"] = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "probe")
+    checkpoint.make_output_dir(cfg["output_dir"])
     log(f"crate-probe: {pretrained.describe()}\n  data: {splits['train'].describe()}; {splits['test'].describe()}\n"
         f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else 'mean patch token'} of encoder "
         f"layer {cfg['layer'] + 1} of {depth} (--layer {cfg['layer']}), on {device}, amp {amp or 'off'}; "

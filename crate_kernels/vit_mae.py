@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import MaskedImageModel, PatchEmbed
-from .pos_embed import resize_table, sincos_2d_table
+from .pos_embed import resize_table
 
 __all__ = ["MaskedAutoencoderViT", "VIT_CONFIGS", "mae_vit_small", "mae_vit_base"]
 
@@ -115,25 +115,6 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        """MAE's initialisation: sin-cos tables, patch embedding as a linear map (xavier), tokens normal(0.02),
-        linear layers xavier_uniform with zero bias, LayerNorms (1, 0)."""
-        grid = self.patch_embed.grid_size
-        self.pos_embed.data.copy_(sincos_2d_table(self.pos_embed.shape[-1], *grid))
-        self.decoder_pos_embed.data.copy_(sincos_2d_table(self.decoder_pos_embed.shape[-1], *grid))
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def _table(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return resize_table(table, self.patch_embed.grid_size, grid)

@@ -408,7 +408,8 @@ def test_autotune_pruning(monkeypatch, mode):
              for m, n, k, w, s in ista._TILES + ista._EXACT_FP32_TILES]
 
     def pruned(dtype, precision):
-        kept = ista._prune(space, {"x_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
+        prune = ista._AUTOTUNE["prune_configs_by"]["early_config_prune"]
+        kept = prune(space, {"x_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
         return [ista._tile(c) for c in kept]
 
     def expect(tiles):

@@ -549,7 +549,8 @@ def test_autotune_pruning(monkeypatch, mode):
 
     def pruned(dtype, block_d, precision="ieee"):
         args, kwargs = {"W": torch.empty(1, dtype=dtype)}, {"BLOCK_D": block_d, "PRECISION": precision}
-        return _tiles(mssa_ops._prune_fwd(fwd, args, **kwargs)), _tiles(mssa_ops._prune_bwd(bwd, args, **kwargs))
+        prune_fwd, prune_bwd = (k.early_config_prune for k in (mssa_ops._mssa_fwd_kernel, mssa_ops._mssa_bwd_kernel))
+        return _tiles(prune_fwd(fwd, args, **kwargs)), _tiles(prune_bwd(bwd, args, **kwargs))
 
     def expect(tiles):
         return list(tiles)[:1] if mode == "first" else list(tiles)

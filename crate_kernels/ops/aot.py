@@ -157,18 +157,12 @@ def launch_keys(launch: dict, arch: int = 90) -> dict:
 
 
 def _kept_configs(autotuner, args: tuple, kwargs: dict) -> list:
-    """The configs the autotuner's own pruning keeps for this launch in autotune mode 'full' (mode 'first' keeps
-    the first of them)."""
-    mode = os.environ.get("CRATE_KERNELS_AUTOTUNE")
-    os.environ["CRATE_KERNELS_AUTOTUNE"] = "full"
-    autotuner.nargs = dict(zip(autotuner.arg_names, args))
-    try:
-        return autotuner.prune_configs(kwargs)
-    finally:
-        autotuner.nargs = None
-        os.environ.pop("CRATE_KERNELS_AUTOTUNE")
-        if mode is not None:
-            os.environ["CRATE_KERNELS_AUTOTUNE"] = mode
+    """Every config the kernel's pruning rule keeps for this launch (autotune mode 'first' runs the first of them;
+    see ``backend.config_pruning``)."""
+    prune = autotuner.early_config_prune
+    if prune is None:
+        return list(autotuner.configs)
+    return prune.rule(autotuner.configs, dict(zip(autotuner.arg_names, args)), **kwargs)
 
 
 def plan_jobs(launches: list[dict], archs: list[int]) -> tuple[dict, list[dict]]:

@@ -83,6 +83,18 @@ def autotune_space(configs: list) -> list:
     return configs[:1] if first else configs
 
 
+def config_pruning(rule: Callable) -> dict:
+    """``prune_configs_by`` for ``triton.autotune``: the configs ``rule(configs, named_args, **kwargs)`` keeps, cut
+    to what the autotuner tries (``autotune_space``). The rule itself stays reachable as ``.rule`` (the
+    ahead-of-time compile takes every config it keeps)."""
+
+    def prune(configs, named_args, **kwargs):
+        return autotune_space(rule(configs, named_args, **kwargs))
+
+    prune.rule = rule
+    return {"early_config_prune": prune}
+
+
 def tuning_bucket(n: int) -> int:
     """n rounded up to a power of two: a tuning key that a last partial batch or an eval batch shares."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -231,7 +243,12 @@ def set_variant(kind: str, name: str | None) -> None:
 
 
 def _env_variants() -> dict[str, str]:
-    text = os.environ.get(_VARIANTS_ENV_VAR, "").strip()
+    return _parse_variants(os.environ.get(_VARIANTS_ENV_VAR, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_variants(text: str) -> dict[str, str]:
+    """$CRATE_KERNELS_VARIANTS parsed (once per distinct value: launchers ask at every call)."""
     chosen = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, sep, name = item.partition("=")
@@ -249,7 +266,7 @@ def get_variant(kind: str, tensor: torch.Tensor | None = None) -> str:
     from_env = _env_variants()
     if kind in from_env:
         return from_env[kind]
-    if tensor is not None and tensor.is_cuda:
+    if AUTO_VARIANTS and tensor is not None and tensor.is_cuda:
         name = AUTO_VARIANTS.get(torch.cuda.get_device_capability(tensor.device)[0], {}).get(kind)
         if name in _variants[kind]:
             return name

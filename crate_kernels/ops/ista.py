@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    AUTO_TRITON, accumulate_dtype, autocast_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
+    AUTO_TRITON, accumulate_dtype, autocast_dtype, autocast_input, config_pruning, device_guard, fp32_dot_precision,
     register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
     with_fallback,
 )
@@ -119,30 +119,39 @@ if triton_available():
     _EXACT_FP32_TILES = ((64, 64, 32, 8, 3),)
     _MAX_SHARED_MEMORY = 232448  # bytes a block may use on Hopper, the most of any GPU here
 
-    def _matmul_configs():
-        """Tiles to autotune on a GPU; one config under the interpreter (autotuning cannot run there)."""
+    def _matmul_configs(tiles):
+        """The ``tiles`` to autotune on a GPU; one config under the interpreter (autotuning cannot run there)."""
         if triton_interpreting():
             return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})]
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in _TILES + _EXACT_FP32_TILES
+            for bm, bn, bk, w, s in tiles
         ]
 
     def _tile(config) -> tuple:
         return (*config.kwargs.values(), config.num_warps, config.num_stages)
 
-    def _prune(configs, named_args, **kwargs):
-        """Exact fp32 products: the FMA tiles. Otherwise the tensor-core tiles whose pipelined operand tiles
+    def _prune_rule(tiles, exact_fp32_tiles):
+        """Exact fp32 products: the FMA tiles. Otherwise the tensor-core ``tiles`` whose pipelined operand tiles
         (stages x (BLOCK_M + BLOCK_N) x BLOCK_K elements) fit in Hopper's shared memory; the first one kept also
         fits an A100's (crate_kernels.ops.aot checks both)."""
-        nbytes = next(iter(named_args.values())).element_size()  # every kernel's first argument is an operand
-        if kwargs["PRECISION"] == "ieee" and nbytes == 4:
-            return autotune_space([c for c in configs if _tile(c) in _EXACT_FP32_TILES])
-        return autotune_space([
-            c for c in configs if _tile(c) in _TILES
-            and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * nbytes
-            <= _MAX_SHARED_MEMORY
-        ])
+
+        def prune(configs, named_args, **kwargs):
+            nbytes = next(iter(named_args.values())).element_size()  # every kernel's first argument is an operand
+            if kwargs["PRECISION"] == "ieee" and nbytes == 4:
+                return [c for c in configs if _tile(c) in exact_fp32_tiles]
+            return [
+                c for c in configs if _tile(c) in tiles
+                and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * nbytes
+                <= _MAX_SHARED_MEMORY
+            ]
+
+        return prune
+
+    def _autotune(tiles, exact_fp32_tiles) -> dict:
+        """triton.autotune's arguments for ISTA's matrix-product kernels over these tiles."""
+        return {"configs": _matmul_configs(tiles + exact_fp32_tiles), "key": ["ROWS_BUCKET", "d", "PRECISION"],
+                "prune_configs_by": config_pruning(_prune_rule(tiles, exact_fp32_tiles))}
 
     @triton.jit
     def _load_g(dout_ptr, mask_ptr, offs_r, offs_c, rows, d, stride_gr, stride_gc, stride_mask):
@@ -153,9 +162,9 @@ if triton_available():
         bit = (byte >> (offs_c % 8)[None, :]) & 1
         return tl.where(bit != 0, g, 0.0)
 
-    _AUTOTUNE = {"key": ["ROWS_BUCKET", "d", "PRECISION"], "prune_configs_by": {"early_config_prune": _prune}}
+    _AUTOTUNE = _autotune(_TILES, _EXACT_FP32_TILES)
 
-    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.autotune(**_AUTOTUNE)
     @triton.jit(do_not_specialize=["rows", "stride_mask", "ROWS_BUCKET"])
     def _ista_fwd_kernel(
         x_ptr, m_ptr, out_ptr, mask_ptr, rows, d, eta, eta_lambd, ROWS_BUCKET,
@@ -203,7 +212,7 @@ if triton_available():
             mask=row_ok[:, None] & (offs_b[None, :] < tl.cdiv(d, 8)),
         )
 
-    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.autotune(**_AUTOTUNE)
     @triton.jit(do_not_specialize=["rows", "stride_mask", "ROWS_BUCKET"])
     def _ista_dx_kernel(
         dout_ptr, mask_ptr, m_ptr, dx_ptr, rows, d, eta, ROWS_BUCKET,
@@ -237,7 +246,7 @@ if triton_available():
         tile_ok = (offs_m[:, None] < rows) & (offs_n[None, :] < d)
         tl.store(dx_ptr + offs_m[:, None] * d + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
-    @triton.autotune(configs=_matmul_configs(), **_AUTOTUNE)
+    @triton.autotune(**_AUTOTUNE)
     @triton.jit(do_not_specialize=["rows", "chunk", "stride_mask", "ROWS_BUCKET"])
     def _ista_dm_kernel(
         x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta, ROWS_BUCKET,

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import (
-    autotune_space, device_guard, fp32_dot_precision, register_variant, triton_available, triton_interpreting,
-    tuning_bucket,
-)
+from .backend import device_guard, fp32_dot_precision, register_variant, triton_available, tuning_bucket
 
 __all__: list[str] = []
 
@@ -24,33 +21,12 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .ista import _check_launch, _check_triton_dtype, _dm_chunks, _tiles_grid, _upcast, unpack_mask
-    from .ista import _tile as _ista_tile
+    from .ista import _autotune, _check_launch, _check_triton_dtype, _dm_chunks, _tiles_grid, _upcast, unpack_mask
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): v1's best-placed tensor-core tiles, and its FMA tile for exact fp32
     _TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4))
     _EXACT_FP32_TILES = ((64, 64, 32, 8, 3),)
-    _MAX_SHARED_MEMORY = 232448
-
-    def _configs():
-        """The tiles to autotune on a GPU; one config under the interpreter (which cannot tune)."""
-        if triton_interpreting():
-            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bm, bn, bk, w, s in _TILES + _EXACT_FP32_TILES]
-
-    def _prune(configs, named_args, **kwargs):
-        """ista.py's rule on this space: the FMA tile for exact fp32, else the tiles whose pipelined operands fit."""
-        nbytes = next(iter(named_args.values())).element_size()
-        if kwargs["PRECISION"] == "ieee" and nbytes == 4:
-            return autotune_space([c for c in configs if _ista_tile(c) in _EXACT_FP32_TILES])
-        return autotune_space([
-            c for c in configs if _ista_tile(c) in _TILES
-            and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * nbytes
-            <= _MAX_SHARED_MEMORY
-        ])
-
-    _AUTOTUNE = {"key": ["ROWS_BUCKET", "d", "PRECISION"], "prune_configs_by": {"early_config_prune": _prune}}
+    _AUTOTUNE = _autotune(_TILES, _EXACT_FP32_TILES)
 
     @triton.jit
     def _mask_bytes(mask_ptr, offs_r, col0, rows, d, stride_mask, COLS: tl.constexpr):
@@ -72,7 +48,7 @@ if triton_available():
         return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
                        mask=(offs_r < rows)[:, None] & (offs_c < d)[None, :], other=0.0)
 
-    @triton.autotune(configs=_configs(), **_AUTOTUNE)
+    @triton.autotune(**_AUTOTUNE)
     @triton.jit(do_not_specialize=["rows", "stride_mask", "ROWS_BUCKET"])
     def _ista_dx_bytemask_kernel(
         dout_ptr, mask_ptr, m_ptr, dx_ptr, g_ptr, rows, d, eta, ROWS_BUCKET,
@@ -111,7 +87,7 @@ if triton_available():
         if WRITE_G:
             tl.store(g_ptr + out_offsets, g.to(g_ptr.dtype.element_ty), mask=tile_ok)
 
-    @triton.autotune(configs=_configs(), **_AUTOTUNE)
+    @triton.autotune(**_AUTOTUNE)
     @triton.jit(do_not_specialize=["rows", "chunk", "stride_mask", "ROWS_BUCKET"])
     def _ista_dm_bytemask_kernel(
         x_ptr, dout_ptr, mask_ptr, part_ptr, rows, d, chunk, eta, ROWS_BUCKET,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .backend import (
-    AUTO_TRITON, accumulate_dtype, autocast_input, autotune_space, device_guard, fp32_dot_precision,
+    AUTO_TRITON, accumulate_dtype, autocast_input, config_pruning, device_guard, fp32_dot_precision,
     register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
     with_fallback,
 )
@@ -138,26 +138,26 @@ if triton_available():
 
     def _prune_fwd(configs, named_args, **kwargs):
         if _exact_fp32(named_args, kwargs):
-            return autotune_space([c for c in configs if _tile(c) in _FWD_EXACT_FP32_TILES])
+            return [c for c in configs if _tile(c) in _FWD_EXACT_FP32_TILES]
         max_block_m = 64 if _row_bytes(named_args, kwargs) > _ROW_BYTES_LARGE else 128
-        return autotune_space([c for c in configs if _tile(c) in _FWD_TILES and c.kwargs["BLOCK_M"] <= max_block_m])
+        return [c for c in configs if _tile(c) in _FWD_TILES and c.kwargs["BLOCK_M"] <= max_block_m]
 
     def _prune_bwd(configs, named_args, **kwargs):
         if _exact_fp32(named_args, kwargs):
-            return autotune_space([c for c in configs if _tile(c) in _BWD_EXACT_FP32_TILES])
+            return [c for c in configs if _tile(c) in _BWD_EXACT_FP32_TILES]
         row_bytes = _row_bytes(named_args, kwargs)
         min_area, max_area = 32 * 32 + 1, 64 * 64  # every tile but the 32 x 32 fallback
         if row_bytes == _ROW_BYTES_LARGE:
             min_area, max_area = 0, 64 * 32
         elif row_bytes > _ROW_BYTES_LARGE:
             min_area, max_area = 0, 32 * 32
-        return autotune_space([c for c in configs if _tile(c) in _BWD_TILES
-                               and min_area <= c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_area])
+        return [c for c in configs if _tile(c) in _BWD_TILES
+                and min_area <= c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_area]
 
     @triton.autotune(
         configs=_configs(_FWD_TILES + _FWD_EXACT_FP32_TILES),
         key=["N", "BH_BUCKET", "BLOCK_D", "PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_fwd},
+        prune_configs_by=config_pruning(_prune_fwd),
     )
     @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_fwd_kernel(
@@ -216,7 +216,7 @@ if triton_available():
     @triton.autotune(
         configs=_configs(_BWD_TILES + _BWD_EXACT_FP32_TILES),
         key=["N", "BH_BUCKET", "BLOCK_D", "PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_bwd},
+        prune_configs_by=config_pruning(_prune_bwd),
     )
     @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_bwd_kernel(

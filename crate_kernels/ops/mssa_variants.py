@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import accumulate_dtype, autotune_space, device_guard, register_variant, triton_available, tuning_bucket
+from .backend import accumulate_dtype, config_pruning, device_guard, register_variant, triton_available, tuning_bucket
 
 __all__ = ["SYMMETRIC_MAX_N", "VARIANT_MAX_HEAD_DIM"]
 
@@ -54,16 +54,16 @@ if triton_available():
     def _prune_tail(configs, named_args, **kwargs):
         """The FMA tile for exact fp32 products, else the tensor-core tiles (rows of at most 512 bytes: p <= 64)."""
         tiles = _FWD_EXACT_FP32_TILES if _exact_fp32(named_args, kwargs) else _TAIL_TILES
-        return autotune_space([c for c in configs if _tile(c) in tiles])
+        return [c for c in configs if _tile(c) in tiles]
 
     def _prune_stacked(configs, named_args, **kwargs):
         """The FMA tile for exact fp32 products; else the tiles larger than 32 x 32, or that fallback alone for rows of
         512 bytes (fp64 at p = 64)."""
         if _exact_fp32(named_args, kwargs):
-            return autotune_space([c for c in configs if _tile(c) in _STACKED_EXACT_FP32_TILES])
+            return [c for c in configs if _tile(c) in _STACKED_EXACT_FP32_TILES]
         large = _row_bytes(named_args, kwargs) >= _ROW_BYTES_LARGE
-        return autotune_space([c for c in configs if _tile(c) in _STACKED_TILES
-                               and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32) == large])
+        return [c for c in configs if _tile(c) in _STACKED_TILES
+                and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32) == large]
 
     _KEY = ["N", "BH_BUCKET", "BLOCK_D", "PRECISION"]
 
@@ -127,7 +127,7 @@ if triton_available():
         tl.store(lse_head + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=offs_m < N)
 
     @triton.autotune(configs=_configs(_TAIL_TILES + _FWD_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_tail})
+                     prune_configs_by=config_pruning(_prune_tail))
     @triton.heuristics({"TAIL_M": lambda a: _tail(a["N"], a["BLOCK_M"]),
                         "TAIL_N": lambda a: _tail(a["N"], a["BLOCK_N"])})
     @triton.jit(do_not_specialize=["BH_BUCKET"])
@@ -254,7 +254,7 @@ if triton_available():
         return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * COLS))
 
     @triton.autotune(configs=_configs(_STACKED_TILES + _STACKED_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_stacked})
+                     prune_configs_by=config_pruning(_prune_stacked))
     @triton.jit(do_not_specialize=["BH_BUCKET"])
     def _mssa_bwd_stacked_kernel(
         W, DOut, Delta, Lse, DW,
@@ -345,13 +345,13 @@ if triton_available():
         8-byte operands (TF32, fp64): a pair holds eight tiles of scores and products, which spill from 64 x 64 tiles
         of 4-byte values."""
         if _exact_fp32(named_args, kwargs):
-            return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_EXACT_FP32_TILES])
+            return [c for c in configs if _tile(c) in _SYMMETRIC_EXACT_FP32_TILES]
         wide = named_args["W"].element_size() >= 4
-        return autotune_space([c for c in configs if _tile(c) in _SYMMETRIC_TILES
-                               and (not wide or c.kwargs["BLOCK_M"] == 32)])
+        return [c for c in configs if _tile(c) in _SYMMETRIC_TILES
+                and (not wide or c.kwargs["BLOCK_M"] == 32)]
 
     @triton.autotune(configs=_configs(_SYMMETRIC_TILES + _SYMMETRIC_EXACT_FP32_TILES), key=_KEY,
-                     prune_configs_by={"early_config_prune": _prune_symmetric})
+                     prune_configs_by=config_pruning(_prune_symmetric))
     @triton.jit(do_not_specialize=["BH", "BH_BUCKET"])
     def _mssa_bwd_symmetric_kernel(
         W, DOut, Delta, Lse, DW, Scratch,

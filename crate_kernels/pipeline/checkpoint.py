@@ -10,6 +10,7 @@ instead of returning wrong weights; a ``.safetensors`` carries the digest of its
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import secrets
@@ -53,6 +54,25 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def save_json(obj, path: str) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def folder_beside(source: str, name: str) -> str:
+    """The folder ``name`` where a command's outputs about ``source`` go by default: inside it when it is a run
+    directory, else beside the checkpoint file."""
+    return os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)), name)
+
+
+def make_output_dir(path: str) -> None:
+    """Create ``path`` (and its parents); a failure is a ``TrainError`` naming --output_dir."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create --output_dir {path}: {e}") from e
 
 
 def remove_stale_temporaries(folder: str) -> None:

@@ -311,6 +311,9 @@ class FileImages(ImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def describe(self) -> str:
+        return f"{self.name} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
+
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return read_image(path), label
@@ -740,9 +743,6 @@ class Flowers102(FileImages):
         except (OSError, ValueError, TypeError) as e:
             raise DatasetError(f"cannot read {path}: {e}") from e
 
-    def describe(self) -> str:
-        return f"{self.name} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
-
 
 class OxfordPets(FileImages):
     """Oxford-IIIT Pets as its archives unpack: ``images/<Name>_<n>.jpg`` and ``annotations/trainval.txt`` /
@@ -791,9 +791,6 @@ class OxfordPets(FileImages):
                     raise DatasetError(f"{path}, line {number}: expected '<image> <class id> <species> <breed id>', "
                                        f"got {line.strip()!r}") from None
         return rows
-
-    def describe(self) -> str:
-        return f"{self.name} ({counted(len(self), 'image')}, {counted(len(self.classes), 'class')})"
 
 
 def resolve_labelled(name: str, data_path: str | None, default: str = "digits") -> str:
@@ -881,23 +878,17 @@ def build_labelled(name: str, data_path: str | None, transform, split: str) -> I
 
 class LabelledViews(torch.utils.data.Dataset):
     """index -> (uint8 view or None, label, index, failed read or None): an unreadable image is skipped, never
-    replaced, so no image is ever paired with another's label. Views are ``dataset.view(index, generator)`` with a
-    generator seeded by (``seed``, ``epoch``, index) when ``seed`` is given (random training views that a resumed
-    run repeats exactly), else torch's global one; ``normalize`` them on the device."""
+    replaced, so no image is ever paired with another's label; ``normalize`` the views on the device."""
 
-    def __init__(self, dataset: ImageDataset, seed: int | None = None):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        gen = None if self.seed is None else torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
         try:
-            img = self.dataset.view(index, gen)
+            img = self.dataset.view(index)
         except UnreadableImage as e:
             return None, None, index, (e.path, e.reason)
         return img, self.dataset.label(index), index, None

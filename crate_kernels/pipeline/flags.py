@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import yaml
 
+from .checkpoint import atomic_write
+
 
 class ConfigError(ValueError):
     """An invalid flag or config value; the message names the flag."""
@@ -88,12 +90,31 @@ def load_yaml(path: str, table: dict) -> dict:
     return cfg
 
 
-def parse(parser: argparse.ArgumentParser, table: dict, defaults: dict, argv: list[str] | None) -> dict:
-    """defaults < ``--config`` YAML < command line, as one dict (no validation)."""
+def given(parser: argparse.ArgumentParser, table: dict, argv: list[str] | None) -> dict:
+    """The values set by the user: ``--config`` YAML < command line (the parser's ``argument_default`` is
+    SUPPRESS, so flags not given are absent)."""
     cli = vars(parser.parse_args(argv))
     config_path = cli.pop("config", None)
-    from_file = load_yaml(config_path, table) if config_path else {}
-    return {**defaults, **from_file, **cli}
+    return {**(load_yaml(config_path, table) if config_path else {}), **cli}
+
+
+def parse(parser: argparse.ArgumentParser, table: dict, defaults: dict, argv: list[str] | None) -> dict:
+    """defaults < ``--config`` YAML < command line, as one dict (no validation)."""
+    return {**defaults, **given(parser, table, argv)}
+
+
+def save_yaml(cfg: dict, table: dict, path: str, header: str = "") -> str:
+    """The values of ``cfg`` for the flags of ``table`` as YAML text (returned, and written atomically to ``path``).
+
+    An lr derived from --blr (``cfg["lr_from_blr"]``) is written as a comment, not a value: reused as --config, the
+    file then still scales the lr with --blr and the batch size given beside it."""
+    values = {k: cfg[k] for k in table if k in cfg}
+    if cfg.get("lr_from_blr"):
+        header += f"# lr = blr x effective batch / 256 = {cfg['lr']:.6g}\n"
+        values["lr"] = None
+    text = header + yaml.safe_dump(values, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return text
 
 
 def check_ranges(cfg: dict, positive=(), non_negative=(), fractions=()) -> None:

@@ -402,8 +402,7 @@ class Run:
                 self.unreadable.add(failures, None if imgs is None else len(imgs))
             except DatasetError as e:
                 error = e
-            if self.dist.active or error is not None:  # before any backward: DDP's would wait for this rank
-                self.agree(error)
+            self.agree(error)  # before any backward: DDP's would wait for a rank that stopped
             imgs = normalize(imgs.to(self.device, non_blocking=True))
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             sync = self.ddp.no_sync() if self.dist.active and i < accum - 1 else contextlib.nullcontext()

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
-from ..architectures import MODELS
+from ..architectures import DEMO_MODELS, MODELS
 from ..ops.backend import BACKENDS
 from ..pipeline import flags
-from ..pipeline.checkpoint import atomic_write
 from ..pipeline.data import DATASETS
 from ..pipeline.flags import ConfigError, add_flags
 
@@ -36,7 +33,7 @@ _DEMO = dict(
     input_size=64, patch_size=8, epochs=25, warmup_epochs=1.0, blr=6e-3, min_lr=1e-5,
     num_workers=1, threads=1, log_every=10, save_every=320, save_every_epochs=5, eval_every=320,
 )
-PRESETS = {name: _DEMO if name in ("demo", "mae_vit_demo") else {} for name in MODELS}
+PRESETS = {name: _DEMO if name in DEMO_MODELS else {} for name in MODELS}
 
 _POSITIVE = ("input_size", "patch_size", "batch_size", "accum_iter", "epochs", "epoch_size", "eval_images",
              "log_every", "save_every", "save_every_epochs")
@@ -125,11 +122,9 @@ def load_yaml(path: str) -> dict:
 
 def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     """Parse the command line (and ``--config``) into the full configuration, validated, with the absolute lr."""
-    cli = vars(build_parser().parse_args(argv))
-    config_path = cli.pop("config", None)
-    from_file = load_yaml(config_path) if config_path else {}
-    model = cli.get("model", from_file.get("model", DEFAULTS["model"]))
-    cfg = {**DEFAULTS, **PRESETS[model], "model": model, **from_file, **cli}
+    values = flags.given(build_parser(), FLAGS, argv)
+    model = values.get("model", DEFAULTS["model"])
+    cfg = {**DEFAULTS, **PRESETS[model], **values}
     validate(cfg)
     if cfg["lr"] is None:
         cfg["lr"] = cfg["blr"] * effective_batch(cfg, world_size) / 256
@@ -143,17 +138,8 @@ def effective_batch(cfg: dict, world_size: int) -> int:
 
 def validate(cfg: dict) -> None:
     """Range checks; errors name the flag and what it expects."""
-    for name in _POSITIVE:
-        if cfg[name] is not None and cfg[name] <= 0:
-            raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
-    for name in _NON_NEGATIVE:
-        if cfg[name] is not None and cfg[name] < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {cfg[name]}")
-    for name in ("blr", "lr", "clip_grad"):
-        if cfg[name] is not None and cfg[name] <= 0:
-            raise ConfigError(f"--{name} must be positive, got {cfg[name]}")
-    if not 0.0 <= cfg["max_unreadable"] <= 1.0:
-        raise ConfigError(f"--max_unreadable must lie in [0, 1], got {cfg['max_unreadable']}")
+    flags.check_ranges(cfg, positive=_POSITIVE + ("blr", "lr", "clip_grad"), non_negative=_NON_NEGATIVE,
+                       fractions=("max_unreadable",))
     if not 0.0 <= cfg["mask_ratio"] < 1.0:
         raise ConfigError(f"--mask_ratio must lie in [0, 1), got {cfg['mask_ratio']}")
     if cfg["input_size"] % cfg["patch_size"]:
@@ -165,15 +151,6 @@ def validate(cfg: dict) -> None:
 
 
 def save_yaml(cfg: dict, path: str, header: str = "") -> str:
-    """The resolved configuration as YAML text (returned, and written to ``path``).
-
-    An lr derived from --blr is written as a comment, not a value: reused as --config, the file then still
-    scales the lr with --blr and the batch size given beside it."""
-    values = {k: cfg[k] for k in FLAGS if k in cfg}
-    if cfg.get("lr_from_blr"):
-        header += f"# lr = blr x effective batch / 256 = {cfg['lr']:.6g}\n"
-        values["lr"] = None
-    text = header + yaml.safe_dump(values, sort_keys=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return text
+    """The resolved configuration as YAML text (returned, and written to ``path``); see ``flags.save_yaml``."""
+    return flags.save_yaml(cfg, FLAGS, path, header)
 
