@@ -159,10 +159,11 @@ def plot_layerwise(stats: dict[str, dict], views_count: int, path: str) -> None:
 
 
 def plot_attention(imgs: torch.Tensor, maps: torch.Tensor, names: list[str], layer: int, depth: int, label: str,
-                   path: str) -> None:
-    """(b): each image, then each head's [CLS] attention over it (bilinearly upsampled, colour over a grey copy)."""
+                   path: str):
+    """(b): each image, then each head's [CLS] attention over it (bilinearly upsampled, colour over a grey copy);
+    a row's heads share one colour scale, 0 to the row's largest weight, shown by the colour bar at its end."""
     b, heads = maps.shape[:2]
-    fig = _figure(1.7 * (heads + 1), 1.8 * b + 0.4)
+    fig = _figure(1.7 * (heads + 1) + 0.8, 1.8 * b + 0.4)
     axes = fig.subplots(b, heads + 1, squeeze=False)
     size = imgs.shape[-2:]
     up = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
@@ -171,23 +172,29 @@ def plot_attention(imgs: torch.Tensor, maps: torch.Tensor, names: list[str], lay
         axes[i, 0].imshow(rgb)
         axes[i, 0].set_title(names[i], fontsize=8)
         grey = rgb.mean(axis=2)
+        top = up[i].max().item() or 1.0
         for h in range(heads):
             ax = axes[i, h + 1]
             ax.imshow(grey, cmap="gray")
-            ax.imshow(up[i, h].numpy(), cmap="inferno", alpha=0.6)
+            shown = ax.imshow(up[i, h].numpy(), cmap="inferno", alpha=0.6, vmin=0.0, vmax=top)
             if i == 0:
                 ax.set_title(f"head {h + 1}", fontsize=8)
+        bar = fig.colorbar(shown, ax=axes[i, 1:], shrink=0.9, pad=0.02)
+        bar.set_label("[CLS] attention weight", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
         for ax in axes[i]:
             _bare(ax)
     fig.suptitle(f"{label}: [CLS] attention per head at layer {layer + 1} of {depth}", fontsize=10)
     _save(fig, path)
+    return fig
 
 
 def plot_pca(imgs: torch.Tensor, pcs: torch.Tensor, explained: list[float], names: list[str], layer: int,
-             depth: int, label: str, path: str) -> None:
-    """(c): each image, its 4 principal-component maps, and the first three as RGB."""
+             depth: int, label: str, path: str):
+    """(c): each image, its 4 principal-component maps (each component on one colour scale over the images, shown by
+    the colour bar under its column), and the first three as RGB."""
     b, k = pcs.shape[:2]
-    fig = _figure(1.7 * (k + 2), 1.8 * b + 0.4)
+    fig = _figure(1.7 * (k + 2), 1.8 * b + 1.0)
     axes = fig.subplots(b, k + 2, squeeze=False)
     low = pcs[:, :3].amin(dim=(0, 2, 3), keepdim=True)
     high = pcs[:, :3].amax(dim=(0, 2, 3), keepdim=True)
@@ -197,9 +204,13 @@ def plot_pca(imgs: torch.Tensor, pcs: torch.Tensor, explained: list[float], name
         axes[i, 0].set_title(names[i], fontsize=8)
         for c in range(k):
             limit = pcs[:, c].abs().max().item() or 1.0
-            axes[i, c + 1].imshow(pcs[i, c].numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
+            shown = axes[i, c + 1].imshow(pcs[i, c].numpy(), cmap="coolwarm", vmin=-limit, vmax=limit)
             if i == 0:
                 axes[i, c + 1].set_title(f"PC {c + 1} ({explained[c]:.0%} var.)", fontsize=8)
+            if i == b - 1:
+                bar = fig.colorbar(shown, ax=axes[:, c + 1], location="bottom", shrink=0.9, pad=0.02)
+                bar.set_label(f"PC {c + 1} score", fontsize=7)
+                bar.ax.tick_params(labelsize=6)
         axes[i, k + 1].imshow(rgb_pcs[i])
         if i == 0:
             axes[i, k + 1].set_title("PCs 1-3 as RGB", fontsize=8)
@@ -208,10 +219,12 @@ def plot_pca(imgs: torch.Tensor, pcs: torch.Tensor, explained: list[float], name
     fig.suptitle(f"{label}: PCA of the patch features at layer {layer + 1} of {depth} (shared axes over the images)",
                  fontsize=10)
     _save(fig, path)
+    return fig
 
 
-def plot_reconstructions(recons: dict[str, dict], names: list[str], mask_ratio: float, path: str) -> None:
-    """(d): per image, masked input | each model's prediction (visible patches kept) | original."""
+def plot_reconstructions(recons: dict[str, dict], names: list[str], mask_ratio: float, path: str):
+    """(d): per image, masked input | each model's prediction (visible patches kept; its masked-patch MSE under
+    the panel) | original."""
     columns = []
     first = next(iter(recons.values()))
     for i, (label, r) in enumerate(recons.items()):
@@ -227,14 +240,15 @@ def plot_reconstructions(recons: dict[str, dict], names: list[str], mask_ratio: 
         for c, (title, images, loss) in enumerate(columns):
             ax = axes[i, c]
             ax.imshow(images[i].permute(1, 2, 0).numpy())
-            caption = title if i == 0 else ""
-            if loss is not None:
-                caption = (caption + "\n" if caption else "") + f"masked-patch MSE {loss[i]:.3f}"
-            ax.set_title(caption, fontsize=8)
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+            if loss is not None:  # this image's own number, under its panel
+                ax.set_xlabel(f"MSE on masked patches: {loss[i]:.3f}", fontsize=7)
             _bare(ax)
         axes[i, 0].set_ylabel(names[i], fontsize=8)
     fig.suptitle("Reconstructions: masked patches predicted, visible patches kept", fontsize=10)
     _save(fig, path)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -269,7 +283,6 @@ def run(cfg: dict, log=print) -> dict:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
     no_decoder = [label for label, p in zip(models, (main, vit)) if p is not None and not p.has_decoder]
     out = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "analysis")
-    checkpoint.make_output_dir(out)
     whole, all_views = views(images, size, cfg["crops"], cfg["seed"])
     shown, shown_names = whole[: cfg["max_shown"]], names[: cfg["max_shown"]]
     log(f"crate-analyze: {main.describe()}" + (f"\n  beside: {vit.describe()}" if vit else "")
@@ -280,18 +293,20 @@ def run(cfg: dict, log=print) -> dict:
     label, model = next(iter(models.items()))
     maps = analysis.attention_maps(model, shown, layer).cpu()
     pcs, explained = analysis.patch_pca(model, shown, 4, layer)
-    files = {"whitebox": "whitebox.png", "attention": "attention.png", "pca": "pca.png",
-             "reconstructions": "reconstructions.png"}
-    plot_layerwise(stats, len(all_views), os.path.join(out, files["whitebox"]))
-    plot_attention(shown, maps, shown_names, layer, depth, label, os.path.join(out, files["attention"]))
-    plot_pca(shown, pcs.cpu(), explained, shown_names, layer, depth, label, os.path.join(out, files["pca"]))
     recons = {}
-    for label, m in models.items():
-        if label in no_decoder:
+    for name, m in models.items():
+        if name in no_decoder:
             continue
         grid = (size // m.patch_size) ** 2
         noise = torch.rand(len(shown), grid, generator=torch.Generator().manual_seed(cfg["seed"]))
-        recons[label] = analysis.reconstruct(m, shown, cfg["mask_ratio"], noise)
+        recons[name] = analysis.reconstruct(m, shown, cfg["mask_ratio"], noise)
+    files = {"whitebox": "whitebox.png", "attention": "attention.png", "pca": "pca.png",
+             "reconstructions": "reconstructions.png"}
+    _figure(1, 1)  # without matplotlib: its error comes before the output folder is made
+    checkpoint.make_output_dir(out)
+    plot_layerwise(stats, len(all_views), os.path.join(out, files["whitebox"]))
+    plot_attention(shown, maps, shown_names, layer, depth, label, os.path.join(out, files["attention"]))
+    plot_pca(shown, pcs.cpu(), explained, shown_names, layer, depth, label, os.path.join(out, files["pca"]))
     if recons:
         plot_reconstructions(recons, shown_names, cfg["mask_ratio"], os.path.join(out, files["reconstructions"]))
     else:

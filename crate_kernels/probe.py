@@ -190,6 +190,7 @@ def cached_features(clf: EncoderClassifier, splits: dict, cfg: dict, device, amp
     out, start = {}, time.perf_counter()
     for split, dataset in splits.items():
         out[split] = extract_features(clf, dataset, cfg, device, amp, f"{stem} {split}", _warn)
+    checkpoint.make_output_dir(cfg["output_dir"])  # only now: a probe that fails writes nothing
     checkpoint.save({"key": key_fields, "splits": out}, path)
     dims = out["train"]["features"].shape[1]
     log(f"  features: {dims}-d, extracted in {time.perf_counter() - start:.1f} s -> {path}")
@@ -382,7 +383,6 @@ def run(cfg: dict, log=print) -> dict:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
     cfg["layer"] %= depth
     cfg["output_dir"] = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "probe")
-    checkpoint.make_output_dir(cfg["output_dir"])
     log(f"crate-probe: {pretrained.describe()}\n  data: {splits['train'].describe()}; {splits['test'].describe()}\n"
         f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else 'mean patch token'} of encoder "
         f"layer {cfg['layer'] + 1} of {depth} (--layer {cfg['layer']}), on {device}, amp {amp or 'off'}; "

@@ -121,3 +121,31 @@ def test_module_entry_point(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("crate_kernels.analyze", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 1 and "crate-analyze: error: checkpoint" in capsys.readouterr().err
+
+
+def test_maps_carry_colour_bars_and_each_reconstruction_its_own_mse(tmp_path):
+    """Attention: one colour bar per image row (0 to the row's largest weight); PCA: one under each component's
+    column (its symmetric limits); reconstructions: each model panel's MSE under it, titles only on the top row."""
+    from crate_kernels.analyze import plot_attention, plot_pca, plot_reconstructions
+
+    b, heads, k = 2, 3, 4
+    imgs, maps = torch.randn(b, 3, 16, 16), torch.rand(b, heads, 4, 4)
+    maps = maps / maps.sum(dim=(2, 3), keepdim=True)
+    fig = plot_attention(imgs, maps, ["a", "b"], 0, 3, "m", str(tmp_path / "attention.png"))
+    bars = fig.axes[b * (heads + 1):]
+    assert len(bars) == b and all(ax.get_ylabel() == "[CLS] attention weight" for ax in bars)
+    assert [bar.get_ylim()[1] for bar in bars] == pytest.approx([m.max().item() for m in maps], rel=0.05)
+    pcs = torch.randn(b, k, 4, 4)
+    fig = plot_pca(imgs, pcs, [0.4, 0.2, 0.1, 0.05], ["a", "b"], 0, 3, "m", str(tmp_path / "pca.png"))
+    bars = fig.axes[b * (k + 2):]
+    assert [ax.get_xlabel() for ax in bars] == [f"PC {c + 1} score" for c in range(k)]
+    assert [ax.get_xlim()[1] for ax in bars] == pytest.approx(pcs.abs().amax(dim=(0, 2, 3)).tolist())
+    pixels = torch.rand(b, 3, 16, 16)
+    loss = torch.rand(b)
+    recon = {"masked": pixels, "pasted": pixels, "original": pixels, "mask": torch.ones(b, 16), "loss": loss}
+    fig = plot_reconstructions({"m": recon}, ["a", "b"], 0.75, str(tmp_path / "recon.png"))
+    axes = np.array(fig.axes).reshape(b, 3)
+    assert [ax.get_title() for ax in axes[0]] == ["masked 75%", "m prediction", "original"]
+    assert all(ax.get_title() == "" for ax in axes[1])
+    assert [ax.get_xlabel() for ax in axes[:, 1]] == [f"MSE on masked patches: {v:.3f}" for v in loss.tolist()]
+    assert all("MSE" not in ax.get_title() + ax.get_xlabel() for ax in np.concatenate([axes[:, 0], axes[:, 2]]))

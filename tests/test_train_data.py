@@ -229,6 +229,26 @@ def test_unreadable_images_are_replaced_by_a_deterministic_other_sample(tmp_path
     assert batch[0].shape == (len(ds), 3, 8, 8) and {p for p, _ in batch[2]} == {ds.samples[i][0] for i in bad}
 
 
+@pytest.mark.parametrize("decoder", ["simplejpeg", "PIL"])
+def test_an_unreadable_images_warning_names_the_file_and_the_reason_in_words(tmp_path, monkeypatch, decoder):
+    monkeypatch.setattr(data, "_SIMPLEJPEG", decoder == "simplejpeg" and data._SIMPLEJPEG)
+    ds = _folder_with_bad_files(tmp_path, good=2, bad=("b/bad.jpg", "a/truncated.png"))
+    reasons = {}
+    for index, (path, _) in enumerate(ds.samples):
+        try:
+            ds.view(index)
+        except UnreadableImage as e:
+            reasons[os.path.basename(e.path)] = e.reason
+            assert e.path == path and str(e) == f"cannot read image {path}: {e.reason}"
+    assert set(reasons) == {"bad.jpg", "truncated.png"}
+    assert "object at 0x" not in "".join(reasons.values())  # never the repr of an in-memory file
+    assert reasons["bad.jpg"].startswith("not an image PIL can identify") and "truncated" in reasons["truncated.png"]
+    warnings = []
+    UnreadableImages(1.0, warnings.append).add([(ds.samples[0][0], reasons["bad.jpg"])], 3)
+    assert warnings == [f"warning: skipped unreadable image {ds.samples[0][0]} ({reasons['bad.jpg']}); a "
+                        "deterministic other sample replaces it"]
+
+
 def test_a_sample_with_no_readable_image_gives_a_batch_of_none(tmp_path):
     ds = _folder_with_bad_files(tmp_path, good=0, bad=("a/0.jpg", "a/1.jpg"))
     imgs, noise, failures = collate_views([MaskedViews(ds, num_patches=4, attempts=3)[(0, 5)]])
@@ -245,8 +265,13 @@ def test_unreadable_tally_warns_once_per_file_and_stops_past_the_fraction():
     assert len(warnings) == 1 and "/data/x.jpg" in warnings[0] and (tally.failed, tally.reads) == (3, 192)
     for k in range(7):  # 10 failed reads: at the allowance of 1% of at least 1000 reads
         tally.add([(f"/data/y{k}.jpg", "bad")], 63)
-    with pytest.raises(DatasetError, match=r"11 of 704 image reads failed \(9 files\), more than --max_unreadable 0.01"):
-        tally.add([("/data/z.jpg", "bad")], 63)
+    with pytest.raises(DatasetError, match=r"11 of 704 image reads failed \(9 files\), more than --max_unreadable 0.01 "
+                                           r"of 1000 reads, the fewest the fraction is counted over"):
+        tally.add([("/data/z.jpg", "bad")], 63)  # 11 > 1% of 1000: stopped now rather than at the 1000th read
+    late = UnreadableImages(0.01, warnings.append, min_reads=1000, failed=10, reads=1990)
+    late.add([("/data/w.jpg", "bad")], 9)  # 11 of 2000: within 1% of the reads so far
+    with pytest.raises(DatasetError, match=r"more than --max_unreadable 0.01 of the reads;"):
+        late.add([("/data/w.jpg", "bad")] * 10, 80)  # 21 of 2090
     strict = UnreadableImages(0.0, warnings.append)
     with pytest.raises(DatasetError, match="more than --max_unreadable 0"):
         strict.add([("/data/x.jpg", "bad")], 7)

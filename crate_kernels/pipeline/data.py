@@ -14,6 +14,7 @@ import io
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -205,13 +206,21 @@ def _pil_errors() -> tuple[type[BaseException], ...]:
     return OSError, SyntaxError, ValueError, EOFError, _pil().DecompressionBombError
 
 
+def _reason(e: BaseException) -> str:
+    """A failed decode in words. PIL names the file object it read from, which for an in-memory JPEG is
+    ``<_io.BytesIO object at 0x...>``: that repr is dropped (``UnreadableImage`` names the path)."""
+    if isinstance(e, _pil().UnidentifiedImageError):
+        return "not an image PIL can identify (an unknown format, or the file's header is damaged)"
+    return re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
+
+
 def read_image(path: str) -> torch.Tensor:
     """Decode an image file whole with PIL into a uint8 RGB (3, H, W) tensor; ``UnreadableImage`` names the file."""
     try:
         with _pil().open(path) as im:
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) view of (H, W, 3)
     except _pil_errors() as e:
-        raise UnreadableImage(path, str(e) or type(e).__name__) from e
+        raise UnreadableImage(path, _reason(e)) from e
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -247,7 +256,7 @@ class ImageDataset(torch.utils.data.Dataset):
             with self.open(index) as im:
                 return self.transform(im, gen)
         except _pil_errors() as e:
-            raise UnreadableImage(self.source(index), str(e) or type(e).__name__) from e
+            raise UnreadableImage(self.source(index), _reason(e)) from e
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return normalize(self.view(index)), self.label(index)
@@ -374,7 +383,8 @@ class ImageFolder(FileImages):
 
 
 class CIFAR(ImageDataset):
-    """CIFAR-10/100 from the standard python-pickle folders (cifar-10-batches-py, cifar-100-python)."""
+    """CIFAR-10/100 from the standard python-pickle folders (cifar-10-batches-py, cifar-100-python); ``data`` is a
+    uint8 (N, 32, 32, 3) tensor, as the bundled sets' ``data`` is a tensor."""
 
     LAYOUT = {
         10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
@@ -401,7 +411,7 @@ class CIFAR(ImageDataset):
                 labels += list(batch[label_key])
             except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
                 raise DatasetError(f"cannot read CIFAR file {path}: {e!r}") from e
-        self.data = np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
+        self.data = torch.from_numpy(np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)))
         self.labels = labels
         self.name = f"CIFAR-{num_classes} {'train' if train else 'test'} split in {base}"
 
@@ -412,10 +422,10 @@ class CIFAR(ImageDataset):
         return f"{self.name} ({counted(len(self), 'image')})"
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.data[index]).permute(2, 0, 1), self.labels[index]
+        return self.data[index].permute(2, 0, 1), self.labels[index]
 
     def open(self, index: int):
-        return contextlib.nullcontext(torch.from_numpy(self.data[index]))
+        return contextlib.nullcontext(self.data[index])
 
     def label(self, index: int) -> int:
         return self.labels[index]
@@ -524,7 +534,9 @@ class UnreadableImages:
 
     ``add(failures, images)`` takes one batch's failed reads and its number of images; it raises
     ``DatasetError`` when no image could be read for a sample, or when failed reads exceed ``max_fraction`` of
-    all reads (counted over at least ``min_reads``, so a few bad files early in a run do not stop it).
+    max(reads so far, ``min_reads``): the fraction is counted over at least ``min_reads`` reads, so a few bad files
+    early in a run do not stop it, and the run stops as soon as the failures exceed that fraction of ``min_reads``
+    (before ``min_reads`` reads, since failures only grow, it would stop when reaching them).
     ``outcome`` ends each warning: what happens to the sample.
     """
 
@@ -545,9 +557,11 @@ class UnreadableImages:
             raise DatasetError(f"a sample found no readable image in any file it tried ({len(failures)} failed reads "
                                f"in its batch); the last: {failures[-1][0]} ({failures[-1][1]})")
         if self.failed > self.max_fraction * max(self.reads, self.min_reads):
+            counted_over = ("the reads" if self.reads >= self.min_reads else
+                            f"{self.min_reads} reads, the fewest the fraction is counted over")
             raise DatasetError(
-                f"{self.failed} of {self.reads} image reads failed ({len(self.seen)} files), more than "
-                f"--max_unreadable {self.max_fraction:g} of the reads; the last: {failures[-1][0]} "
+                f"{self.failed} of {self.reads} image reads failed ({counted(len(self.seen), 'file')}), more than "
+                f"--max_unreadable {self.max_fraction:g} of {counted_over}; the last: {failures[-1][0]} "
                 f"({failures[-1][1]})"
             )
 
