@@ -66,7 +66,28 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
     assert second.holder() == str(os.getpid())
     first.release()
     assert second.acquire()
-    second.release()
+    second.release(remove=True)
+    assert not os.path.exists(second.path)
+
+
+def test_output_lock_taken_on_a_file_its_holder_just_removed_is_taken_again_on_the_new_file(tmp_path, monkeypatch):
+    """A run that ends removes .lock; one that opened it just before locks a file nobody else can see: acquire
+    must notice and lock the file at the path instead, so two runs never hold the folder at once."""
+    lock, opened = OutputLock(str(tmp_path)), []
+
+    def open_then_holder_removes(path, mode):
+        handle = open(path, mode)
+        if not opened:
+            os.remove(path)  # the previous holder's release(remove=True), between our open and our flock
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(checkpoint, "open", open_then_holder_removes, raising=False)
+    assert lock.acquire() and len(opened) == 2 and opened[0].closed
+    assert os.fstat(lock.file.fileno()).st_ino == os.stat(lock.path).st_ino
+    monkeypatch.undo()
+    assert not OutputLock(str(tmp_path)).acquire()
+    lock.release(remove=True)
 
 
 def _flip_byte(path, position):

@@ -230,9 +230,11 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- lock
 class OutputLock:
-    """An exclusive ``flock`` on ``<output_dir>/.lock`` held for the whole run.
+    """An exclusive ``flock`` on ``<output_dir>/.lock`` held for the whole run; the file is removed when the run
+    ends (``release(remove=True)``).
 
     The kernel drops the lock when the process dies (even by SIGKILL), so a crashed run never blocks the next.
+    A lock taken on a file that its holder removed meanwhile is retried on the new file.
     """
 
     def __init__(self, folder: str):
@@ -243,13 +245,20 @@ class OutputLock:
     def acquire(self) -> bool:
         import fcntl
 
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            self.file = None
-            return False
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.close()
+                self.file = None
+                return False
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self.file.close()  # the previous holder removed this file as we opened it
         self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
@@ -263,7 +272,10 @@ class OutputLock:
         except OSError:
             return "unknown"
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; ``remove``: delete the file first, while still holding it."""
         if self.file is not None:
+            if remove:
+                os.remove(self.path)
             self.file.close()
             self.file = None

@@ -570,7 +570,8 @@ def check_backend(backend: str | None, device: torch.device) -> None:
 def launch(cfg: dict, run_class: type[Run]) -> dict:
     """Run ``run_class`` with a resolved configuration; returns its summary.
 
-    Holds an exclusive lock on the output directory for the whole run; a start that wrote nothing leaves nothing.
+    Holds an exclusive lock on the output directory for the whole run (its ``.lock`` file removed at the end); a start
+    that wrote nothing leaves nothing.
     Errors meant for the user are ``TrainError``/``DatasetError``/``ConfigError``.
     """
     if cfg["threads"]:
@@ -601,12 +602,10 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
     finally:
         if job is not None:
             job.close()
-        if lock.file is not None and os.listdir(cfg["output_dir"]) == [".lock"]:  # a start that wrote nothing
-            os.remove(lock.path)
-            lock.release()
-            if created:
+        if lock.file is not None:  # however the run ended; a start that wrote nothing leaves no folder it made
+            lock.release(remove=True)
+            if created and not os.listdir(cfg["output_dir"]):
                 os.rmdir(cfg["output_dir"])
-        lock.release()
         distributed.shutdown()
 
 
