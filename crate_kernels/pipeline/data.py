@@ -23,7 +23,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100", "flowers102", "pets")
 
 # The colour photographs that ship inside the scikit-image wheel (no download); grey ones are left out.
 # Training crops come from the first seven; the last two are held out for the evaluation batch.
@@ -431,8 +431,18 @@ class CIFAR(ImageDataset):
         return self.labels[index]
 
 
+def _labelled_root(data_path: str) -> str | None:
+    """``pets`` or ``flowers102`` when ``data_path`` (or its usual sub-folder) is that dataset's root, else None."""
+    if _find_root(data_path, os.path.join("annotations", "trainval.txt"), OxfordPets.FOLDERS):
+        return "pets"
+    if _find_root(data_path, "setid.mat", Flowers102.FOLDERS):
+        return "flowers102"
+    return None
+
+
 def resolve_dataset(name: str, data_path: str | None) -> str:
-    """``auto``: scikit-image photos without --data_path, CIFAR when its folder is found, else an image folder."""
+    """``auto``: scikit-image photos without --data_path; CIFAR, Oxford-IIIT Pets or Flowers-102 when their files
+    are found; else an image folder."""
     if name != "auto":
         return name
     if not data_path:
@@ -440,14 +450,16 @@ def resolve_dataset(name: str, data_path: str | None) -> str:
     for variant, (folder, *_rest) in CIFAR.LAYOUT.items():
         if os.path.basename(os.path.normpath(data_path)) == folder or os.path.isdir(os.path.join(data_path, folder)):
             return f"cifar{variant}"
-    return "imagefolder"
+    return _labelled_root(data_path) or "imagefolder"
 
 
 def build_dataset(name: str, data_path: str | None, transform, train: bool = True,
                   epoch_size: int | None = None) -> ImageDataset:
     """The dataset ``name`` (see ``resolve_dataset``). ImageNet layout: ``data_path/train`` and ``data_path/val``
     when present, else ``data_path`` itself; the eval split falls back to the training one. The scikit-image
-    photos' eval split is the two photos held out of training."""
+    photos' eval split is the two photos held out of training; Pets and Flowers-102 train on their official
+    training split's photos (labels unused) and evaluate on the test split's. ``imagefolder`` on a Pets root is
+    refused: read as class folders, its trimap masks would count as photos."""
     name = resolve_dataset(name, data_path)
     if name == "skimage":
         return SkimagePhotos(transform, epoch_size) if train else SkimagePhotos(transform, names=SKIMAGE_HELD_OUT)
@@ -455,12 +467,20 @@ def build_dataset(name: str, data_path: str | None, transform, train: bool = Tru
         raise DatasetError(f"--dataset {name} needs --data_path")
     if name in ("cifar10", "cifar100"):
         return CIFAR(data_path, transform, train=train, num_classes=int(name[5:]))
+    if name in ("flowers102", "pets"):
+        return (Flowers102 if name == "flowers102" else OxfordPets)(data_path, transform, "train" if train else "test")
     if name == "imagefolder":
+        if _labelled_root(data_path) == "pets":
+            raise DatasetError(
+                f"--data_path {data_path} is the root of Oxford-IIIT Pets, not an image folder: read as one, its "
+                "annotations/ (trimap masks) would be trained on as photos; use --dataset pets (or auto) to pretrain "
+                "on the photos in images/ (the trainval split)"
+            )
         for split in (("train",) if train else ("val", "train")):
             if os.path.isdir(os.path.join(data_path, split)):
                 return ImageFolder(os.path.join(data_path, split), transform)
         return ImageFolder(data_path, transform)
-    raise DatasetError(f"--dataset must be one of {DATASETS}, got {name!r}")
+    raise DatasetError(f"--dataset must be one of {', '.join(DATASETS)}, got {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- sampling

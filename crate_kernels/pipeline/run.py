@@ -478,6 +478,8 @@ class Run:
                                self.step, dist.is_main)
         if dist.is_main:
             self.say(self.banner())
+            if self.warmup_steps >= self.total_steps:
+                self.say(self.warmup_note())
         self.on_start()
         spe = self.steps_per_epoch
         self.window_start = self.epoch_start = time.perf_counter()
@@ -547,6 +549,13 @@ class Run:
         self.monitor.train(self.step, epoch, loss, self.lr(), img_s, self.unreadable.failed, **extra)
         self.window_start, self.data_wait = time.perf_counter(), 0.0
 
+    def warmup_note(self) -> str:
+        """One line for a run that ends inside its lr warmup (``warmup_steps >= total_steps``)."""
+        top = lr_at(self.total_steps - 1, self.cfg["lr"], self.cfg["min_lr"], self.warmup_steps, self.total_steps)
+        return (f"  note: the run ends inside the lr warmup: {counted(self.total_steps, 'step')}"
+                f"{' (--max_steps)' if self.cfg['max_steps'] else ''}, warmup {self.warmup_steps}; the lr only "
+                f"rises, to {top:.3g} of {self.cfg['lr']:.3g}, and the cosine decay never starts")
+
     def write_config(self) -> None:
         header = (f"# {self.program} resolved configuration ({time.strftime('%Y-%m-%d %H:%M:%S')}); processes: "
                   f"{self.dist.world_size}, effective batch: {self.global_batch}, steps per epoch: "
@@ -567,6 +576,15 @@ def check_backend(backend: str | None, device: torch.device) -> None:
         raise TrainError(f"--backend {name} cannot run on {device}: {e}") from e
 
 
+def _missing_folders(path: str) -> list[str]:
+    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def launch(cfg: dict, run_class: type[Run]) -> dict:
     """Run ``run_class`` with a resolved configuration; returns its summary.
 
@@ -578,7 +596,7 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
         torch.set_num_threads(cfg["threads"])
     dist = distributed.init(cfg["device"], cfg["dist_backend"])
     lock = checkpoint.OutputLock(cfg["output_dir"])
-    created = not os.path.exists(cfg["output_dir"])
+    created = _missing_folders(cfg["output_dir"])
     job = None
     try:
         check_backend(cfg["backend"], dist.device)
@@ -604,8 +622,10 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
             job.close()
         if lock.file is not None:  # however the run ended; a start that wrote nothing leaves no folder it made
             lock.release(remove=True)
-            if created and not os.listdir(cfg["output_dir"]):
-                os.rmdir(cfg["output_dir"])
+            for folder in created:
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)
         distributed.shutdown()
 
 
