@@ -123,9 +123,9 @@ def test_every_command_on_each_layout_with_both_families(layout, checkpoints, tm
     assert train_main(TRAIN + ["--data_path", str(data), "--eval_every", "2", "--eval_images", "2",
                                "--output_dir", str(run)]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    described = {"imagefolder": f"image folder {data / 'train'} (12 images, 3 classes", "cifar10": "CIFAR-10 train split",
-                 "cifar100": "CIFAR-100 train split", "flowers102": "Oxford Flowers-102 train split",
-                 "pets": "Oxford-IIIT Pets train split"}[layout]
+    described = {"imagefolder": f"image folder {data / 'train'} (12 images, 3 classes",
+                 "cifar10": "CIFAR-10 train split", "cifar100": "CIFAR-100 train split",
+                 "flowers102": "Oxford Flowers-102 train split", "pets": "Oxford-IIIT Pets train split"}[layout]
     assert f"  data: {described}" in printed
     if layout == "pets":
         assert "(9 images, 3 classes)" in printed  # the trainval photos only
