@@ -61,7 +61,8 @@ FLAGS = {
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls/mask tokens)", None),
     "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
     "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), a folder of "
-                       "unlabelled images, or a folder holding cifar-10-batches-py / cifar-100-python", None),
+                       "unlabelled images, a folder holding cifar-10-batches-py / cifar-100-python, or an Oxford "
+                       "Flowers-102 or Oxford-IIIT Pets root (their photos)", None),
     "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
     "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset", None),
     "eval_images": (int, "images in the fixed evaluation batch (held-out images where the dataset has them)", None),
