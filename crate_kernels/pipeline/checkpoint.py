@@ -275,7 +275,7 @@ class OutputLock:
     def release(self, remove: bool = False) -> None:
         """Drop the lock; ``remove``: delete the file first, while still holding it."""
         if self.file is not None:
-            if remove:
+            if remove and os.path.exists(self.path):
                 os.remove(self.path)
             self.file.close()
             self.file = None
