@@ -22,13 +22,12 @@ import torch
 from . import analysis
 from .architectures import FAMILY_NAMES, MODELS, load_pretrained
 from .ops.backend import BACKENDS
+from .errors import ConfigError, DatasetError, TrainError
 from .pipeline import checkpoint, distributed, flags
-from .pipeline.checkpoint import TrainError
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, DatasetError, EvalTransform, TrainTransform, normalize, read_image,
+    IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, EvalTransform, TrainTransform, normalize, read_image,
     seed_for, skimage_data_dir,
 )
-from .pipeline.flags import ConfigError
 
 DEFAULTS = dict(checkpoint=None, images=[], model=None, norm_pix_loss=False, input_size=None, layer=-1,
                 mask_ratio=0.75, crops=8, max_shown=6, vit_checkpoint=None, vit_model=None, output_dir=None,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import TrainError
 from .model import CONFIGS, CRATEMAE, clean_state_dict, load_checkpoint
-from .pipeline.checkpoint import TrainError
 from .vit_mae import VIT_CONFIGS, MaskedAutoencoderViT
 
 MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS, **VIT_CONFIGS}

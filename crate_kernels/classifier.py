@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import TrainError
 from .architectures import FAMILY_NAMES, MODELS, Pretrained, load_pretrained
 from .layers import CRATELayers, EncoderBlock
 from .model import GradCheckpointing, PatchEmbed, load_checkpoint
-from .pipeline.checkpoint import TrainError
 from .pos_embed import resize_table, sincos_2d_table
 from .vit_mae import Block
 

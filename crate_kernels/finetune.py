@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from .architectures import DEMO_MODELS, MODELS, Pretrained, load_pretrained
 from .classifier import EncoderClassifier
 from .ops.backend import BACKENDS, get_backend
+from .errors import ConfigError, DatasetError, TrainError
 from .pipeline import checkpoint, flags, run
-from .pipeline.checkpoint import TrainError
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, DatasetError, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
+    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
     UnreadableImages, build_labelled, collate_labelled, collate_views, counted, labels_of, normalize,
     resolve_labelled, stop_workers,
 )
-from .pipeline.flags import ConfigError
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
 DEFAULTS = dict(

@@ -10,7 +10,7 @@ import crate_kernels
 import crate_kernels.architectures
 from crate_kernels import MaskedAutoencoderViT, analysis, load_checkpoint
 from crate_kernels.architectures import load_pretrained
-from crate_kernels.pipeline.checkpoint import TrainError
+from crate_kernels.errors import TrainError
 from crate_kernels.train import load_run, main as train_main
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=2,

@@ -19,9 +19,7 @@ import struct
 import numpy as np
 import torch
 
-
-class TrainError(RuntimeError):
-    """A training failure reported to the user as one message (no traceback)."""
+from ..errors import TrainError
 
 
 def _fsync_dir(folder: str) -> None:

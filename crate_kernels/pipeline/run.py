@@ -21,13 +21,11 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
-from .checkpoint import TrainError
-from .data import DatasetError, ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, \
-    stop_workers
-from .flags import ConfigError
-from .monitor import Monitor
+from ..errors import ConfigError, DatasetError, TrainError
 from ..ops.backend import get_backend, resolve_backend
+from . import checkpoint, distributed
+from .data import ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, stop_workers
+from .monitor import Monitor
 
 
 def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:

@@ -27,7 +27,8 @@ def load_run(output_dir: str, backend: str | None = None):
     stopped). ``backend`` sets the operator backend (None: the process-wide default).
     """
     from ..model import load_checkpoint
-    from ..pipeline.checkpoint import TrainError, load
+    from ..errors import TrainError
+    from ..pipeline.checkpoint import load
     from .config import resolve
     from .loop import build_model
 
