@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pipeline.checkpoint import atomic_write
+from .checkpoint import atomic_write
 from .pipeline.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [

@@ -19,11 +19,11 @@ import sys
 import numpy as np
 import torch
 
-from . import analysis
+from . import analysis, checkpoint
 from .architectures import FAMILY_NAMES, MODELS, load_pretrained
-from .ops.backend import BACKENDS
 from .errors import ConfigError, DatasetError, TrainError
-from .pipeline import checkpoint, distributed, flags
+from .ops.backend import BACKENDS
+from .pipeline import distributed, flags
 from .pipeline.data import (
     IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, EvalTransform, TrainTransform, normalize, read_image,
     seed_for, skimage_data_dir,

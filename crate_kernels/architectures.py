@@ -140,7 +140,7 @@ def _infer_model(state: dict, source: str) -> str:
 
 def _read_state(path: str) -> tuple[dict, dict, dict]:
     """(state_dict, training args or {}, safetensors metadata or {}) of a checkpoint file."""
-    from .pipeline.checkpoint import load
+    from .checkpoint import load
 
     ckpt = load(path)
     meta = {}

@@ -19,11 +19,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint
 from .architectures import DEMO_MODELS, MODELS, Pretrained, load_pretrained
 from .classifier import EncoderClassifier
-from .ops.backend import BACKENDS, get_backend
 from .errors import ConfigError, DatasetError, TrainError
-from .pipeline import checkpoint, flags, run
+from .ops.backend import BACKENDS, get_backend
+from .pipeline import flags, run
 from .pipeline.data import (
     IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
     UnreadableImages, build_labelled, collate_labelled, collate_views, counted, labels_of, normalize,

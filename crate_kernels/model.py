@@ -276,10 +276,10 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True):
     """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE or ViT-MAE).
 
     Shape mismatches are reported by tensor name before anything is copied; a file written by this package
-    whose bytes no longer match their checksum is refused (``crate_kernels.pipeline.checkpoint.load``).
+    whose bytes no longer match their checksum is refused (``crate_kernels.checkpoint.load``).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        from .pipeline.checkpoint import load
+        from .checkpoint import load
 
         checkpoint = load(os.fspath(checkpoint))
     state = clean_state_dict(checkpoint)

@@ -21,11 +21,12 @@ import warnings
 import numpy as np
 import torch
 
+from . import checkpoint
 from .architectures import MODELS, Pretrained, load_pretrained
 from .classifier import EncoderClassifier, make_head
-from .ops.backend import BACKENDS
 from .errors import ConfigError, DatasetError, TrainError
-from .pipeline import checkpoint, distributed, flags
+from .ops.backend import BACKENDS
+from .pipeline import distributed, flags
 from .pipeline.data import (
     LABELLED_DATASETS, EvalTransform, LabelledViews, UnreadableImages, build_labelled,
     collate_labelled, counted, default_num_workers, labels_of, normalize, resolve_labelled,

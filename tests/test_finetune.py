@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crate_kernels import CRATEClassifier, ViTClassifier
+from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
 from crate_kernels.finetune import ImageAugment, layer_decay_groups, main, mix_batch, resolve, smoothed_one_hot
-from crate_kernels.pipeline import checkpoint
 from crate_kernels.train import main as train_main
 from crate_kernels.vit_mae import MaskedAutoencoderViT
 

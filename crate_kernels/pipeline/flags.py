@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import yaml
 
+from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from .checkpoint import atomic_write
 
 
 def spellings(name: str) -> list[str]:

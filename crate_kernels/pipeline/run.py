@@ -21,9 +21,10 @@ import time
 import numpy as np
 import torch
 
+from .. import checkpoint
 from ..errors import ConfigError, DatasetError, TrainError
 from ..ops.backend import get_backend, resolve_backend
-from . import checkpoint, distributed
+from . import distributed
 from .data import ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, stop_workers
 from .monitor import Monitor
 

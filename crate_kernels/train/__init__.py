@@ -28,7 +28,7 @@ def load_run(output_dir: str, backend: str | None = None):
     """
     from ..model import load_checkpoint
     from ..errors import TrainError
-    from ..pipeline.checkpoint import load
+    from ..checkpoint import load
     from .config import resolve
     from .loop import build_model
 

@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from .. import analysis
+from .. import analysis, checkpoint
 from ..architectures import build_mae
 from ..model import CRATEMAE
 from ..ops.backend import get_backend
-from ..pipeline import checkpoint, run
+from ..pipeline import run
 from ..pipeline.data import (
     EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
     resolve_dataset,
