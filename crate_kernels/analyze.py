@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from . import analysis, checkpoint
-from .architectures import FAMILY_NAMES, MODELS, load_pretrained
 from .errors import ConfigError, DatasetError, TrainError
+from .models.pretrained import load_pretrained
+from .models.registry import FAMILY_NAMES, MODELS
 from .ops.backend import BACKENDS
 from .pipeline import distributed, flags
 from .pipeline.data import (

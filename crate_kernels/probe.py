@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .architectures import MODELS, Pretrained, load_pretrained
-from .classifier import EncoderClassifier, make_head
 from .errors import ConfigError, DatasetError, TrainError
+from .models.classifier import EncoderClassifier, make_head
+from .models.pretrained import Pretrained, load_pretrained
+from .models.registry import MODELS
 from .ops.backend import BACKENDS
 from .pipeline import distributed, flags
 from .pipeline.data import (

@@ -12,8 +12,8 @@ from PIL import Image
 
 from crate_kernels import CRATEMAE, analysis
 from crate_kernels.analyze import main
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main
-from crate_kernels.vit_mae import MaskedAutoencoderViT
 
 QUIET = ["--threads", "0", "--crops", "2"]
 FIGURES = {"whitebox.png", "attention.png", "pca.png", "reconstructions.png"}

@@ -23,6 +23,7 @@ import torch
 
 from .. import checkpoint
 from ..errors import ConfigError, DatasetError, TrainError
+from ..models.pretrained import load_checkpoint
 from ..ops.backend import get_backend, resolve_backend
 from . import distributed
 from .data import ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, stop_workers
@@ -265,8 +266,6 @@ class Run:
         return None
 
     def load_weights(self, ckpt: dict) -> None:
-        from ..model import load_checkpoint
-
         load_checkpoint(self.model, ckpt)
 
     def resume(self, path: str, ckpt: dict) -> None:

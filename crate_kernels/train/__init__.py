@@ -26,7 +26,7 @@ def load_run(output_dir: str, backend: str | None = None):
     model.safetensors (written when the run finished) or else checkpoint-last.pth (a run still going or
     stopped). ``backend`` sets the operator backend (None: the process-wide default).
     """
-    from ..model import load_checkpoint
+    from ..models.pretrained import load_checkpoint
     from ..errors import TrainError
     from ..checkpoint import load
     from .config import resolve

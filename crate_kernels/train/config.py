@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..architectures import DEMO_MODELS, MODELS
 from ..errors import ConfigError
+from ..models.registry import DEMO_MODELS, MODELS
 from ..ops.backend import BACKENDS
 from ..pipeline import flags
 from ..pipeline.data import DATASETS

@@ -8,8 +8,8 @@ import os
 import torch
 
 from .. import analysis, checkpoint
-from ..architectures import build_mae
-from ..model import CRATEMAE
+from ..models.crate import CRATEMAE
+from ..models.registry import build_mae
 from ..ops.backend import get_backend
 from ..pipeline import run
 from ..pipeline.data import (
