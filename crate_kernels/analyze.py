@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from . import analysis, checkpoint
+from . import checkpoint, whitebox
 from .errors import ConfigError, DatasetError, TrainError
 from .models.pretrained import load_pretrained
 from .models.registry import FAMILY_NAMES, MODELS
@@ -276,10 +276,10 @@ def run(cfg: dict, log=print) -> dict:
         + f"\n  images: {', '.join(names)} at {size}px; statistics over {len(all_views)} views "
         f"({len(images)} whole + {cfg['crops']} crops each); on {device}\n  output: {out}")
     layer = cfg["layer"] % depth
-    stats = {label: analysis.coding_rate_and_sparsity(m, all_views) for label, m in models.items()}
+    stats = {label: whitebox.coding_rate_and_sparsity(m, all_views) for label, m in models.items()}
     label, model = next(iter(models.items()))
-    maps = analysis.attention_maps(model, shown, layer).cpu()
-    pcs, explained = analysis.patch_pca(model, shown, 4, layer)
+    maps = whitebox.attention_maps(model, shown, layer).cpu()
+    pcs, explained = whitebox.patch_pca(model, shown, 4, layer)
     files = {"whitebox": "whitebox.png", "attention": "attention.png", "pca": "pca.png",
              "reconstructions": "reconstructions.png"}
     plot_layerwise(stats, len(all_views), os.path.join(out, files["whitebox"]))
@@ -291,7 +291,7 @@ def run(cfg: dict, log=print) -> dict:
             continue
         grid = (size // m.patch_size) ** 2
         noise = torch.rand(len(shown), grid, generator=torch.Generator().manual_seed(cfg["seed"]))
-        recons[label] = analysis.reconstruct(m, shown, cfg["mask_ratio"], noise)
+        recons[label] = whitebox.reconstruct(m, shown, cfg["mask_ratio"], noise)
     if recons:
         plot_reconstructions(recons, shown_names, cfg["mask_ratio"], os.path.join(out, files["reconstructions"]))
     else:
