@@ -261,7 +261,8 @@ def _factory(name: str):
 
     build.__name__ = name
     cfg = CONFIGS[name]
-    build.__doc__ = f"CRATE-MAE with d={cfg['embed_dim']}, {cfg['num_heads']} heads, {cfg['depth']}+{cfg['depth']} layers."
+    build.__doc__ = (f"CRATE-MAE with d={cfg['embed_dim']}, {cfg['num_heads']} heads, "
+                     f"{cfg['depth']}+{cfg['depth']} layers.")
     return build
 
 
