@@ -1,18 +1,10 @@
 """crate_kernels: fast, faithful CRATE-MAE (white-box masked autoencoder) with fused operators."""
 from . import ops
-from .model import (
-    CONFIGS,
-    CRATEMAE,
-    clean_state_dict,
-    crate_mae_base,
-    crate_mae_large,
-    crate_mae_small,
-    crate_mae_tiny,
-    load_checkpoint,
-)
+from .models.classifier import CRATEClassifier, ViTClassifier, classifier_from_pretrained
+from .models.crate import CONFIGS, CRATEMAE, crate_mae_base, crate_mae_large, crate_mae_small, crate_mae_tiny
+from .models.pretrained import clean_state_dict, load_checkpoint
+from .models.vit_mae import MaskedAutoencoderViT, mae_vit_base, mae_vit_small
 from .ops import get_backend, set_backend
-from .vit_mae import MaskedAutoencoderViT, mae_vit_base, mae_vit_small
-from .classifier import CRATEClassifier, ViTClassifier, classifier_from_pretrained
 
 __version__ = "0.1.0"
 

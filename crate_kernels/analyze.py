@@ -19,16 +19,16 @@ import sys
 import numpy as np
 import torch
 
-from . import analysis
-from .architectures import FAMILY_NAMES, MODELS, load_pretrained
+from . import checkpoint, whitebox
+from .errors import ConfigError, DatasetError, TrainError
+from .models.pretrained import load_pretrained
+from .models.registry import FAMILY_NAMES, MODELS
 from .ops.backend import BACKENDS
-from .pipeline import checkpoint, distributed, flags
-from .pipeline.checkpoint import TrainError
+from .pipeline import distributed, flags
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, DatasetError, EvalTransform, TrainTransform, normalize, read_image,
+    IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, EvalTransform, TrainTransform, normalize, read_image,
     seed_for, skimage_data_dir,
 )
-from .pipeline.flags import ConfigError
 
 DEFAULTS = dict(checkpoint=None, images=[], model=None, norm_pix_loss=False, input_size=None, layer=-1,
                 mask_ratio=0.75, crops=8, max_shown=6, vit_checkpoint=None, vit_model=None, output_dir=None,
@@ -289,17 +289,17 @@ def run(cfg: dict, log=print) -> dict:
         + f"\n  images: {', '.join(names)} at {size}px; statistics over {len(all_views)} views "
         f"({len(images)} whole + {cfg['crops']} crops each); on {device}\n  output: {out}")
     layer = cfg["layer"] % depth
-    stats = {label: analysis.coding_rate_and_sparsity(m, all_views) for label, m in models.items()}
+    stats = {label: whitebox.coding_rate_and_sparsity(m, all_views) for label, m in models.items()}
     label, model = next(iter(models.items()))
-    maps = analysis.attention_maps(model, shown, layer).cpu()
-    pcs, explained = analysis.patch_pca(model, shown, 4, layer)
+    maps = whitebox.attention_maps(model, shown, layer).cpu()
+    pcs, explained = whitebox.patch_pca(model, shown, 4, layer)
     recons = {}
     for name, m in models.items():
         if name in no_decoder:
             continue
         grid = (size // m.patch_size) ** 2
         noise = torch.rand(len(shown), grid, generator=torch.Generator().manual_seed(cfg["seed"]))
-        recons[name] = analysis.reconstruct(m, shown, cfg["mask_ratio"], noise)
+        recons[name] = whitebox.reconstruct(m, shown, cfg["mask_ratio"], noise)
     files = {"whitebox": "whitebox.png", "attention": "attention.png", "pca": "pca.png",
              "reconstructions": "reconstructions.png"}
     _figure(1, 1)  # without matplotlib: its error comes before the output folder is made

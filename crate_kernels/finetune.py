@@ -1,7 +1,7 @@
 """Fine-tuning of a pretrained encoder: ``python -m crate_kernels.finetune [CHECKPOINT_OR_RUN]`` (``--help``).
 
 MAE's recipe (facebookresearch/mae, main_finetune.py): the encoder with MAE's pooling and a linear head
-(``crate_kernels.classifier``), trained end to end with AdamW (betas 0.9, 0.999), layer-wise lr decay (0.75; 0.65
+(``crate_kernels.models.classifier``), trained end to end with AdamW (betas 0.9, 0.999), layer-wise lr decay (0.75; 0.65
 for base models), linear warmup then half-cycle cosine, label smoothing 0.1, and at 128 px and above
 RandomResizedCrop(0.08, 1), RandAugment (2 operations, magnitude 9 of 10), random erasing (p 0.25) and mixup 0.8 /
 cutmix 1.0 (one of the two per batch, switch probability 0.5), evaluated on centre crops of 0.875. Top-1 and top-5 on the test
@@ -19,17 +19,18 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .architectures import DEMO_MODELS, MODELS, Pretrained, load_pretrained
-from .classifier import EncoderClassifier
+from . import checkpoint
+from .errors import ConfigError, DatasetError, TrainError
+from .models.classifier import EncoderClassifier
+from .models.pretrained import Pretrained, load_pretrained
+from .models.registry import DEMO_MODELS, MODELS
 from .ops.backend import BACKENDS, get_backend
-from .pipeline import checkpoint, flags, run
-from .pipeline.checkpoint import TrainError
+from .pipeline import flags, run
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, DatasetError, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
+    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
     UnreadableImages, build_labelled, collate_labelled, collate_views, counted, labels_of, normalize,
     resolve_labelled, stop_workers,
 )
-from .pipeline.flags import ConfigError
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
 DEFAULTS = dict(

@@ -21,16 +21,17 @@ import warnings
 import numpy as np
 import torch
 
-from .architectures import MODELS, Pretrained, load_pretrained
-from .classifier import EncoderClassifier, make_head
+from . import checkpoint
+from .errors import ConfigError, DatasetError, TrainError
+from .models.classifier import EncoderClassifier, make_head
+from .models.pretrained import Pretrained, load_pretrained
+from .models.registry import MODELS
 from .ops.backend import BACKENDS
-from .pipeline import checkpoint, distributed, flags
-from .pipeline.checkpoint import TrainError
+from .pipeline import distributed, flags
 from .pipeline.data import (
-    LABELLED_DATASETS, DatasetError, EvalTransform, LabelledViews, UnreadableImages, build_labelled,
+    LABELLED_DATASETS, EvalTransform, LabelledViews, UnreadableImages, build_labelled,
     collate_labelled, counted, default_num_workers, labels_of, normalize, resolve_labelled,
 )
-from .pipeline.flags import ConfigError
 
 DEFAULTS = dict(
     checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls", layer=-1,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_kernels import CRATEMAE, analysis
+from crate_kernels import CRATEMAE, whitebox
 from crate_kernels.analyze import main
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main
-from crate_kernels.vit_mae import MaskedAutoencoderViT
 
 QUIET = ["--threads", "0", "--crops", "2"]
 FIGURES = {"whitebox.png", "attention.png", "pca.png", "reconstructions.png"}
@@ -47,7 +47,7 @@ def test_reconstruct_gives_each_images_loss_and_keeps_visible_patches(family):
     cls = CRATEMAE if family == "crate" else MaskedAutoencoderViT
     model = cls(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, norm_pix_loss=family == "vit")
     imgs, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 16)
-    out = analysis.reconstruct(model, imgs, 0.75, noise)
+    out = whitebox.reconstruct(model, imgs, 0.75, noise)
     with torch.no_grad():
         loss = model(imgs, 0.75, noise)[0]
     torch.testing.assert_close(out["loss"].mean(), loss)  # every image has 12 masked patches

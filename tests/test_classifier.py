@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from crate_kernels import CRATEClassifier, CRATEMAE, ViTClassifier, classifier_from_pretrained
-from crate_kernels.pipeline.checkpoint import TrainError
-from crate_kernels.vit_mae import MaskedAutoencoderViT
+from crate_kernels.errors import TrainError
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 
 DEMO = dict(img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4)
 

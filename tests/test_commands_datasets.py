@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from crate_kernels.analyze import main as analyze_main
-from crate_kernels.architectures import MODELS
 from crate_kernels.finetune import main as finetune_main
+from crate_kernels.models.registry import MODELS
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.probe import main as probe_main
 from crate_kernels.train import main as train_main
-from crate_kernels.vit_mae import MaskedAutoencoderViT
 
 LAYOUTS = ("imagefolder", "cifar10", "cifar100", "flowers102", "pets")
 # a few steps of batch 4 at 16 px, patch 4; no workers, no TensorBoard

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
+from crate_kernels.errors import DatasetError
 from crate_kernels.pipeline.data import (
-    CIFAR, BundledArrays, DatasetError, EvalTransform, Flowers102, ImageFolder, LabelledViews, OxfordPets,
+    CIFAR, BundledArrays, EvalTransform, Flowers102, ImageFolder, LabelledViews, OxfordPets,
     build_labelled, collate_labelled, labels_of, resolve_labelled,
 )
 

@@ -14,11 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crate_kernels import CRATEClassifier, ViTClassifier
+from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
 from crate_kernels.finetune import ImageAugment, layer_decay_groups, main, mix_batch, resolve, smoothed_one_hot
-from crate_kernels.pipeline import checkpoint
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main
-from crate_kernels.vit_mae import MaskedAutoencoderViT
 
 TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
             "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0"]
@@ -222,7 +221,7 @@ def test_each_dataset_layout_end_to_end(run_dir, tmp_path, layout, one_thread):
 @pytest.mark.parametrize("family", ["crate", "vit"])
 def test_a_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread, family):
     from crate_kernels import CRATEMAE
-    from crate_kernels.architectures import MODELS
+    from crate_kernels.models.registry import MODELS
 
     torch.manual_seed(0)
     if family == "vit":

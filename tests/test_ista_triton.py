@@ -202,10 +202,10 @@ def test_crate_mae_with_triton_ista_matches_reference():
     model = crate_kernels.CRATEMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).to(DEVICE)
     fused = copy.deepcopy(model)
     for m in fused.modules():
-        if isinstance(m, crate_kernels.layers.ISTA):
+        if isinstance(m, crate_kernels.models.crate.ISTA):
             m.set_backend("triton")
     for m in model.modules():
-        if isinstance(m, crate_kernels.layers.ISTA):
+        if isinstance(m, crate_kernels.models.crate.ISTA):
             m.set_backend("reference")
     imgs = torch.randn(3, 3, 32, 32, device=DEVICE)
     noise = torch.rand(3, 16, device=DEVICE)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import crate_kernels
 from crate_kernels import CRATEMAE, load_checkpoint
-from crate_kernels.pos_embed import sincos_2d_table
+from crate_kernels.models.pos_embed import sincos_2d_table
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=2)  # head dim 48
 

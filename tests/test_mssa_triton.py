@@ -12,7 +12,7 @@ import torch
 
 import crate_kernels
 from crate_kernels import ops
-from crate_kernels.layers import MSSA
+from crate_kernels.models.crate import MSSA
 from crate_kernels.ops import mssa as mssa_ops
 from crate_kernels.ops import mssa_variants
 from crate_kernels.ops import mssa_attention, mssa_reference

@@ -13,8 +13,8 @@ from PIL import Image
 
 from crate_kernels import CRATEMAE
 from crate_kernels.probe import fit_logistic, fit_torch_head, main, resolve, topk_accuracy
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main
-from crate_kernels.vit_mae import MaskedAutoencoderViT
 
 TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
             "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0"]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from crate_kernels.pipeline import checkpoint
-from crate_kernels.pipeline.checkpoint import OutputLock, TrainError
+from crate_kernels import checkpoint
+from crate_kernels.checkpoint import OutputLock
+from crate_kernels.errors import TrainError
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Configuration: presets, YAML + CLI precedence, flag spellings, validation messages, args.yaml round trip."""
 import pytest
 
-from crate_kernels.train.config import DEFAULTS, PRESETS, ConfigError, load_yaml, resolve, save_yaml
+from crate_kernels.errors import ConfigError
+from crate_kernels.train.config import DEFAULTS, PRESETS, load_yaml, resolve, save_yaml
 
 
 def test_no_arguments_is_the_demo_preset():

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from crate_kernels.errors import DatasetError, UnreadableImage
 from crate_kernels.pipeline import data
 from crate_kernels.pipeline.data import (
-    CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, DatasetError, EvalTransform, ImageFolder, MaskedViews,
-    ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImage, UnreadableImages, build_dataset,
+    CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, EvalTransform, ImageFolder, MaskedViews,
+    ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImages, build_dataset,
     collate_views, default_num_workers, fixed_batch, normalize, read_image, resolve_dataset, skimage_data_dir,
 )
 

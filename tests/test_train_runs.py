@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from crate_kernels import CRATEMAE, load_checkpoint
-from crate_kernels.pipeline import checkpoint
+from crate_kernels import CRATEMAE, checkpoint, load_checkpoint
+from crate_kernels.checkpoint import OutputLock
 from crate_kernels.train import load_run, main
-from crate_kernels.pipeline.checkpoint import OutputLock
 from crate_kernels.train.config import resolve
 from crate_kernels.train.loop import build_model
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import crate_kernels
-import crate_kernels.architectures
-from crate_kernels import MaskedAutoencoderViT, analysis, load_checkpoint
-from crate_kernels.architectures import load_pretrained
-from crate_kernels.pipeline.checkpoint import TrainError
+import crate_kernels.models.pretrained
+import crate_kernels.models.registry
+from crate_kernels import MaskedAutoencoderViT, load_checkpoint, whitebox
+from crate_kernels.errors import TrainError
+from crate_kernels.models.pretrained import load_pretrained
 from crate_kernels.train import load_run, main as train_main
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=2,
@@ -158,10 +159,10 @@ def test_fair_releases_are_recognised_by_shape():
     """mae_visualize_vit_base.pth (decoder 512 x 8) is FAIR's mae_vit_base_patch16; the encoder-only
     mae_pretrain_vit_base.pth fits both B encoders, which are the same, and so needs no --model."""
     with torch.device("meta"), mock.patch.object(MaskedAutoencoderViT, "_init_weights"):
-        state = crate_kernels.architectures.build_mae("mae_vit_base_patch16").state_dict()
-    assert crate_kernels.architectures._infer_model(state, "visualize.pth") == "mae_vit_base_patch16"
+        state = crate_kernels.models.registry.build_mae("mae_vit_base_patch16").state_dict()
+    assert crate_kernels.models.pretrained._infer_model(state, "visualize.pth") == "mae_vit_base_patch16"
     encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask"))}
-    assert crate_kernels.architectures._infer_model(encoder, "pretrain.pth") in ("mae_vit_base", "mae_vit_base_patch16")
+    assert crate_kernels.models.pretrained._infer_model(encoder, "pretrain.pth") in ("mae_vit_base", "mae_vit_base_patch16")
 
 
 def test_train_accepts_the_vit_models(tmp_path, capsys):
@@ -179,7 +180,7 @@ def test_white_box_measurements_of_a_vit():
     """[CLS] attention from the block's own query and key; w is the value projection; the block output is dense."""
     model = MaskedAutoencoderViT(**TINY).eval()
     imgs = torch.randn(2, 3, 16, 16)
-    maps = analysis.attention_maps(model, imgs, layer=0)
+    maps = whitebox.attention_maps(model, imgs, layer=0)
     with torch.no_grad():
         x = model.patch_embed(imgs)
         x = torch.cat([model.cls_token.expand(2, -1, -1), x], dim=1) + model.pos_embed
@@ -187,8 +188,8 @@ def test_white_box_measurements_of_a_vit():
         q, k, v = attn.split_heads(attn.qkv(model.blocks[0].norm1(x)))
         want = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)[:, :, 0, 1:]
     torch.testing.assert_close(maps, want.reshape(2, 4, 4, 4))
-    (w, z), *_ = analysis.encoder_activations(model, imgs)
+    (w, z), *_ = whitebox.encoder_activations(model, imgs)
     torch.testing.assert_close(w, v)
     torch.testing.assert_close(z, model.blocks[0](x))
-    stats = analysis.coding_rate_and_sparsity(model, imgs)
+    stats = whitebox.coding_rate_and_sparsity(model, imgs)
     assert len(stats["coding_rate"]) == 2 and stats["sparsity"] == [1.0, 1.0]

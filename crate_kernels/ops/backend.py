@@ -40,7 +40,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _default_backend: str | None = None
 
 
-def _check_name(name: str, argument: str = "backend") -> str:
+def check_backend_name(name: str, argument: str = "backend") -> str:
+    """``name`` when it is one of BACKENDS, else a ValueError naming ``argument``."""
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{argument} must be one of {BACKENDS}, got {name!r}")
     return name
@@ -49,14 +50,14 @@ def _check_name(name: str, argument: str = "backend") -> str:
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend; ``None`` restores the environment/``auto`` default."""
     global _default_backend
-    _default_backend = None if name is None else _check_name(name)
+    _default_backend = None if name is None else check_backend_name(name)
 
 
 def get_backend() -> str:
     """The process-wide default backend (``set_backend``, else ``$CRATE_KERNELS_BACKEND``, else ``auto``)."""
     if _default_backend is not None:
         return _default_backend
-    return _check_name(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+    return check_backend_name(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
 
 
 def triton_interpreting() -> bool:
@@ -140,7 +141,7 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, .
     tensors of the kernels' dtypes (fp32, bf16, fp16) when the operator has them, as ``AUTO_TRITON`` (the
     Triton launchers behind ``with_fallback``), else ``torch``. An explicit choice that cannot run raises.
     """
-    name = _check_name(get_backend() if backend is None else backend)
+    name = check_backend_name(get_backend() if backend is None else backend)
     if name == "auto":
         if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and AUTO_TRITON in has and triton_available():
             return AUTO_TRITON

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DatasetError, UnreadableImage
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -34,21 +36,6 @@ SKIMAGE_PHOTOS = (
 SKIMAGE_HELD_OUT = ("chelsea.png", "coffee.png")
 # JPEGs decode through simplejpeg where it is installed (pip install simplejpeg; the `jpeg` extra), else PIL.
 _SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None
-
-
-class DatasetError(RuntimeError):
-    """A dataset that cannot be found, read, or used; the message names the path."""
-
-
-class UnreadableImage(DatasetError):
-    """One image file that fails to open or decode (``path``, ``reason``)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read image {path}: {reason}")
-        self.path, self.reason = path, reason
-
-    def __reduce__(self):  # picklable across data-loading worker processes
-        return type(self), (self.path, self.reason)
 
 
 # ---------------------------------------------------------------------------------------------- transforms

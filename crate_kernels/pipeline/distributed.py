@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import TrainError
+from ..errors import TrainError
 
 
 @dataclass

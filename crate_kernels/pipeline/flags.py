@@ -11,11 +11,8 @@ from collections.abc import Callable
 
 import yaml
 
-from .checkpoint import atomic_write
-
-
-class ConfigError(ValueError):
-    """An invalid flag or config value; the message names the flag."""
+from ..checkpoint import atomic_write
+from ..errors import ConfigError
 
 
 def spellings(name: str) -> list[str]:

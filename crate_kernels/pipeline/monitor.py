@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 
 _LABELS = {"data_wait": "data wait", "peak_mem_gib": "peak mem GiB", "mfu": "MFU"}

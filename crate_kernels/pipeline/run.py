@@ -21,13 +21,13 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
-from .checkpoint import TrainError
-from .data import DatasetError, ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, \
-    stop_workers
-from .flags import ConfigError
-from .monitor import Monitor
+from .. import checkpoint
+from ..errors import ConfigError, DatasetError, TrainError
+from ..models.pretrained import load_checkpoint
 from ..ops.backend import get_backend, resolve_backend
+from . import distributed
+from .data import ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, stop_workers
+from .monitor import Monitor
 
 
 def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -266,8 +266,6 @@ class Run:
         return None
 
     def load_weights(self, ckpt: dict) -> None:
-        from ..model import load_checkpoint
-
         load_checkpoint(self.model, ckpt)
 
     def resume(self, path: str, ckpt: dict) -> None:

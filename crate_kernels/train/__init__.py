@@ -26,8 +26,9 @@ def load_run(output_dir: str, backend: str | None = None):
     model.safetensors (written when the run finished) or else checkpoint-last.pth (a run still going or
     stopped). ``backend`` sets the operator backend (None: the process-wide default).
     """
-    from ..model import load_checkpoint
-    from ..pipeline.checkpoint import TrainError, load
+    from ..checkpoint import load
+    from ..errors import TrainError
+    from ..models.pretrained import load_checkpoint
     from .config import resolve
     from .loop import build_model
 

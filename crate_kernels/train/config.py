@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..architectures import DEMO_MODELS, MODELS
+from ..errors import ConfigError
+from ..models.registry import DEMO_MODELS, MODELS
 from ..ops.backend import BACKENDS
 from ..pipeline import flags
 from ..pipeline.data import DATASETS
-from ..pipeline.flags import ConfigError, add_flags
+from ..pipeline.flags import add_flags
 
 # The MAE / CRATE-MAE ImageNet-1K recipe (MAE's main_pretrain.py defaults); the model sizes use it as is.
 DEFAULTS = dict(

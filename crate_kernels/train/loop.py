@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from .. import analysis
-from ..architectures import build_mae
-from ..model import CRATEMAE
+from .. import checkpoint, whitebox
+from ..models.crate import CRATEMAE
+from ..models.registry import build_mae
 from ..ops.backend import get_backend
-from ..pipeline import checkpoint, run
+from ..pipeline import run
 from ..pipeline.data import (
     EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
     resolve_dataset,
@@ -151,13 +151,13 @@ class Trainer(run.Run):
         imgs, noise = self.eval_batch
         with torch.no_grad():
             eval_loss = self.model(imgs.to(self.device), self.cfg["mask_ratio"], noise.to(self.device))[0].item()
-        stats = analysis.coding_rate_and_sparsity(self.model, imgs)
-        grid = analysis.reconstruction_grid(self.model, imgs, self.cfg["mask_ratio"], noise)
+        stats = whitebox.coding_rate_and_sparsity(self.model, imgs)
+        grid = whitebox.reconstruction_grid(self.model, imgs, self.cfg["mask_ratio"], noise)
         for name in (f"recon-step{self.step:07d}.png", "recon-latest.png"):
-            analysis.save_image_grid(grid, os.path.join(self.out, name))
+            whitebox.save_image_grid(grid, os.path.join(self.out, name))
         self.monitor.eval(self.step, self.step // self.steps_per_epoch, eval_loss, stats, grid)
         if importlib.util.find_spec("matplotlib") is not None:
-            analysis.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
+            whitebox.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
                                           self.monitor.losses)
 
     def finish(self) -> dict:

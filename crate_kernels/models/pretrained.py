@@ -1,43 +1,53 @@
-"""Every pretraining architecture by name, and the masked autoencoder a checkpoint holds.
+"""Checkpoints of the models: loading one into a model, and telling which masked autoencoder a checkpoint holds.
 
-``MODELS``: name -> constructor arguments, for CRATE-MAE (``demo``, ``crate_mae_*``) and ViT-MAE (``mae_vit_*``).
-``load_pretrained(source)`` reads any pretraining checkpoint (a crate-train run directory, its checkpoint-*.pth or
-model.safetensors, a release ``{'model': ...}`` .pth of either family, 'module.' prefixes allowed) and tells which
-architecture it is; ``Pretrained.build()`` gives the model with those weights.
+``load_checkpoint(model, checkpoint)`` loads a release or crate-train checkpoint (a path or a dict) into a model,
+shapes checked first. ``load_pretrained(source)`` reads any pretraining checkpoint (a crate-train run directory,
+its checkpoint-*.pth or model.safetensors, a release ``{'model': ...}`` .pth of either family, 'module.' prefixes
+allowed) and tells which architecture (``registry.MODELS``) it is; ``Pretrained.build()`` gives the model with
+those weights.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
+from torch import nn
 
-from .model import CONFIGS, CRATEMAE, clean_state_dict, load_checkpoint
-from .pipeline.checkpoint import TrainError
-from .vit_mae import VIT_CONFIGS, MaskedAutoencoderViT
-
-MODELS = {"demo": dict(embed_dim=128, depth=3, num_heads=4), **CONFIGS, **VIT_CONFIGS}
-
-FAMILY_NAMES = {"crate": "CRATE-MAE", "vit": "ViT-MAE"}
-DEMO_MODELS = ("demo", "mae_vit_demo")  # the CPU demo's scale, in each family
+from ..checkpoint import load
+from ..errors import TrainError
+from .crate import CRATEMAE
+from .registry import FAMILY_NAMES, MODELS, build_mae, family
+from .vit_mae import MaskedAutoencoderViT
 
 
-def family(name: str) -> str:
-    """``crate`` or ``vit``: the family of the architecture ``name`` (a key of MODELS)."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
-    return "vit" if name in VIT_CONFIGS else "crate"
+def clean_state_dict(checkpoint: Mapping) -> dict:
+    """Unwrap {'model': state_dict, ...} and strip DDP's 'module.' prefixes."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise TypeError("checkpoint must be a state_dict or a dict holding one under 'model'")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def build_mae(name: str, img_size: int = 224, patch_size: int = 16, norm_pix_loss: bool = False,
-              backend: str | None = None) -> CRATEMAE | MaskedAutoencoderViT:
-    """The masked autoencoder ``name`` at ``img_size``/``patch_size``; ``backend`` sets CRATE's operators (ViT-MAE
-    has none: its attention is ``F.scaled_dot_product_attention``)."""
-    if family(name) == "vit":
-        return MaskedAutoencoderViT(img_size=img_size, patch_size=patch_size, norm_pix_loss=norm_pix_loss,
-                                    **MODELS[name])
-    return CRATEMAE(img_size=img_size, patch_size=patch_size, norm_pix_loss=norm_pix_loss, backend=backend,
-                    **MODELS[name])
+def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True):
+    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE or ViT-MAE).
+
+    Shape mismatches are reported by tensor name before anything is copied; a file written by this package
+    whose bytes no longer match their checksum is refused (``crate_kernels.checkpoint.load``).
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load(os.fspath(checkpoint))
+    state = clean_state_dict(checkpoint)
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        shown = mismatched[:8] + ([f"... and {len(mismatched) - 8} more"] if len(mismatched) > 8 else [])
+        raise ValueError(f"checkpoint does not fit this model (other size?); {len(mismatched)} mismatched tensors:\n  "
+                         + "\n  ".join(shown))
+    return model.load_state_dict(state, strict=strict)
 
 
 def is_decoder_key(key: str) -> bool:
@@ -140,8 +150,6 @@ def _infer_model(state: dict, source: str) -> str:
 
 def _read_state(path: str) -> tuple[dict, dict, dict]:
     """(state_dict, training args or {}, safetensors metadata or {}) of a checkpoint file."""
-    from .pipeline.checkpoint import load
-
     ckpt = load(path)
     meta = {}
     if path.endswith(".safetensors"):

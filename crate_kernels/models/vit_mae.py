@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import MaskedImageModel, PatchEmbed
+from .base import MaskedImageModel, PatchEmbed
 from .pos_embed import resize_table
 
 __all__ = ["MaskedAutoencoderViT", "VIT_CONFIGS", "mae_vit_small", "mae_vit_base"]

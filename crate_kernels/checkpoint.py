@@ -6,6 +6,8 @@ hold only tensors, plain containers, numbers and strings, and load with ``torch.
 A ``.pth`` written here carries the SHA-256 of its bytes in the ZIP archive's comment (torch.save writes ZIP
 archives; any ZIP reader, torch.load included, ignores the comment), so ``load`` refuses a corrupted file
 instead of returning wrong weights; a ``.safetensors`` carries the digest of its tensors in its metadata.
+
+It sits below the models (``models.pretrained`` reads checkpoints with ``load``) and imports only ``errors``.
 """
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ import struct
 import numpy as np
 import torch
 
-
-class TrainError(RuntimeError):
-    """A training failure reported to the user as one message (no traceback)."""
+from .errors import TrainError
 
 
 def _fsync_dir(folder: str) -> None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import FAMILY_NAMES, MODELS, Pretrained, load_pretrained
-from .layers import CRATELayers, EncoderBlock
-from .model import GradCheckpointing, PatchEmbed, load_checkpoint
-from .pipeline.checkpoint import TrainError
+from ..errors import TrainError
+from .base import GradCheckpointing, PatchEmbed
+from .crate import CRATELayers, EncoderBlock
 from .pos_embed import resize_table, sincos_2d_table
+from .pretrained import Pretrained, load_checkpoint, load_pretrained
+from .registry import FAMILY_NAMES, MODELS
 from .vit_mae import Block
 
 __all__ = ["EncoderClassifier", "CRATEClassifier", "ViTClassifier", "classifier_from_pretrained", "make_head"]
@@ -126,7 +127,7 @@ class EncoderClassifier(GradCheckpointing, nn.Module):
     def from_pretrained(cls, source: str | Pretrained, num_classes: int, global_pool: bool = False,
                         linear_probe: bool = False, model: str | None = None, backend: str | None = None,
                         log=print) -> "EncoderClassifier":
-        """The classifier of a pretraining checkpoint (see ``architectures.load_pretrained``: a run directory,
+        """The classifier of a pretraining checkpoint (see ``pretrained.load_pretrained``: a run directory,
         checkpoint-*.pth, model.safetensors, a release .pth) with a fresh head; ``log`` (None: silent) receives one
         line with the parameter count of what remains."""
         pretrained = source if isinstance(source, Pretrained) else load_pretrained(source, model)
