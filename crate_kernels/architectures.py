@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
-
-from .model import CONFIGS, CRATEMAE, clean_state_dict, load_checkpoint
+from .model import CONFIGS, CRATEMAE, clean_state_dict, key_sample, load_checkpoint
 from .pipeline.checkpoint import TrainError
 from .vit_mae import VIT_CONFIGS, MaskedAutoencoderViT
 
@@ -186,8 +184,8 @@ def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool |
             args = {**(yaml.safe_load(f) or {}), **args}
     fam = _family_of_state(state)
     if fam is None:
-        keys = ", ".join(list(state)[:5])
-        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint (its first keys: {keys})")
+        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint: it holds none of their "
+                         f"parameters; its keys look like {key_sample(state)}")
     img_size, patch_size = _geometry(state, path)
     named = args.get("model") or meta.get("model")
     if model is not None and named is not None and model != named:
