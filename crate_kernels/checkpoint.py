@@ -11,12 +11,17 @@ It sits below the models (``models.pretrained`` reads checkpoints with ``load``)
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import secrets
 import struct
+import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -167,38 +172,124 @@ def save_safetensors(state_dict: dict, path: str, metadata: dict | None = None) 
     atomic_write(path, lambda f: f.write(to_bytes(tensors, metadata=metadata)))
 
 
+_TORCH_LEGACY = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle protocol 2, then torch.save's old magic number
+_SIGNATURES = (  # leading bytes -> what a file starting with them is, for files that are not checkpoints
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x93NUMPY", "a NumPy array (.npy)"),
+    (b"\x89HDF", "an HDF5 file"), (b"\x80", "a Python pickle not written by torch.save"),
+)
+_EXPECTED = "expected a .pth written by torch.save or a .safetensors file"
+# MAE's training script (and so the CRATE-MAE release) saves its flags as an argparse.Namespace: plain data,
+# allowed to weights-only loading so that such checkpoints load without unpickling anything else
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def _sniff(path: str) -> str:
+    """What the file's first bytes say it is: ``zip`` (torch.save), ``torch-legacy``, ``safetensors``, or a
+    description of another kind of file (``a PNG image``, ``text: '...'``)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(_TORCH_LEGACY):
+        return "torch-legacy"
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:  # header length, then JSON
+        return "safetensors"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    text = head.decode("utf-8", "replace").rstrip("\ufffd")  # a character cut at byte 64 is not a sign of binary
+    if "\ufffd" in text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"unrecognised bytes {head[:8].hex(' ')}"
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page: a download link that gave a web page, not the file"
+    if text.startswith("version https://git-lfs"):
+        return "a Git LFS pointer: run git lfs pull"
+    return f"text: {text.splitlines()[0][:40]!r}"
+
+
+def _reason(e: Exception) -> str:
+    """One line of an exception from torch.load or safetensors (the weights-only unpickler's own complaint, without
+    torch's advice to load unsafely)."""
+    text = str(e)
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = found.group(1) if found else next((t.strip() for t in text.splitlines() if t.strip()), type(e).__name__)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _torch_load(path: str, kind: str):
+    """torch.load(weights_only=True) of a file whose first bytes are torch.save's; errors are one TrainError line."""
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise TrainError(f"cannot read checkpoint {path}: it is truncated or damaged (a ZIP archive, as torch.save "
+                             "writes, without its central directory)") from None
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise TrainError(f"cannot read checkpoint {path}: it is a ZIP archive but not a torch.save file (no "
+                             f"data.pkl; it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        _verify_digest(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if refused:
+            raise TrainError(f"cannot read checkpoint {path}: it holds Python objects ({', '.join(refused)}) that "
+                             "weights-only loading refuses; expected tensors in plain containers, as "
+                             "torch.save({'model': state_dict}) writes") from None
+        raise TrainError(f"cannot read checkpoint {path}: it is damaged ({_reason(e)})") from None
+    except Exception as e:  # torch raises RuntimeError, OSError, EOFError, ... for a damaged archive
+        raise TrainError(f"cannot read checkpoint {path}: it is damaged ({_reason(e)})") from None
+
+
+def _safetensors_load(path: str) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ... for a damaged file
+        raise TrainError(f"cannot read checkpoint {path}: it is a damaged safetensors file ({_reason(e)})") from None
+    if expected is not None and _tensors_digest(tensors) != expected:
+        raise TrainError(f"checkpoint {path} is corrupted: its tensors no longer match the SHA-256 written with them")
+    return tensors
+
+
 def load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on CPU as {'model': state_dict, ...}; errors name the file.
+    """Load a checkpoint on CPU as {'model': state_dict, ...}; every error is one line naming the file.
 
     Takes this trainer's checkpoints (``torch.load`` with ``weights_only=True``, after checking their digest)
     and weights alone: a bare state_dict in a .pth (e.g. a release checkpoint without its wrapper) or a
-    .safetensors file (this trainer's model.safetensors)."""
+    .safetensors file (this trainer's model.safetensors). A checkpoint of MAE's training script (flags saved as an
+    argparse.Namespace) gives its weights only. A file of another kind is named by its first bytes
+    (``it starts like a PNG image``)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            with safe_open(path, "pt") as f:
-                expected = (f.metadata() or {}).get("sha256")
-            tensors = load_file(path)
-            if expected is not None and _tensors_digest(tensors) != expected:
-                raise TrainError(f"checkpoint {path} is corrupted: its tensors no longer match the SHA-256 "
-                                 "written with them")
-            return {"model": tensors}
-        _verify_digest(path)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except TrainError:
-        raise
-    except Exception as e:  # torch and safetensors raise several types for truncated or foreign files
-        raise TrainError(f"cannot read checkpoint {path}: {e}") from e
+    if os.path.getsize(path) == 0:
+        raise TrainError(f"cannot read checkpoint {path}: it is empty; {_EXPECTED}")
+    kind = _sniff(path)
+    if path.endswith(".safetensors"):
+        if kind != "safetensors":
+            raise TrainError(f"cannot read checkpoint {path}: it is not a safetensors file (it starts like "
+                             f"{'a torch.save file' if kind in ('zip', 'torch-legacy') else kind})")
+        return {"model": _safetensors_load(path)}
+    if kind not in ("zip", "torch-legacy"):
+        what = "a safetensors file: name it .safetensors" if kind == "safetensors" else kind
+        raise TrainError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (it starts like {what}); "
+                         f"{_EXPECTED}")
+    ckpt = _torch_load(path, kind)
     if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # weights only
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
         raise TrainError(f"{path} holds neither a training checkpoint nor model weights "
                          "(expected {'model': state_dict, ...} or a state_dict)")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt = {"model": ckpt["model"]}  # MAE's training script: its optimizer and flags are not this trainer's
     return ckpt
 
 

@@ -29,24 +29,43 @@ def clean_state_dict(checkpoint: Mapping) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
+def key_sample(keys, shown: int = 3) -> str:
+    """The first ``shown`` of ``keys`` and how many there are, for an error message: ``a, b, c, ... (60 keys)``."""
+    keys = list(keys)
+    more = ", ..." if len(keys) > shown else ""
+    return f"{', '.join(keys[:shown])}{more} ({len(keys)} key{'s' if len(keys) != 1 else ''})"
+
+
 def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True):
     """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE or ViT-MAE).
 
-    Shape mismatches are reported by tensor name before anything is copied; a file written by this package
-    whose bytes no longer match their checksum is refused (``crate_kernels.checkpoint.load``).
+    Every mismatch is reported in one line before anything is copied: a checkpoint holding none of the model's
+    tensors (with a sample of its keys), tensors of other shapes, and (``strict``) missing or extra tensors, counted
+    and a few named. A path is read by ``crate_kernels.checkpoint.load`` (``weights_only=True``; a file that is not a
+    checkpoint, or whose bytes no longer match their checksum, is refused in one line).
     """
+    source = "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = load(os.fspath(checkpoint))
+        source, checkpoint = os.fspath(checkpoint), load(os.fspath(checkpoint))
     state = clean_state_dict(checkpoint)
     own = model.state_dict()
+    name = type(model).__name__
+    if not state.keys() & own.keys():
+        raise ValueError(f"{source} holds none of {name}'s {len(own)} tensors; "
+                         + (f"its keys look like {key_sample(state)}" if state else "it holds no tensors"))
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        shown = mismatched[:8] + ([f"... and {len(mismatched) - 8} more"] if len(mismatched) > 8 else [])
-        raise ValueError(f"checkpoint does not fit this model (other size?); {len(mismatched)} mismatched tensors:\n  "
-                         + "\n  ".join(shown))
+        shown = mismatched[:3] + ([f"... and {len(mismatched) - 3} more"] if len(mismatched) > 3 else [])
+        raise ValueError(f"{source} does not fit this {name} (other size?); {len(mismatched)} mismatched tensors: "
+                         + "; ".join(shown))
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        parts = ([f"missing {key_sample(missing)}"] if missing else []) + (
+            [f"unexpected {key_sample(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{source} does not match this {name}'s {len(own)} tensors: " + "; ".join(parts))
     return model.load_state_dict(state, strict=strict)
 
 
@@ -194,8 +213,8 @@ def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool |
             args = {**(yaml.safe_load(f) or {}), **args}
     fam = _family_of_state(state)
     if fam is None:
-        keys = ", ".join(list(state)[:5])
-        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint (its first keys: {keys})")
+        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint: it holds none of their "
+                         f"parameters; its keys look like {key_sample(state)}")
     img_size, patch_size = _geometry(state, path)
     named = args.get("model") or meta.get("model")
     if model is not None and named is not None and model != named:
