@@ -10,7 +10,8 @@ import torch
 
 import crate_kernels
 from crate_kernels import ops
-from crate_kernels.ops import ista, ista_variants
+from crate_kernels.ops import ista
+from crate_kernels.ops.ista import triton_variants as ista_variants
 from crate_kernels.ops.ista import pack_mask, unpack_mask
 
 pytestmark = [

@@ -14,7 +14,7 @@ import crate_kernels
 from crate_kernels import ops
 from crate_kernels.layers import MSSA
 from crate_kernels.ops import mssa as mssa_ops
-from crate_kernels.ops import mssa_variants
+from crate_kernels.ops.mssa import triton_variants as mssa_variants
 from crate_kernels.ops import mssa_attention, mssa_reference
 from crate_kernels.ops.backend import AUTO_TRITON, resolve_backend
 

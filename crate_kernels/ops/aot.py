@@ -35,8 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.mssa_variants", "crate_kernels.ops.ista",
-       "crate_kernels.ops.ista_variants")
+OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.mssa.triton_variants", "crate_kernels.ops.ista",
+       "crate_kernels.ops.ista.triton_variants")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (48, 64, 128)
 # Shared memory one block may opt in to, bytes (CUDA's per-block limit by compute capability)

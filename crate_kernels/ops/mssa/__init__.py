@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .backend import (
+from ..backend import (
     AUTO_TRITON, accumulate_dtype, autocast_input, config_pruning, device_guard, fp32_dot_precision,
     register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
     with_fallback,
@@ -380,14 +380,14 @@ if triton_available():
         out, lse = _forward_triton(w, head_dim ** -0.5)
         _backward_triton(torch.randn_like(w), w, out, lse, head_dim ** -0.5)
 
-    from . import mssa_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
+    from . import triton_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _FORWARD["triton"]
 
     def _backward_cuda(dout, w, out, lse, scale):
         """The CUDA-extension backward (csrc/, imported and built on first use)."""
-        from . import cuda_ext
+        from .. import cuda_ext
 
         return cuda_ext.mssa_backward(dout, w, out, lse, scale)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .backend import (
+from ..backend import (
     AUTO_TRITON, accumulate_dtype, autocast_dtype, autocast_input, config_pruning, device_guard, fp32_dot_precision,
     register_variant, resolve_backend, triton_available, triton_interpreting, tuning_bucket, variant_launcher,
     with_fallback,
 )
-from .layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
+from ..layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
 
@@ -393,14 +393,14 @@ if triton_available():
         _, packed = _forward_triton(x, m, 0.1, 0.5)
         _backward_triton(torch.randn_like(x), x, m, packed, 0.1, True, True)
 
-    from . import ista_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
+    from . import triton_variants  # noqa: E402,F401  (registers the other variants; they use the helpers above)
 
     # backend "cuda": the Triton forward with the CUDA-extension backward (csrc/, built on first use)
     _FORWARD["cuda"] = _FORWARD["triton"]
 
     def _backward_cuda(dout, x, m, packed_mask, step_size, need_dx, need_dm):
         """The CUDA-extension backward (csrc/, imported and built on first use)."""
-        from . import cuda_ext
+        from .. import cuda_ext
 
         return cuda_ext.ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import accumulate_dtype, config_pruning, device_guard, register_variant, triton_available, tuning_bucket
+from ..backend import accumulate_dtype, config_pruning, device_guard, register_variant, triton_available, tuning_bucket
 
 __all__ = ["SYMMETRIC_MAX_N", "VARIANT_MAX_HEAD_DIM"]
 
@@ -39,7 +39,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .mssa import (
+    from . import (
         _LN2, _LOG2E, _ROW_BYTES_LARGE, _backward_triton, _check_launch, _configs, _exact_fp32, _forward_triton,
         _row_bytes, _tile, _triton_meta,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import device_guard, fp32_dot_precision, register_variant, triton_available, tuning_bucket
+from ..backend import device_guard, fp32_dot_precision, register_variant, triton_available, tuning_bucket
 
 __all__: list[str] = []
 
@@ -21,7 +21,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .ista import _autotune, _check_launch, _check_triton_dtype, _dm_chunks, _tiles_grid, _upcast, unpack_mask
+    from . import _autotune, _check_launch, _check_triton_dtype, _dm_chunks, _tiles_grid, _upcast, unpack_mask
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): v1's best-placed tensor-core tiles, and its FMA tile for exact fp32
     _TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4))
