@@ -1,5 +1,5 @@
 """What every ISTA Triton kernel module shares (triton_v1, triton_variants): autotuning spaces and their pruning,
-dtype and launch checks, the grids and the row split of dM.
+dtype and launch checks, the grids and the row split of dM, and the ``@triton.jit`` steps more than one kernel runs.
 
 x (rows, d) and dOut (rows, d) are read through their strides; M (d, d) is cast to x's dtype by the
 launcher; dot products accumulate in fp32 (exact "ieee" for fp32 operands unless PyTorch allows TF32).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from ..backend import config_pruning, triton_interpreting
 
@@ -112,3 +113,10 @@ def check_launch(rows: int, d: int) -> None:
 def tiles_grid(n_rows: int, n_cols: int, *more: int):
     """One program per (BLOCK_M, BLOCK_N) tile of an (n_rows, n_cols) output, times ``more``."""
     return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]), *more)
+
+
+@triton.jit
+def load_mt(m_ptr, offs_k, offs_n, d, stride_mr, stride_mc):
+    """The (K, N) tile of M^T at rows offs_k and columns offs_n: (M^T)[k, n] = M[n, k], zero outside (d, d)."""
+    return tl.load(m_ptr + offs_n[None, :] * stride_mr + offs_k[:, None] * stride_mc,
+                   mask=(offs_k[:, None] < d) & (offs_n[None, :] < d), other=0.0)

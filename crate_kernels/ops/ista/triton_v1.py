@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import cuda_ext
 from ..backend import device_guard, fp32_dot_precision, register_triton_backends, register_variant, tuning_bucket
-from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, tiles_grid, upcast
+from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, load_mt, tiles_grid, upcast
 
 __all__ = ["forward_v1", "backward_v1", "TRITON_KERNELS", "aot_launches"]
 
@@ -105,10 +105,7 @@ def _ista_dx_kernel(
     for k in range(0, d, BLOCK_K):
         kk = k + offs_k
         a = _load_g(dout_ptr, mask_ptr, offs_m, kk, rows, d, stride_gr, stride_gc, stride_mask)
-        b = tl.load(  # (M^T)[k, n] = M[n, k]
-            m_ptr + offs_n[None, :] * stride_mr + kk[:, None] * stride_mc,
-            mask=(kk[:, None] < d) & (offs_n[None, :] < d), other=0.0,
-        )
+        b = load_mt(m_ptr, kk, offs_n, d, stride_mr, stride_mc)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..backend import device_guard, fp32_dot_precision, register_variant, tuning_bucket
 from .torch_impl import unpack_mask
-from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, tiles_grid, upcast
+from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, load_mt, tiles_grid, upcast
 
 __all__: list[str] = []
 
@@ -74,10 +74,7 @@ def _ista_dx_bytemask_kernel(
         byte_next = _mask_bytes(mask_ptr, offs_m, k + BLOCK_K, rows, d, stride_mask, BLOCK_K)  # a step ahead
         a = _masked(_load_cols(dout_ptr, offs_m, k, rows, d, stride_gr, stride_gc, BLOCK_K), byte, BLOCK_M, BLOCK_K)
         byte = byte_next
-        b = tl.load(  # (M^T)[k, n] = M[n, k]
-            m_ptr + offs_n[None, :] * stride_mr + kk[:, None] * stride_mc,
-            mask=(kk[:, None] < d) & (offs_n[None, :] < d), other=0.0,
-        )
+        b = load_mt(m_ptr, kk, offs_n, d, stride_mr, stride_mc)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)

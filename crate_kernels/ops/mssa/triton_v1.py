@@ -15,8 +15,8 @@ from ..backend import (
     accumulate_dtype, config_pruning, device_guard, register_triton_backends, register_variant, tuning_bucket,
 )
 from .triton_common import (
-    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, tile_configs, tile_of,
-    triton_meta,
+    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, softmax_step, tile_configs,
+    tile_of, triton_meta,
 )
 
 __all__ = ["forward_v1", "backward_v1", "TRITON_KERNELS", "aot_launches"]
@@ -95,14 +95,7 @@ def _mssa_fwd_kernel(
                       mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
             w_j = w_j.to(ACC)
-        s = tl.dot(w_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(w_j.dtype), w_j, acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(w_i, w_j, m_i, l_i, acc, qk_scale, cols, N, True, ACC, PRECISION)
 
     out_head = Out + b * stride_ob + h * stride_oh
     tl.store(out_head + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from ..backend import accumulate_dtype, config_pruning, device_guard, register_variant, tuning_bucket
 from .triton_common import (
-    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, row_bytes, softmax_step, tile_configs, tile_of,
-    triton_meta,
+    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, softmax_step, tile_configs,
+    tile_of, triton_meta,
 )
 from .triton_v1 import backward_v1, forward_v1
 
@@ -163,7 +163,7 @@ def _forward_launcher(kernel):
         if out.numel():
             check_launch(w, out)
             with device_guard(w):
-                kernel[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * b * h,)](
+                kernel[head_grid(b * h, n)](
                     w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, tuning_bucket(b * h), **meta
                 )
         return out, lse
@@ -203,7 +203,7 @@ def _mssa_delta_kernel(
 def _delta(dout: torch.Tensor, out: torch.Tensor, meta: dict) -> torch.Tensor:
     b, h, n, p = out.shape
     delta = torch.empty((b, h, n), dtype=accumulate_dtype(out.dtype), device=out.device)
-    _mssa_delta_kernel[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * b * h,)](
+    _mssa_delta_kernel[head_grid(b * h, n)](
         out, dout, delta, *out.stride(), *dout.stride(), h, n, p, BLOCK_D=meta["BLOCK_D"], ACC=meta["ACC"],
     )
     return delta
@@ -328,7 +328,7 @@ def _backward_stacked(dout, w, out, lse, scale):
         check_launch(w, dout, out, dw)
         with device_guard(w):
             delta = _delta(dout, out, meta)
-            _mssa_bwd_stacked_kernel[lambda m: (triton.cdiv(n, m["BLOCK_M"]) * b * h,)](
+            _mssa_bwd_stacked_kernel[head_grid(b * h, n)](
                 w, dout, delta, lse.contiguous(), dw, *w.stride(), *dout.stride(), *dw.stride(),
                 h, n, p, scale, tuning_bucket(b * h), **meta,
             )
