@@ -43,7 +43,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path, capsys):
 
 _KEYS = """
 import json, sys, torch
-from crate_kernels.ops import aot, ista, kernel_variants, mssa, set_variant
+from crate_kernels.ops import aot, kernel_variants, set_variant
+from crate_kernels.ops.backend import launcher
 
 def keys(run):
     return [aot.launch_keys(launch) for launch in aot.capture(run)]
@@ -60,16 +61,16 @@ def mssa_keys(batch):
     w = torch.randn(batch, 197, 12, 64, dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
 
     def run():
-        out, lse = mssa._FORWARD["triton"](w, 0.125)
-        mssa._BACKWARD["triton"](w, w, out, lse, 0.125)
+        out, lse = launcher("mssa_forward", "triton")(w, 0.125)
+        launcher("mssa_backward", "triton")(w, w, out, lse, 0.125)
     return keys(lambda: every_variant("mssa_forward", "mssa_backward", run))
 
 def ista_keys(batch):
     x, m = torch.randn(batch * 197, 576, dtype=torch.bfloat16), torch.randn(576, 576)
 
     def run():
-        _, packed = ista._FORWARD["triton"](x, m, 0.1, 0.5)
-        ista._BACKWARD["triton"](x, x, m, packed, 0.1, True, True)
+        _, packed = launcher("ista_forward", "triton")(x, m, 0.1, 0.5)
+        launcher("ista_backward", "triton")(x, x, m, packed, 0.1, True, True)
     return keys(lambda: every_variant("ista_forward", "ista_backward", run))
 
 json.dump({op: {b: fn(b) for b in map(int, sys.argv[1:])} for op, fn in

@@ -10,11 +10,14 @@ import torch
 
 import crate_kernels
 from crate_kernels import ops
-from crate_kernels.ops import ista, ista_variants
+from crate_kernels.ops import ista
+from crate_kernels.ops.backend import launcher
 from crate_kernels.ops.ista import pack_mask, unpack_mask
 
+triton_common = pytest.importorskip("crate_kernels.ops.ista.triton_common", reason="the triton package is not installed")
+triton_v1 = pytest.importorskip("crate_kernels.ops.ista.triton_v1")
+ista_variants = pytest.importorskip("crate_kernels.ops.ista.triton_variants")
 pytestmark = [
-    pytest.mark.skipif("triton" not in ista._FORWARD, reason="the triton package is not installed"),
     # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy < 2.4 only warns about it).
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
 ]
@@ -153,12 +156,13 @@ def test_triton_launchers_read_strides(variant):
     m = (0.1 * torch.randn(d, d, device=DEVICE)).t()
     assert not (x.is_contiguous() or dout.is_contiguous() or m.is_contiguous())
     out, packed = torch.ops.crate_kernels.ista_forward(x, m, 0.5, 0.1, "triton")
-    ref_out, ref_packed = ista._forward_torch(x.contiguous(), m.contiguous(), 0.5, 0.1)
+    ref_out, ref_packed = launcher("ista_forward", "torch")(x.contiguous(), m.contiguous(), 0.5, 0.1)
     assert rel_err(out, ref_out) < 1e-5
     pre64 = x.double() + 0.5 * x.double() @ m.double() - 0.05
     assert_mask_matches(packed, pre64)
     dx, dm = torch.ops.crate_kernels.ista_backward(dout, x, m, packed, 0.5, True, True, "triton")
-    ref_dx, ref_dm = ista._backward_torch(dout.contiguous(), x.contiguous(), m.contiguous(), packed, 0.5, True, True)
+    ref_dx, ref_dm = launcher("ista_backward", "torch")(dout.contiguous(), x.contiguous(), m.contiguous(), packed,
+                                                         0.5, True, True)
     assert rel_err(dx, ref_dx) < 1e-5 and rel_err(dm, ref_dm) < 1e-5
 
 
@@ -304,11 +308,11 @@ def _launches(run_launchers):
 
 
 def _run_every_variant(x, m):
-    _, packed = ista._FORWARD["triton"](x, m, 0.1, 0.5)
+    _, packed = launcher("ista_forward", "triton")(x, m, 0.1, 0.5)
     for name in BACKWARD_VARIANTS:
         ops.set_variant("ista_backward", name)
         try:
-            ista._BACKWARD["triton"](x, x, m, packed, 0.1, True, True)
+            launcher("ista_backward", "triton")(x, x, m, packed, 0.1, True, True)
         finally:
             ops.set_variant("ista_backward", None)
 
@@ -320,7 +324,7 @@ def test_grids_and_past_2_31_elements_launch():
     x, m = torch.empty(2_800_000, 768, device="meta", dtype=torch.bfloat16), torch.empty(768, 768, device="meta")
     assert x.numel() > 2 ** 31
     launches = _launches(lambda: _run_every_variant(x, m))
-    assert {name for name, _ in launches} == set(ista.TRITON_KERNELS) | set(ista_variants.TRITON_KERNELS)
+    assert {name for name, _ in launches} == set(triton_v1.TRITON_KERNELS) | set(ista_variants.TRITON_KERNELS)
     for name, grid in launches:
         assert 0 < grid[0] < 2 ** 31 and all(0 < g < 65536 for g in grid[1:]), (name, grid)
 
@@ -330,12 +334,12 @@ def test_limits_raise_before_launching(name):
     """d past 46,340 (M's offsets are int32) raises a ValueError naming the limit before any launch."""
     x, m = torch.empty(4, 46341, device="meta"), torch.empty(46341, 46341, device="meta")
     with pytest.raises(ValueError, match="d must be at most 46340"):
-        _launches(lambda: ista._FORWARD["triton"](x, m, 0.1, 0.5))
+        _launches(lambda: launcher("ista_forward", "triton")(x, m, 0.1, 0.5))
     ops.set_variant("ista_backward", name)
     try:
         with pytest.raises(ValueError, match="d must be at most 46340"):
-            _launches(lambda: ista._BACKWARD["triton"](x, x, m, torch.empty(4, 5793, dtype=torch.uint8,
-                                                                            device="meta"), 0.1, True, True))
+            _launches(lambda: launcher("ista_backward", "triton")(x, x, m, torch.empty(4, 5793, dtype=torch.uint8,
+                                                                                   device="meta"), 0.1, True, True))
     finally:
         ops.set_variant("ista_backward", None)
 
@@ -405,18 +409,18 @@ def test_autotune_pruning(monkeypatch, mode):
 
     monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", mode)
     space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-             for m, n, k, w, s in ista._TILES + ista._EXACT_FP32_TILES]
+             for m, n, k, w, s in triton_v1._TILES + triton_v1._EXACT_FP32_TILES]
 
     def pruned(dtype, precision):
-        prune = ista._AUTOTUNE["prune_configs_by"]["early_config_prune"]
+        prune = triton_v1._AUTOTUNE["prune_configs_by"]["early_config_prune"]
         kept = prune(space, {"x_ptr": torch.empty(1, dtype=dtype)}, PRECISION=precision)
-        return [ista._tile(c) for c in kept]
+        return [triton_common.tile_of(c) for c in kept]
 
     def expect(tiles):
         return list(tiles)[:1] if mode == "first" else list(tiles)
 
-    assert pruned(torch.bfloat16, "ieee") == pruned(torch.float16, "ieee") == expect(ista._TILES)
-    assert pruned(torch.float32, "ieee") == expect(ista._EXACT_FP32_TILES)
+    assert pruned(torch.bfloat16, "ieee") == pruned(torch.float16, "ieee") == expect(triton_v1._TILES)
+    assert pruned(torch.float32, "ieee") == expect(triton_v1._EXACT_FP32_TILES)
     tf32 = pruned(torch.float32, "tf32")
-    assert tf32 == expect(t for t in ista._TILES if t not in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4)))
+    assert tf32 == expect(t for t in triton_v1._TILES if t not in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4)))
     assert tf32[0] == (128, 128, 64, 8, 3)

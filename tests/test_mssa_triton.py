@@ -14,9 +14,10 @@ import crate_kernels
 from crate_kernels import ops
 from crate_kernels.models.crate import MSSA
 from crate_kernels.ops import mssa as mssa_ops
-from crate_kernels.ops import mssa_variants
 from crate_kernels.ops import mssa_attention, mssa_reference
-from crate_kernels.ops.backend import AUTO_TRITON, resolve_backend
+from crate_kernels.ops.backend import AUTO_TRITON, launcher, launcher_backends, resolve_backend
+from crate_kernels.ops.mssa import triton_common, triton_v1
+from crate_kernels.ops.mssa import triton_variants as mssa_variants
 
 CUDA = torch.cuda.is_available()
 # Triton 3.6's interpreter turns 1-element arrays into loop bounds (numpy < 2.4 only warns about it).
@@ -116,7 +117,7 @@ def test_custom_scale_and_lse(device, variants):
     ref_out, ref_dw, ref_lse = reference64(w, dout, 0.3)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(dw, ref_dw)
-    _, lse = mssa_ops._FORWARD["triton"](w, 0.3)
+    _, lse = launcher("mssa_forward", "triton")(w, 0.3)
     assert lse.shape == (2, 2, 70) and lse.dtype == torch.float32
     assert_close_fp32(lse, ref_lse)
 
@@ -172,8 +173,8 @@ def test_poisoned_outputs_are_fully_written(monkeypatch, device, variants):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-    out, lse = mssa_ops._FORWARD["triton"](w, p ** -0.5)
-    dw = mssa_ops._BACKWARD["triton"](dout, w, out, lse, p ** -0.5)
+    out, lse = launcher("mssa_forward", "triton")(w, p ** -0.5)
+    dw = launcher("mssa_backward", "triton")(dout, w, out, lse, p ** -0.5)
     assert_close_fp32(out, ref_out)
     assert_close_fp32(lse, ref_lse)
     assert_close_fp32(dw, ref_dw)
@@ -185,7 +186,7 @@ def test_other_block_shapes(monkeypatch, block_m, block_n, device):
     import triton
 
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
-    for kernel in (mssa_ops._mssa_fwd_kernel, mssa_ops._mssa_bwd_kernel):
+    for kernel in (triton_v1._mssa_fwd_kernel, triton_v1._mssa_bwd_kernel):
         monkeypatch.setattr(kernel, "configs", [config])
     w = torch.randn(2, 1, 97, 48, device=device)
     dout = torch.randn_like(w)
@@ -347,7 +348,7 @@ def test_fp32_follows_tf32_setting_cuda():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_picks_triton_on_cuda():
     w = torch.randn(2, 3, 50, 64, device="cuda")
-    assert resolve_backend("auto", w, ("reference", "torch") + tuple(mssa_ops._FORWARD)) == AUTO_TRITON
+    assert resolve_backend("auto", w, ("reference", "torch") + launcher_backends("mssa_forward")) == AUTO_TRITON
     dout = torch.randn_like(w)
     out, dw = run(w, dout, backend="auto")
     ref_out, ref_dw, _ = reference64(w, dout, 64 ** -0.5)
@@ -411,7 +412,7 @@ def test_grids_take_batch_times_heads_past_65535():
     2^31 - 1), one program per row block per head, or persistent programs that loop over heads."""
     w = torch.empty(35000, 17, 2, 32, device="meta").transpose(1, 2)
     launches = _launches(lambda: _run_every_variant(w))
-    assert {name for name, _ in launches} == set(mssa_ops.TRITON_KERNELS) | set(mssa_variants.TRITON_KERNELS)
+    assert {name for name, _ in launches} == set(triton_v1.TRITON_KERNELS) | set(mssa_variants.TRITON_KERNELS)
     for name, grid in launches:
         assert len(grid) == 1 and 0 < grid[0] < 2 ** 31, (name, grid)
         if name != "mssa_bwd_symmetric":  # persistent: min(batch x heads, programs per device)
@@ -447,8 +448,8 @@ def test_variants_run_v1_past_their_head_dims_and_lengths():
 
 
 def _run_launchers(w):
-    out, lse = mssa_ops._FORWARD["triton"](w, 0.125)
-    mssa_ops._BACKWARD["triton"](w, w, out, lse, 0.125)
+    out, lse = launcher("mssa_forward", "triton")(w, 0.125)
+    launcher("mssa_backward", "triton")(w, w, out, lse, 0.125)
 
 
 @pytest.mark.parametrize("pair", VARIANT_PAIRS, ids=["-".join(p) for p in VARIANT_PAIRS])
@@ -460,15 +461,15 @@ def test_limits_raise_before_launching(pair):
     try:
         wide = torch.empty_strided((1, 1, 2 ** 20, 64), (0, 0, 2 ** 12, 1), device="meta")
         with pytest.raises(ValueError, match=r"within one head in int32: \(N - 1\) \* stride_N"):
-            _launches(lambda: mssa_ops._FORWARD["triton"](wide, 0.1))
+            _launches(lambda: launcher("mssa_forward", "triton")(wide, 0.1))
         with pytest.raises(ValueError, match=r"within one head in int32"):
-            _launches(lambda: mssa_ops._BACKWARD["triton"](wide, wide, wide, torch.empty(1, 1, 2 ** 20,
-                                                                                     device="meta"), 0.1))
+            _launches(lambda: launcher("mssa_backward", "triton")(wide, wide, wide, torch.empty(1, 1, 2 ** 20,
+                                                                                            device="meta"), 0.1))
         many = torch.empty(2 ** 27, 1, 256, 16, device="meta")
         with pytest.raises(ValueError, match=r"programs, which must stay below 2\^31"):
-            _launches(lambda: mssa_ops._FORWARD["triton"](many, 0.1))
+            _launches(lambda: launcher("mssa_forward", "triton")(many, 0.1))
         with pytest.raises(ValueError, match="head dims up to 256"):
-            _launches(lambda: mssa_ops._FORWARD["triton"](torch.empty(1, 1, 4, 257, device="meta"), 0.1))
+            _launches(lambda: launcher("mssa_forward", "triton")(torch.empty(1, 1, 4, 257, device="meta"), 0.1))
     finally:
         ops.set_variant("mssa_forward", None)
         ops.set_variant("mssa_backward", None)
@@ -536,7 +537,7 @@ def _space(tiles):
 
 
 def _tiles(configs):
-    return [mssa_ops._tile(c) for c in configs]
+    return [triton_common.tile_of(c) for c in configs]
 
 
 @pytest.mark.parametrize("mode", ["full", "first"])
@@ -544,34 +545,34 @@ def test_autotune_pruning(monkeypatch, mode):
     """Tensor-core tiles that fit shared memory for the row size, FMA tiles for exact fp32 products; in autotune mode
     'first' only the first of them (crate_kernels.ops.aot checks on sm_90 and sm_80 that the first one fits)."""
     monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", mode)
-    fwd = _space(mssa_ops._FWD_TILES + mssa_ops._FWD_EXACT_FP32_TILES)
-    bwd = _space(mssa_ops._BWD_TILES + mssa_ops._BWD_EXACT_FP32_TILES)
+    fwd = _space(triton_v1._FWD_TILES + triton_v1._FWD_EXACT_FP32_TILES)
+    bwd = _space(triton_v1._BWD_TILES + triton_v1._BWD_EXACT_FP32_TILES)
 
     def pruned(dtype, block_d, precision="ieee"):
         args, kwargs = {"W": torch.empty(1, dtype=dtype)}, {"BLOCK_D": block_d, "PRECISION": precision}
-        prune_fwd, prune_bwd = (k.early_config_prune for k in (mssa_ops._mssa_fwd_kernel, mssa_ops._mssa_bwd_kernel))
+        prune_fwd, prune_bwd = (k.early_config_prune for k in (triton_v1._mssa_fwd_kernel, triton_v1._mssa_bwd_kernel))
         return _tiles(prune_fwd(fwd, args, **kwargs)), _tiles(prune_bwd(bwd, args, **kwargs))
 
     def expect(tiles):
         return list(tiles)[:1] if mode == "first" else list(tiles)
 
-    all_but_fallback = [t for t in mssa_ops._BWD_TILES if t[0] * t[1] > 32 * 32]
+    all_but_fallback = [t for t in triton_v1._BWD_TILES if t[0] * t[1] > 32 * 32]
     # the model's shapes (bf16 p = 64) and TF32 p = 64: every tile but the backward's 32 x 32 fallback
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
-        assert pruned(dtype, 64, precision) == (expect(mssa_ops._FWD_TILES), expect(all_but_fallback))
+        assert pruned(dtype, 64, precision) == (expect(triton_v1._FWD_TILES), expect(all_but_fallback))
     # exact fp32: the FMA tiles
-    assert pruned(torch.float32, 64) == (expect(mssa_ops._FWD_EXACT_FP32_TILES),
-                                         expect(mssa_ops._BWD_EXACT_FP32_TILES))
+    assert pruned(torch.float32, 64) == (expect(triton_v1._FWD_EXACT_FP32_TILES),
+                                         expect(triton_v1._BWD_EXACT_FP32_TILES))
     # 512-byte rows (TF32 p = 128, bf16 p = 256): backward tiles up to 64 x 32
     for dtype, block_d, precision in ((torch.float32, 128, "tf32"), (torch.bfloat16, 256, "ieee")):
         _, bwd_kept = pruned(dtype, block_d, precision)
-        assert bwd_kept == expect(t for t in mssa_ops._BWD_TILES if t[0] * t[1] <= 64 * 32)
+        assert bwd_kept == expect(t for t in triton_v1._BWD_TILES if t[0] * t[1] <= 64 * 32)
         assert bwd_kept[0][:2] == (64, 32)
     # 1 KB rows (TF32 p = 256, fp64 p = 128): the 32 x 32 backward tile alone, no 128-row forward tile
     for dtype, block_d, precision in ((torch.float32, 256, "tf32"), (torch.float64, 128, "ieee")):
         fwd_kept, bwd_kept = pruned(dtype, block_d, precision)
         assert bwd_kept == [(32, 32, 4, 2)]
-        assert fwd_kept == expect(t for t in mssa_ops._FWD_TILES if t[0] < 128)
+        assert fwd_kept == expect(t for t in triton_v1._FWD_TILES if t[0] < 128)
 
 
 def test_autotune_mode_is_checked(monkeypatch):

@@ -46,7 +46,7 @@ def test_mssa_torch_matches_float64_reference(n, p):
 @pytest.mark.parametrize("n,p", [(1, 48), (17, 64), (197, 64)])
 def test_mssa_matmul_launchers_match_float64_reference(n, p):
     """The device-independent form of the torch backend (CPU uses PyTorch's flash kernels instead)."""
-    from crate_kernels.ops.mssa import _backward_matmul, _forward_matmul
+    from crate_kernels.ops.mssa.torch_impl import _backward_matmul, _forward_matmul
 
     w, dout, scale = torch.randn(2, 3, n, p), torch.randn(2, 3, n, p), p ** -0.5
     ref_out, ref_dw = mssa_ref64(w, scale, dout)

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crate_kernels import ops
-from crate_kernels.ops import ista, mssa
+from crate_kernels.ops.backend import launcher_backends
 
-BACKENDS = ["reference", "torch"] + (["triton"] if "triton" in mssa._FORWARD else [])
+BACKENDS = ["reference", "torch"] + (["triton"] if "triton" in launcher_backends("mssa_forward") else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXAMPLES = settings(max_examples=12, deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -2,7 +2,7 @@
 
     python -m crate_kernels.ops.aot [--arch 90 --arch 80] [--jobs 2] [--json FILE]
 
-Each operator module in OPS lists its kernels (``TRITON_KERNELS``) and a function that runs its launchers
+Each Triton kernel module in OPS lists its kernels (``TRITON_KERNELS``) and a function that runs its launchers
 (``aot_launches(dtype, head_dim)``). Those launchers run here on small CPU tensors with every autotuned launch
 intercepted, so the compiler gets exactly the arguments, constexprs and specialization the runtime would give
 it. For every GPU arch, the kernel's own pruning (the function its autotuner calls) picks the configs, and
@@ -35,8 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-OPS = ("crate_kernels.ops.mssa", "crate_kernels.ops.mssa_variants", "crate_kernels.ops.ista",
-       "crate_kernels.ops.ista_variants")
+OPS = ("crate_kernels.ops.mssa.triton_v1", "crate_kernels.ops.mssa.triton_variants",
+       "crate_kernels.ops.ista.triton_v1", "crate_kernels.ops.ista.triton_variants")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (48, 64, 128)
 # Shared memory one block may opt in to, bytes (CUDA's per-block limit by compute capability)

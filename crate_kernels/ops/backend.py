@@ -13,6 +13,10 @@ The process-wide default comes from ``set_backend`` or the environment variable
 the Triton kernels and they fail to compile or launch for a shape, it warns once (operator, shape, dtype, error)
 and runs ``torch`` for that shape from then on; an explicit ``triton`` raises instead.
 
+Each operator's modules register what a concrete backend runs for its forward and backward (``register_launcher``,
+read with ``launcher(kind, backend)``): its PyTorch launchers, and where triton imports its Triton modules, which
+also register their kernel variants (``register_variant``) and the backends on them (``register_triton_backends``).
+
 Kernel variants are alternative algorithms inside ``triton`` (``kernel_variants()``): chosen with
 ``set_variant(kind, name)`` or ``CRATE_KERNELS_VARIANTS="mssa_backward=symmetric,ista_backward=v1"``, else the
 GPU generation's entry in ``AUTO_VARIANTS`` (filled from committed GPU reports), else ``v1``.
@@ -236,7 +240,8 @@ def _check_variant(kind: str, name: str, argument: str) -> str:
 
 
 def set_variant(kind: str, name: str | None) -> None:
-    """Run variant ``name`` for ``kind`` process-wide (``None``: back to $CRATE_KERNELS_VARIANTS, AUTO_VARIANTS, "v1")."""
+    """Run variant ``name`` for ``kind`` process-wide (``None``: back to $CRATE_KERNELS_VARIANTS, AUTO_VARIANTS,
+    "v1")."""
     if name is None:
         _chosen.pop(kind, None)
     else:
@@ -282,6 +287,44 @@ def variant_launcher(kind: str) -> Callable:
         return _variants[kind][get_variant(kind, tensor)](*args)
 
     return launch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers: what each backend runs for an operator's forward and backward
+# ----------------------------------------------------------------------------------------------------------------
+_launchers: dict[str, dict[str, Callable]] = {kind: {} for kind in KERNEL_KINDS}
+
+
+def register_launcher(kind: str, backend: str, launcher: Callable) -> None:
+    """Make ``launcher`` what backend ``backend`` runs for ``kind`` (e.g. "mssa_forward"); the operator's modules
+    call this at import: its PyTorch launchers, then, where triton imports, its Triton modules."""
+    _launchers[kind][backend] = launcher
+
+
+def launcher(kind: str, backend: str) -> Callable:
+    """The launcher registered for ``kind`` and the concrete backend ``backend``."""
+    try:
+        return _launchers[kind][backend]
+    except KeyError:
+        raise ValueError(f"no launcher of {kind!r} is registered for backend {backend!r} "
+                         f"(registered: {tuple(_launchers.get(kind, ()))})") from None
+
+
+def launcher_backends(kind: str) -> tuple[str, ...]:
+    """The backends with a launcher for ``kind``, in the order they were registered."""
+    return tuple(_launchers[kind])
+
+
+def register_triton_backends(op: str, cuda_backward: Callable) -> None:
+    """Register the backends that run ``op``'s Triton kernels ("mssa", "ista"), once its "v1" variants and torch
+    launchers are registered: "triton" (the chosen variant), auto's Triton choice (``with_fallback`` to "torch"),
+    and "cuda" (the Triton forward with ``cuda_backward``, the CUDA extension's)."""
+    for direction in ("forward", "backward"):
+        kind = f"{op}_{direction}"
+        register_launcher(kind, "triton", variant_launcher(kind))
+        register_launcher(kind, AUTO_TRITON, with_fallback(kind, launcher(kind, "triton"), launcher(kind, "torch")))
+    register_launcher(f"{op}_forward", "cuda", launcher(f"{op}_forward", "triton"))
+    register_launcher(f"{op}_backward", "cuda", cuda_backward)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

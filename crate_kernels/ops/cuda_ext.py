@@ -3,9 +3,9 @@
     mssa_backward(dout, w, out, lse, scale) -> dw
     ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm) -> (dx | None, dm | None)
 
-take and return exactly what the ``_backward_torch`` launchers of mssa.py and ista.py do, for CUDA tensors of
-dtype float32, float16 or bfloat16 (head dim p <= 128 for MSSA). Arithmetic is fp32 throughout. ``kernel``
-picks the csrc/ kernel (MSSA_KERNELS, ISTA_KERNELS; csrc/crate_kernels.h):
+take and return exactly what the "torch" backward launchers (mssa/torch_impl.py, ista/torch_impl.py) do, for
+CUDA tensors of dtype float32, float16 or bfloat16 (head dim p <= 128 for MSSA). Arithmetic is fp32 throughout.
+``kernel`` picks the csrc/ kernel (MSSA_KERNELS, ISTA_KERNELS; csrc/crate_kernels.h):
   ``mma``        ldmatrix + mma.sync tensor-core tiles fed by cp.async (float16/bfloat16, compute capability
                  >= 8.0, 16-byte aligned rows); MSSA runs one block per (batch, head) for N <= 256 that visits
                  each pair of 64-row tiles once (S = S^T), and the tiled form above that
