@@ -62,15 +62,15 @@ def import_edges(module: str, path: Path, modules: dict[str, Path], package: str
     return edges
 
 
-def import_graph(root: Path, package: str) -> dict[str, dict[str, int]]:
-    """module -> {imported module: first line importing it} over the package's own modules."""
+def import_graph(root: Path, package: str) -> dict[str, dict[str, list[int]]]:
+    """module -> {imported module: the lines importing it} over the package's own modules."""
     modules = find_modules(root, package)
     graph = {}
     for module, path in modules.items():
         graph[module] = {}
         for target, line in import_edges(module, path, modules, package):
-            if target != module:
-                graph[module].setdefault(target, line)
+            if target != module and line not in graph[module].get(target, []):
+                graph[module].setdefault(target, []).append(line)
     return graph
 
 
@@ -79,12 +79,12 @@ def layer(module: str) -> int:
     return LAYERS.get(parts[1], COMMANDS) if len(parts) > 1 else COMMANDS
 
 
-def upward_imports(graph: dict[str, dict[str, int]], root: Path) -> list[str]:
-    """One line per import of a module in a layer above the importer's."""
+def upward_imports(graph: dict[str, dict[str, list[int]]], root: Path) -> list[str]:
+    """One line per import statement naming a module in a layer above the importer's."""
     found = []
     for module, targets in sorted(graph.items()):
-        for target, line in sorted(targets.items()):
-            if layer(target) > layer(module):
+        for target, lines in sorted(targets.items()):
+            for line in sorted(lines) if layer(target) > layer(module) else ():
                 found.append(f"{module} ({_where(module, root)}:{line}) -> {target}: "
                              f"{LAYER_NAMES[layer(module)]} imports {LAYER_NAMES[layer(target)]}")
     return found
@@ -95,7 +95,7 @@ def _where(module: str, root: Path) -> str:
     return str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(root))
 
 
-def import_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+def import_cycles(graph: dict[str, dict[str, list[int]]]) -> list[list[str]]:
     """One circle (first module repeated at the end) per strongly connected component of more than one module."""
     index, low, stack, on_stack, components = {}, {}, [], set(), []
 
@@ -126,7 +126,7 @@ def import_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     return [_circle(graph, component) for component in components]
 
 
-def _circle(graph: dict[str, dict[str, int]], component: set[str]) -> list[str]:
+def _circle(graph: dict[str, dict[str, list[int]]], component: set[str]) -> list[str]:
     """The shortest circle through the component's first module, by breadth-first search inside the component."""
     start = min(component)
     parent, frontier = {start: None}, [start]
@@ -146,8 +146,9 @@ def _circle(graph: dict[str, dict[str, int]], component: set[str]) -> list[str]:
     raise AssertionError(f"no circle through {start} in {sorted(component)}")
 
 
-def describe(cycle: list[str], graph: dict[str, dict[str, int]], root: Path) -> str:
-    return " -> ".join(f"{a} ({_where(a, root)}:{graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+def describe(cycle: list[str], graph: dict[str, dict[str, list[int]]], root: Path) -> str:
+    steps = (f"{a} ({_where(a, root)}:{min(graph[a][b])})" for a, b in zip(cycle, cycle[1:]))
+    return " -> ".join(steps) + f" -> {cycle[-1]}"
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -192,12 +193,13 @@ _CLEAN = {
 
 def test_checker_passes_a_package_that_follows_the_layers(tmp_path):
     graph = import_graph(_write(tmp_path, _CLEAN), PACKAGE)
-    assert graph["crate_kernels.ops.mssa"] == {"crate_kernels.ops.backend": 1, "crate_kernels.ops.mssa.triton_v1": 2,
-                                               "crate_kernels.ops.mssa.variants": 2}
-    assert graph["crate_kernels.ops.mssa.variants"] == {"crate_kernels.ops.mssa.common": 1}
-    assert graph["crate_kernels.pipeline.run"] == {"crate_kernels.models.crate": 2, "crate_kernels.whitebox": 3}
-    assert graph["crate_kernels.train.__main__"] == {"crate_kernels.train": 1}
-    assert graph["crate_kernels.models.crate"] == {"crate_kernels.ops.mssa": 1, "crate_kernels.errors": 2}
+    assert graph["crate_kernels.ops.mssa"] == {"crate_kernels.ops.backend": [1],
+                                               "crate_kernels.ops.mssa.triton_v1": [2],
+                                               "crate_kernels.ops.mssa.variants": [2]}
+    assert graph["crate_kernels.ops.mssa.variants"] == {"crate_kernels.ops.mssa.common": [1]}
+    assert graph["crate_kernels.pipeline.run"] == {"crate_kernels.models.crate": [2], "crate_kernels.whitebox": [3]}
+    assert graph["crate_kernels.train.__main__"] == {"crate_kernels.train": [1]}
+    assert graph["crate_kernels.models.crate"] == {"crate_kernels.ops.mssa": [1], "crate_kernels.errors": [2]}
     assert upward_imports(graph, tmp_path) == [] and import_cycles(graph) == []
 
 
@@ -217,12 +219,15 @@ def test_checker_lists_every_import_up_the_layers(tmp_path):
     files = {**_CLEAN,
              "crate_kernels/errors.py": "from .ops.backend import x\n",
              "crate_kernels/models/crate.py": "from ..ops import mssa\n\n\ndef load():\n"
-                                              "    from crate_kernels.pipeline.run import f\n",
+                                              "    from crate_kernels.pipeline.run import f\n\n\ndef save():\n"
+                                              "    from ..pipeline import run\n",
              "crate_kernels/ops/backend.py": "import crate_kernels.probe\n"}
     graph = import_graph(_write(tmp_path, files), PACKAGE)
     assert upward_imports(graph, tmp_path) == [
         "crate_kernels.errors (crate_kernels/errors.py:1) -> crate_kernels.ops.backend: errors imports ops",
         "crate_kernels.models.crate (crate_kernels/models/crate.py:5) -> crate_kernels.pipeline.run: "
+        "models imports pipeline",
+        "crate_kernels.models.crate (crate_kernels/models/crate.py:9) -> crate_kernels.pipeline.run: "
         "models imports pipeline",
         "crate_kernels.ops.backend (crate_kernels/ops/backend.py:1) -> crate_kernels.probe: ops imports commands",
     ]
