@@ -31,11 +31,8 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (the soak test)")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long tests left out of the default run (--run-slow or CRATE_SLOW=1)")
-
-
 def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked slow unless asked (the markers: pyproject.toml's [tool.pytest.ini_options])."""
     if config.getoption("--run-slow") or os.environ.get("CRATE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow or CRATE_SLOW=1")

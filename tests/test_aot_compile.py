@@ -15,6 +15,7 @@ import pytest
 
 from crate_kernels.ops import aot
 
+pytestmark = pytest.mark.compile  # Triton compiles every kernel for sm_90 and sm_80 in child processes
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (its compiler and ptxas)")
 
 ROOT = Path(__file__).resolve().parent.parent

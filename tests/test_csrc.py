@@ -27,6 +27,7 @@ import torch
 from crate_kernels.ops import cuda_ext
 from crate_kernels.ops.ista import pack_mask
 
+pytestmark = pytest.mark.compile  # nvcc builds of csrc/, and g++ builds of the kernels for host emulation
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 KERNELS = sorted(CSRC.glob("*.cu"))
 ARCHS = ("80", "90")

@@ -132,6 +132,7 @@ def _finetune_cli(args, **kwargs):
                           timeout=600, **kwargs)
 
 
+@pytest.mark.e2e
 def test_end_to_end_on_the_default_digits_writes_scores_best_model_and_resumes_to_nothing(run_dir, tmp_path):
     out = tmp_path / "ft"
     proc = _finetune_cli([str(run_dir), *TINY, "--output_dir", str(out)])
@@ -277,6 +278,7 @@ def test_bad_inputs_are_one_message_before_anything_is_written(run_dir, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_dir, tmp_path):
     """With RandAugment, random erasing, mixup and cutmix all on, and the default data-loading workers."""
     pytest.importorskip("kornia")
@@ -319,6 +321,7 @@ def test_help_lists_the_recipe_flags(capsys):
         assert flag in text
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_matches_one_process_and_tests_the_whole_split(run_dir, tmp_path):
     args = [str(run_dir), "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--no_tensorboard",
             "--num_workers", "0", "--blr", "1e-2"]

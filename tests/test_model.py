@@ -271,6 +271,7 @@ def test_grad_checkpointing_recomputes_layers_with_equal_gradients_and_fewer_sav
         torch.testing.assert_close(model.forward_features(imgs), model.set_grad_checkpointing(False).forward_features(imgs))
 
 
+@pytest.mark.compile
 def test_whole_model_compiles_as_one_graph_through_inductor():
     """The custom operators are registered with torch.library, so torch.compile(fullgraph=True) captures forward
     and backward with no graph break; Inductor's numerics equal eager within float32 tolerance."""

@@ -19,6 +19,7 @@ from crate_kernels.train import load_run, main
 from crate_kernels.train.config import resolve
 from crate_kernels.train.loop import build_model
 
+pytestmark = pytest.mark.e2e  # whole training runs: python -m crate_kernels.train, torchrun, or main() in process
 # 16x16 images, 16 patches, the demo architecture (3 + 3 layers); batches of 4 from 24 crops per epoch.
 TINY = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "24", "--batch_size", "4", "--eval_every", "0", "--no_tensorboard",
         "--num_workers", "0", "--log_every", "1", "--seed", "5", "--warmup_steps", "3", "--blr", "1e-2"]
