@@ -33,6 +33,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -325,6 +326,14 @@ def register_triton_backends(op: str, cuda_backward: Callable) -> None:
         register_launcher(kind, AUTO_TRITON, with_fallback(kind, launcher(kind, "triton"), launcher(kind, "torch")))
     register_launcher(f"{op}_forward", "cuda", launcher(f"{op}_forward", "triton"))
     register_launcher(f"{op}_backward", "cuda", cuda_backward)
+
+
+class Candidate(NamedTuple):
+    """One implementation of a kernel kind (e.g. "mssa_forward") that a measured choice may run: ``fn`` takes the
+    kind's launcher arguments; ``supports(*same arguments)`` is None where ``fn`` can run them, else a short reason."""
+
+    fn: Callable
+    supports: Callable[..., str | None]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
