@@ -26,7 +26,13 @@ setup(
                                       "crate-probe = crate_kernels.probe:main",
                                       "crate-analyze = crate_kernels.analyze:main"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'"],
+        # The tests run the Triton kernels through triton's CPU interpreter, which under triton 3.6/3.7 fails with
+        # numpy >= 2.4 (range() over a runtime bound: "only 0-dimensional arrays can be converted to Python scalars");
+        # triton >= 3.8 works with both. numpy is capped, not triton floored: CUDA torch pins triton exactly
+        # (torch 2.11: triton==3.6.0), so a triton floor would make pip replace the user's torch or give up, while
+        # numpy < 2.4 works with every triton. The cap binds only this extra; the package itself takes any numpy.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.4",
+                 "triton>=3.0; platform_system == 'Linux'"],
         "jpeg": ["simplejpeg>=1.6"],  # JPEG decoding straight to numpy, about twice PIL's rate (pipeline.data)
         # figures, the probe's logistic regression, fine-tuning's RandAugment and random erasing
         "analysis": ["matplotlib>=3.5", "scikit-learn>=1.1", "kornia>=0.7.1"],
