@@ -103,12 +103,14 @@ def test_triton_matches_float64_reference(rows, d, lambd, eta, variant):
 
 @pytest.mark.parametrize("rows,d,lambd", [(197, 64, 0.5), (394, 48, 0.1)])
 def test_triton_near_threshold(rows, d, lambd, variant):
-    """x solves x (I + eta M) = p + eta lambda for targets p, two thirds of them +-[2e-4, 2e-3]."""
+    """x solves x (I + eta M) = p + eta lambda for targets p, two thirds of them +-[2e-4, 2e-3], the others N(0, 1)
+    kept at least 2e-3 from zero."""
     eta = 0.1
     weight = dictionary(d)
     w64 = weight.double()
     m64 = w64 - w64.t() @ w64
     target = torch.randn(rows, d, device=DEVICE, dtype=torch.float64)
+    target = torch.where(target < 0, -1.0, 1.0) * target.abs().clamp_min(2e-3)
     near = torch.rand(rows, d, device=DEVICE) < 2 / 3
     small = torch.empty_like(target).uniform_(2e-4, 2e-3) * torch.randn_like(target).sign()
     target = torch.where(near, small, target)
