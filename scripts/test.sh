@@ -2,6 +2,7 @@
 # The test command: unit tests (Triton through its interpreter on CPU), the csrc compile check,
 # and every benchmark run once as a plain test. Fails on any failure or on an empty collection.
 # --quick: the edit-test loop, tests/ without the compile, end-to-end (subprocess) and slow tiers, no benchmarks.
+# Each test seeds from crc32(test id) + $CRATE_TEST_SEED_SHIFT (integer, default 0); a failure prints its seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--quick" ]]; then

@@ -12,6 +12,20 @@ os.environ.setdefault("CRATE_KERNELS_AUTOTUNE", "first")
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEED_SHIFT_VAR = "CRATE_TEST_SEED_SHIFT"
+
+
+def _seed_shift() -> int:
+    value = os.environ.get(SEED_SHIFT_VAR, "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"${SEED_SHIFT_VAR} must be an integer, got {value!r}") from None
+
+
+def seed_of(nodeid: str) -> int:
+    """crc32 of the test's id plus $CRATE_TEST_SEED_SHIFT (default 0)."""
+    return zlib.crc32(nodeid.encode()) + _seed_shift()
 
 
 @pytest.fixture
@@ -21,10 +35,29 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """A different seed per test (fresh random inputs), reproducible from the test's id."""
-    seed = zlib.crc32(request.node.nodeid.encode())
+    """A different seed per test (fresh random inputs), reproducible from the test's id and the shift; hypothesis
+    tests draw their examples from the same seed (hypothesis.seed), so the shift changes those too."""
+    seed = seed_of(request.node.nodeid)
     torch.manual_seed(seed)
+    if hasattr(request.function, "hypothesis"):
+        import hypothesis
+
+        hypothesis.seed(seed)(request.function)
     yield
+
+
+def pytest_report_header(config):
+    return f"test seeds: crc32(test id) + ${SEED_SHIFT_VAR} = {_seed_shift()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report names its seed and how to rerun it with the same one."""
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("test seed", f"seed {seed_of(item.nodeid)} = crc32({item.nodeid!r}) + shift "
+                                             f"{_seed_shift()}; rerun: {SEED_SHIFT_VAR}={_seed_shift()} "
+                                             f"python -m pytest '{item.nodeid}'"))
 
 
 def pytest_addoption(parser):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import assert_close, assert_mssa_close
 
 from crate_kernels.ops import cuda_ext
 from crate_kernels.ops.ista import pack_mask
@@ -165,11 +166,8 @@ def test_binding_builds_and_links(objects, cuda_root, build_dir):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Float64 truth and the error rule shared by (c) and (d)
+# Float64 truth and PyTorch's math in the kernel's dtype, shared by (c) and (d) (the rule: tests/tolerance.py)
 # --------------------------------------------------------------------------------------------------------
-ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
 def _guarded(shape, dtype, fill=float("nan"), device="cpu"):
     """(buffer, tensor): a contiguous tensor inside a buffer whose GUARD elements on each side hold `fill`."""
     buf = torch.full((math.prod(shape) + 2 * GUARD,), fill, dtype=dtype, device=device)
@@ -180,19 +178,6 @@ def _assert_guards_intact(buf, fill, name):
     guards = torch.cat([buf[:GUARD], buf[-GUARD:]])
     intact = torch.isnan(guards.float()).all() if math.isnan(fill) else (guards == fill).all()
     assert bool(intact), f"{name}: a kernel wrote outside its output"
-
-
-def _assert_close(got, truth, ref, dtype, name):
-    """fp32 within 1e-5 of max|truth|; fp16/bf16 within 2x the error of the same math in that dtype (`ref`)
-    plus one ulp of max|truth|."""
-    assert got.shape == truth.shape and not torch.isnan(got).any(), f"{name}: NaN or wrong shape"
-    scale = truth.abs().max().item()
-    err = (got.double() - truth).abs().max().item()
-    if dtype == torch.float32:
-        bound = 1e-5 * scale
-    else:
-        bound = 2 * (ref.double() - truth).abs().max().item() + ULP[dtype] * scale
-    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (max |truth| {scale:.3e})"
 
 
 def _mssa_inputs(b, h, n, p, dtype, device):
@@ -214,11 +199,8 @@ def _mssa_inputs(b, h, n, p, dtype, device):
 
 
 def _mssa_check(dw, w, dout, scale, dtype, name):
-    w64 = w.double().requires_grad_()
-    (torch.softmax(w64 @ w64.transpose(-1, -2) * scale, -1) @ w64).backward(dout.double())
-    wr = w.detach().clone().requires_grad_()  # the release's math in dtype
-    (torch.softmax(wr @ wr.transpose(-1, -2) * scale, -1) @ wr).backward(dout)
-    _assert_close(dw, w64.grad, wr.grad, dtype, name)
+    assert dw.dtype == w.dtype == dtype, name
+    assert_mssa_close(w, dout, scale, dw=dw, name=name)
 
 
 def _ista_inputs(rows, d, dtype, device):
@@ -236,16 +218,16 @@ def _ista_inputs(rows, d, dtype, device):
 
 def _ista_check(dx, dm, x, dout, m, mask, eta, dtype, name):
     g64 = dout.double() * mask
+    g = (dout * mask).float()  # the torch backend's math: M rounded to dtype, fp32 accumulation
     if dx is not None and dx.numel():
-        g = (dout * mask).float()  # the torch backend's math: M rounded to dtype, fp32 accumulation
+        assert dx.dtype == dtype, name
         ref = torch.addmm(g, g, m.to(dtype).float().t(), alpha=eta).to(dtype)
-        _assert_close(dx, g64 + eta * g64 @ m.double().t(), ref, dtype, f"{name} dx")
+        assert_close(dx, g64 + eta * g64 @ m.double().t(), ref, f"{name} dx")
     if dm is not None:
-        truth = eta * x.double().t() @ g64
         if x.shape[0] == 0:
             assert bool((dm == 0).all()), f"{name} dM: not zero without rows"
         else:
-            _assert_close(dm, truth, None, torch.float32, f"{name} dM")
+            assert_close(dm, eta * x.double().t() @ g64, eta * x.float().t() @ g, f"{name} dM")
 
 
 # --------------------------------------------------------------------------------------------------------
