@@ -13,7 +13,7 @@ outputs); every backend shares it, backends differ in the launchers they registe
 
     torch_impl       the reference math, the packed mask and the "torch" launchers
     triton_common    what the Triton modules share: tiles and their pruning, dtype and launch checks, grids
-    triton_v1        the first Triton kernels: the "v1" variants and the "triton", auto and "cuda" backends
+    triton_v1        the first Triton kernels: the "v1" variants and the "triton" and "cuda" backends
     triton_variants  the other Triton kernel variants
 
 This module imports only torch_impl; crate_kernels.ops imports the Triton modules where triton is installed.
