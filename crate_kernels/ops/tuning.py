@@ -396,10 +396,8 @@ def choose(kind: str, args: tuple) -> str:
 
 def auto_launcher(kind: str) -> Callable:
     """Backend ``auto``'s launcher of ``kind``: the candidate ``choose`` picks, run on the arguments."""
-    entries = backend._candidates[kind]
-
     def launch(*args):
-        return entries[choose(kind, args)].fn(*args)
+        return backend._candidates[kind][choose(kind, args)].fn(*args)
 
     return launch
 
