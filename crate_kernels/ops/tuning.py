@@ -427,6 +427,18 @@ def tuning_stats() -> dict:
     return dict(_stats)
 
 
+def cache_note() -> str:
+    """Where the tuning cache lives, for a progress line."""
+    return f"tuning cache in {cache_dir()}" if tune_mode() == "on" else f"${_TUNE_ENV}=off: the fixed order"
+
+
+def stats_note() -> str:
+    """``tuning_stats()`` as words, for a progress line."""
+    stats = tuning_stats()
+    return (f"auto: {stats['measured']} operator shapes measured in {stats['seconds']:.1f} s, "
+            f"{stats['from_cache']} read from the tuning cache")
+
+
 def tuning_table() -> list[dict]:
     """One row per (kind, tuning key, candidate) decided in this process: kind, key, shape, candidate, ms (median,
     None where not timed), error (max relative error against the float64 library path), status, chosen, source
