@@ -193,8 +193,12 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         install_fakes({"library": 0.01, "fast": 0.0 if rank == 0 else 0.005, "slow": 0.005 if rank == 0 else 0.0})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for shape in (SHAPE, (1, 2, 50, 32)):
-                ops.mssa_attention(torch.randn(*shape), backend="auto")
+            with tuning.agreeing():
+                for shape in (SHAPE, (1, 2, 50, 32)):
+                    ops.mssa_attention(torch.randn(*shape), backend="auto")
+            calls.clear()
+            ops.mssa_attention(torch.randn(1, 1, 9, 32), backend="auto")  # outside: the fixed order, no collective
+        assert calls == {"library": 1}, calls
         choices = {r["key"]: (r["candidate"], r["source"]) for r in ops.tuning_table() if r["chosen"]}
         with open(f"{out}.{rank}", "w") as f:
             json.dump(choices, f)
@@ -202,7 +206,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_take_rank_0s_choices(tmp_path):
+def test_two_gloo_ranks_take_rank_0s_choices_inside_agreeing_blocks(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     torch.multiprocessing.spawn(_rank, args=(2, init, str(tmp_path / "choices")), nprocs=2)
     zero = json.loads((tmp_path / "choices.0").read_text())

@@ -21,9 +21,10 @@ with batch*heads or rows bucketed by ``tuning_bucket``, the layout of every tens
    atomically, so a later process measures nothing.
 
 Out-of-memory (torch.OutOfMemoryError) propagates; a candidate chosen that later raises propagates too (nothing
-falls back silently). Under torch.distributed every rank takes rank 0's choice (one broadcast_object_list per key,
-at the key's first call: every rank must reach it, as in a training step; tune the shapes first, e.g. with the
-training's first step or ``python -m crate_kernels.ops.tune``, before any rank-0-only work on new shapes).
+falls back silently). Under torch.distributed every rank takes rank 0's choice: inside ``agreeing()`` (a block that
+every rank runs alike, e.g. a training step; ``tune`` and the training's first step use it) rank 0 decides each new
+key and broadcasts it (broadcast_object_list on a gloo group of its own, once per key); outside it a key no such
+block decided takes the fixed order, with no collective that a rank-0-only evaluation could wait in forever.
 
 The fixed order, where nothing is timed: the library candidates in ``backend.library_order``, the first that
 supports the arguments (what backend ``torch`` runs). ``auto`` takes it under
@@ -52,7 +53,7 @@ import torch
 from . import backend
 from .backend import KERNEL_KINDS, candidates, library_choice, library_order, pinned_variant, tuning_bucket, why_not
 
-__all__ = ["tune", "tuning_table", "format_tables", "tuning_stats", "cache_path", "auto_launcher", "MARGIN"]
+__all__ = ["tune", "agreeing", "tuning_table", "format_tables", "tuning_stats", "cache_path", "auto_launcher", "MARGIN"]
 
 MARGIN = 1.03  # a non-library candidate must be this many times faster than the fastest library path
 TOLERANCE_K = 4.0
@@ -333,6 +334,27 @@ def _distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+_agreement: list = []  # the process groups of the enclosing ``agreeing`` blocks
+_group = None
+
+
+@contextlib.contextmanager
+def agreeing():
+    """A block every rank of torch.distributed runs alike (the same operator calls in the same order): new keys are
+    decided by rank 0 and broadcast to the others. A no-op without torch.distributed."""
+    global _group
+    if not _distributed():
+        yield
+        return
+    if _group is None:
+        _group = torch.distributed.new_group(backend="gloo")  # apart from DDP's gradient collectives
+    _agreement.append(_group)
+    try:
+        yield
+    finally:
+        _agreement.pop()
+
+
 def _decide(kind: str, args: tuple) -> dict:
     """The record for ``args``' tuning key: this process's, the disk cache's, or measured; rank 0's under DDP."""
     key = tuning_key(kind, args)
@@ -352,7 +374,7 @@ def _decide(kind: str, args: tuple) -> dict:
             _write(device, key, record)
     if _distributed():
         box = [record]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, group=_agreement[-1])
         record = box[0]
         if torch.distributed.get_rank() != 0:
             record = dict(record, source="rank 0")
@@ -386,7 +408,7 @@ def choose(kind: str, args: tuple) -> str:
     call = _call_key(kind, args)
     name = _memo.get(call)
     if name is None:
-        if _not_now():
+        if _not_now() or (_distributed() and not _agreement):
             record = _records.get(tuning_key(kind, args))
             return record["choice"] if record else library_choice(kind, args)
         with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
@@ -415,7 +437,8 @@ def tune(step: Callable[[], object]) -> list[dict]:
     _touched.append(seen)
     _memo.clear()  # every call decides again through its record, so each key is seen
     try:
-        step()
+        with agreeing():
+            step()
     finally:
         _touched.remove(seen)
     return [row for row in tuning_table() if row["key"] in seen]

@@ -491,7 +491,8 @@ class Run:
                 if first:
                     self.say(f"first step: operators under backend auto are tuned on it ({tuning.cache_note()})")
                 started = time.perf_counter()
-                self.train_step(batches)
+                with tuning.agreeing() if first else contextlib.nullcontext():  # ranks take rank 0's choices
+                    self.train_step(batches)
                 if first:
                     self.first_step_seconds = time.perf_counter() - started
                     if cfg.get("compile"):
