@@ -7,9 +7,9 @@ with batch*heads or rows bucketed by ``tuning_bucket``, the layout of every tens
 
 1. runs every candidate that supports the arguments (Triton only on CUDA tensors: the interpreter is a test tool,
    not a device, so ``auto`` never measures interpreted kernels);
-2. checks each result against the library path run in float64 on the same inputs: a candidate passes when its error
-   is at most ``TOLERANCE_K`` times the library path's own error in the input dtype plus ``TOLERANCE_FLOOR`` eps of
-   that dtype (errors are max |a - b| / max |truth| per output; packed masks may differ in at most
+2. checks each result against the library path run on the same inputs in float64 (float32 for 16-bit inputs): a
+   candidate passes when its error is at most ``TOLERANCE_K`` times the library path's own error in the input dtype
+   plus ``TOLERANCE_FLOOR`` eps of that dtype (errors are max |a - b| / max |truth| per output; packed masks may differ in at most
    ``MASK_TOLERANCE`` of their bits); one that disagrees or raises is dropped with one warning naming operator,
    candidate, shape and error;
 3. times the survivors (CUDA events around each call with the L2 flushed before it, or time.perf_counter on CPU;
@@ -178,8 +178,8 @@ def _tensors(result) -> list:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
-def _upcast(args: tuple) -> tuple:
-    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+def _upcast(args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _compare(result, truth) -> tuple[float, float]:
@@ -269,45 +269,45 @@ def measure(kind: str, args: tuple) -> dict:
     started = time.perf_counter()
     device = next(a for a in args if isinstance(a, torch.Tensor)).device
     entries = candidates(kind)
-    rows, results = [], {}
-    for name, entry in entries.items():
+    dtype = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()).dtype
+    wide = _upcast(args, torch.float32 if dtype.itemsize < 4 else torch.float64)
+    truth = entries[library_choice(kind, wide)].fn(*wide)
+    rows, errors = [], {}
+    for name, entry in entries.items():  # each result compared, then freed
         reason = why_not(entry, args)
         if reason is not None:
             rows.append({"candidate": name, "ms": None, "error": None, "status": f"unsupported: {reason}"})
             continue
         try:
-            results[name] = entry.fn(*args)
+            result = entry.fn(*args)
             _sync(device)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a compile or launch failure, or a bug: never the choice
             _warn(kind, name, args, f"raised {type(e).__name__}: {str(e)[:300]}")
             rows.append({"candidate": name, "ms": None, "error": None, "status": f"raised {type(e).__name__}"})
-    library = [n for n in library_order(kind) if n in results]
+            continue
+        errors[name] = _compare(result, truth)
+        del result
+    del truth, wide
+    library = [n for n in library_order(kind) if n in errors]
     if not library:
         raise RuntimeError(f"auto: no library path of {kind} ran on {_shape_text(args)} (see the warnings)")
-    wide = _upcast(args)
-    truth = entries[library_choice(kind, wide)].fn(*wide)
-    dtype = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()).dtype
-    floor = TOLERANCE_FLOOR * torch.finfo(dtype).eps
-    errors = {name: _compare(result, truth) for name, result in results.items()}
-    limit = TOLERANCE_K * errors[library[0]][0] + floor
+    limit = TOLERANCE_K * errors[library[0]][0] + TOLERANCE_FLOOR * torch.finfo(dtype).eps
     passed = {}
-    for name in results:
-        error, bits = errors[name]
-        ok = error <= limit and bits <= MASK_TOLERANCE
-        if not ok:
-            _warn(kind, name, args, f"error {error:.3g} against float64 (limit {limit:.3g}; library path "
-                                    f"{library[0]}: {errors[library[0]][0]:.3g})"
+    for name, (error, bits) in errors.items():
+        passed[name] = error <= limit and bits <= MASK_TOLERANCE
+        if not passed[name]:
+            _warn(kind, name, args, f"error {error:.3g} against {'float32' if dtype.itemsize < 4 else 'float64'} "
+                                    f"(limit {limit:.3g}; library path {library[0]}: {errors[library[0]][0]:.3g})"
                   + (f", {bits:.1%} of mask bits differ" if bits else ""))
-        passed[name] = ok
-    survivors = [n for n in results if passed[n]]
+    survivors = [n for n in errors if passed[n]]
     if not survivors:
         raise RuntimeError(f"auto: no candidate of {kind} computed {_shape_text(args)} correctly (see the warnings)")
     times = _time({n: functools.partial(entries[n].fn, *args) for n in survivors}, device) if len(survivors) > 1 \
         else {survivors[0]: None}
     choice = _pick(times, {n for n in survivors if entries[n].library})
-    for name in results:
+    for name in errors:
         rows.append({"candidate": name, "ms": times.get(name), "error": errors[name][0],
                      "status": "ok" if passed[name] else "wrong"})
     order = list(entries)
@@ -464,7 +464,8 @@ def stats_note() -> str:
 
 def tuning_table() -> list[dict]:
     """One row per (kind, tuning key, candidate) decided in this process: kind, key, shape, candidate, ms (median,
-    None where not timed), error (max relative error against the float64 library path), status, chosen, source
+    None where not timed), error (max relative error against the library path in float64, or float32 for 16-bit
+    inputs), status, chosen, source
     (measured, cache or rank 0)."""
     return [{"kind": r["kind"], "key": r["key"], "shape": r["shape"], **row, "chosen": row["candidate"] == r["choice"],
              "source": r["source"]} for r in _records.values() for row in r["rows"]]
