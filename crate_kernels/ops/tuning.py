@@ -9,16 +9,16 @@ with batch*heads or rows bucketed by ``tuning_bucket``, the layout of every tens
    not a device, so ``auto`` never measures interpreted kernels);
 2. checks each result against the library path run on the same inputs in float64 (float32 for 16-bit inputs): a
    candidate passes when its error is at most ``TOLERANCE_K`` times the library path's own error in the input dtype
-   plus ``TOLERANCE_FLOOR`` eps of that dtype (errors are max |a - b| / max |truth| per output; packed masks may differ in at most
-   ``MASK_TOLERANCE`` of their bits); one that disagrees or raises is dropped with one warning naming operator,
-   candidate, shape and error;
+   plus ``TOLERANCE_FLOOR`` eps of that dtype (errors are max |a - b| / max |truth| per output; packed masks may
+   differ in at most ``MASK_TOLERANCE`` of their bits); one that disagrees or raises is dropped with one warning
+   naming operator, candidate, shape and error;
 3. times the survivors (CUDA events around each call with the L2 flushed before it, or time.perf_counter on CPU;
    a warm-up, then repetitions interleaved round-robin; the median) and keeps the fastest library path unless
    another is faster by ``MARGIN`` (3%);
 4. remembers the choice in memory and on disk: ``tuning-<hash>.json`` in ``$CRATE_KERNELS_CACHE`` (a folder;
    default ``$XDG_CACHE_HOME/crate_kernels`` or ``~/.cache/crate_kernels``), one file per device and versions
-   (device name and capability, CUDA driver, torch, triton, this package and a hash of its ops sources), written
-   atomically, so a later process measures nothing.
+   (device name and capability, CUDA driver, torch, triton, this package's version and a hash of its ops sources),
+   written atomically, so a later process measures nothing.
 
 Out-of-memory (torch.OutOfMemoryError) propagates; a candidate chosen that later raises propagates too (nothing
 falls back silently). Under torch.distributed every rank takes rank 0's choice: inside ``agreeing()`` (a block that
@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -129,8 +130,10 @@ def _sources_hash() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fingerprint(device: torch.device) -> dict:
-    from .. import __version__
-
+    try:  # installed: the distribution's version (the sources hash below covers a checkout too)
+        version = importlib.metadata.version("crate_kernels")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
     triton = None
     if backend.triton_available():
         import triton as triton_package
@@ -140,7 +143,7 @@ def _fingerprint(device: torch.device) -> dict:
     if device.type == "cuda":
         driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
     return {"device": _device_name(device), "driver": driver, "cuda": torch.version.cuda, "torch": torch.__version__,
-            "triton": triton, "crate_kernels": __version__, "sources": _sources_hash()}
+            "triton": triton, "crate_kernels": version, "sources": _sources_hash()}
 
 
 def cache_path(device: torch.device | str = "cpu") -> Path:
