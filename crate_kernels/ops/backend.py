@@ -37,6 +37,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -388,10 +389,27 @@ def _triton_supports(*args) -> str | None:
 
 
 def _cuda_supports(*args) -> str | None:
+    """The CUDA-extension backward runs CUDA tensors where the extension is already built (``auto`` does not start
+    a build of minutes: ``python -m crate_kernels.ops.cuda_ext --build`` makes it a candidate)."""
     tensor = _first_tensor(args)
     if not tensor.is_cuda:
         return f"the CUDA extension needs CUDA tensors, got device {tensor.device}"
-    return _cuda_extension_problem()
+    problem = _cuda_extension_problem()
+    if problem is None and not _cuda_extension_built():
+        problem = "the CUDA extension is not built (python -m crate_kernels.ops.cuda_ext --build)"
+    return problem
+
+
+def _cuda_extension_built() -> bool:
+    """Whether the extension is loaded, or its library sits in torch's extension cache (load() then only loads)."""
+    from torch.utils import cpp_extension
+
+    from . import cuda_ext
+
+    if cuda_ext._module is not None:
+        return True
+    folder = Path(cpp_extension._get_build_directory(cuda_ext._NAME, verbose=False))
+    return any(folder.glob(f"{cuda_ext._NAME}*.so"))
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
