@@ -2,7 +2,7 @@
 
 MSSA at B*H = 48 (B=4, H=12), p = 64, N in {17, 50, 197, 401}; ISTA on 4*197 rows at d in {384, 768}; fp32, one
 CPU thread (on CUDA, the device's default). Per shape one test times, interleaved round-robin in one loop (median
-of ``REPS``):
+of 15 to 200 rounds, as many as fit ``BUDGET_S``):
 
 - ``auto`` (tuned in the warm-up, in a fresh cache folder),
 - every supported (forward candidate, backward candidate) pair pinned by hand (only those candidates registered,
@@ -28,7 +28,7 @@ from crate_kernels.ops import backend, tuning
 from crate_kernels.ops.ista import dictionary_grad, dictionary_matrix
 
 DEVICE = "cuda" if CUDA else "cpu"
-REPS = 15
+BUDGET_S = 2.0  # per shape: rounds of every step, 15 to 200 of them
 
 
 @pytest.fixture(autouse=True)
@@ -60,11 +60,14 @@ def _supported(kind: str, args: tuple) -> list[str]:
 
 
 def _median_ms(steps: dict) -> dict:
-    """Median ms of each step: one warm-up each, then REPS rounds interleaved round-robin."""
+    """Median ms of each step: one warm-up each, then rounds interleaved round-robin."""
+    start = time.perf_counter()
     for step in steps.values():
         step()
+    synchronize()
+    rounds = max(15, min(200, int(BUDGET_S / (time.perf_counter() - start))))
     times = {name: [] for name in steps}
-    for _ in range(REPS):
+    for _ in range(rounds):
         for name, step in steps.items():
             synchronize()
             start = time.perf_counter()
