@@ -236,9 +236,8 @@ def pinned_variant(kind: str) -> str | None:
     return _chosen.get(kind) or _env_variants().get(kind)
 
 
-def get_variant(kind: str, tensor: torch.Tensor | None = None) -> str:
-    """The variant ``triton`` runs for ``kind``: set_variant, else $CRATE_KERNELS_VARIANTS, else "v1"
-    (``tensor`` is accepted for older callers and ignored)."""
+def get_variant(kind: str) -> str:
+    """The variant ``triton`` runs for ``kind``: set_variant, else $CRATE_KERNELS_VARIANTS, else "v1"."""
     return pinned_variant(kind) or "v1"
 
 
