@@ -1,5 +1,6 @@
 """Test set-up: without a GPU, Triton kernels run under the interpreter (set before any kernel import)."""
 import os
+import tempfile
 import zlib
 
 import torch
@@ -8,6 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # On a GPU: one autotune config per kernel (the first the pruning keeps), nothing timed or cached
 os.environ.setdefault("CRATE_KERNELS_AUTOTUNE", "first")
+# auto's tuning cache (crate_kernels.ops.tuning) in a folder of this session, never the user's
+os.environ.setdefault("CRATE_KERNELS_CACHE", tempfile.mkdtemp(prefix="crate_kernels-tuning-"))
 
 import pytest  # noqa: E402
 

@@ -16,7 +16,7 @@ from crate_kernels import ops
 from crate_kernels.models.crate import MSSA
 from crate_kernels.ops import mssa as mssa_ops
 from crate_kernels.ops import mssa_attention, mssa_reference
-from crate_kernels.ops.backend import AUTO_TRITON, launcher, launcher_backends, resolve_backend
+from crate_kernels.ops.backend import launcher, launcher_backends, resolve_backend
 from crate_kernels.ops.mssa import triton_common, triton_v1
 from crate_kernels.ops.mssa import triton_variants as mssa_variants
 
@@ -297,11 +297,18 @@ def test_fp32_follows_tf32_setting_cuda():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_auto_picks_triton_on_cuda():
+def test_auto_measures_every_candidate_on_cuda():
+    from crate_kernels.ops import tuning
+
     w = torch.randn(2, 3, 50, 64, device="cuda")
-    assert resolve_backend("auto", w, ("reference", "torch") + launcher_backends("mssa_forward")) == AUTO_TRITON
+    assert resolve_backend("auto", w, ("reference", "torch") + launcher_backends("mssa_forward")) == "auto"
     dout = torch.randn_like(w)
-    out, dw = run(w, dout, backend="auto")
+    with tuning.fresh_memory():
+        out, dw = run(w, dout, backend="auto")
+        rows = [r for r in ops.tuning_table() if r["kind"].startswith("mssa")]
+    for kind in ("mssa_forward", "mssa_backward"):
+        assert sum(r["chosen"] for r in rows if r["kind"] == kind) == 1
+        assert any(r["candidate"] == "triton-v1" and r["status"] == "ok" for r in rows if r["kind"] == kind)
     assert_mssa_close(w, dout, 64 ** -0.5, out, dw)
 
 

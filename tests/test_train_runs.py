@@ -443,6 +443,9 @@ def test_grad_checkpointing_and_compile_train_the_same_steps(tmp_path, monkeypat
     assert main(base + ["--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
     out = capsys.readouterr().out
     assert len(compiled) == 1 and out.count("torch.compile: the first step (compiling the model) took") == 1
+    assert "first step: operators under backend auto are tuned on it" in out and out.count("first step took ") == 1
+    records = _records(str(tmp_path / "compiled"))
+    assert "first_step_s" in records[0] and all("first_step_s" not in r for r in records[1:])
     torch.testing.assert_close(_losses(str(tmp_path / "compiled")), _losses(str(tmp_path / "plain")), rtol=1e-5, atol=0)
 
 

@@ -3,23 +3,28 @@
 A backend names an implementation of the same function:
 
     reference  the release's eager math, autograd through it (ground truth)
-    torch      the fused algorithm in plain PyTorch with a hand-written backward
+    torch      the fused algorithm through PyTorch's own kernels (the library candidates, below)
     triton     Triton kernels forward and backward
     cuda       Triton forward, CUDA-extension backward
-    auto       the fastest correct one for the tensor's device (default)
+    auto       measured on the tensor's device (default; crate_kernels.ops.tuning)
 
 The process-wide default comes from ``set_backend`` or the environment variable
-``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it. ``auto`` is safe: where it picks
-the Triton kernels and they fail to compile or launch for a shape, it warns once (operator, shape, dtype, error)
-and runs ``torch`` for that shape from then on; an explicit ``triton`` raises instead.
+``CRATE_KERNELS_BACKEND``; a per-call or per-model ``backend=`` overrides it. An explicit backend that cannot run
+raises; nothing falls back silently.
 
 Each operator's modules register what a concrete backend runs for its forward and backward (``register_launcher``,
-read with ``launcher(kind, backend)``): its PyTorch launchers, and where triton imports its Triton modules, which
-also register their kernel variants (``register_variant``) and the backends on them (``register_triton_backends``).
+read with ``launcher(kind, backend)``), and the candidates ``auto`` chooses between (``register_candidate``):
+
+    library    PyTorch's own paths (``library=True``): the operator's "torch" launcher, and the library launchers
+               (SDPA with q = k = v, cuBLAS composites, CPU flash); backend ``torch`` runs the first library
+               candidate that supports the arguments, in registration order with the generic "torch" launcher last
+               (``library_order``): that is also the fixed order of ``auto`` where it does not measure
+    triton-*   every Triton kernel variant (``register_variant``), CUDA tensors only
+    cuda       the CUDA-extension backward, where it builds
 
 Kernel variants are alternative algorithms inside ``triton`` (``kernel_variants()``): chosen with
-``set_variant(kind, name)`` or ``CRATE_KERNELS_VARIANTS="mssa_backward=symmetric,ista_backward=v1"``, else the
-GPU generation's entry in ``AUTO_VARIANTS`` (filled from committed GPU reports), else ``v1``.
+``set_variant(kind, name)`` or ``CRATE_KERNELS_VARIANTS="mssa_backward=symmetric,ista_backward=v1"``, else "v1".
+Pinning one also pins what ``auto`` runs for that kind where the variant supports the arguments.
 
 Triton autotuning follows ``CRATE_KERNELS_AUTOTUNE``: ``full`` (default) times every config the
 pruning keeps, once per tuning key; ``first`` keeps only the first of them (tests, dry runs: quick to
@@ -31,8 +36,8 @@ import contextlib
 import functools
 import importlib.util
 import os
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -140,17 +145,11 @@ def _require_triton(tensor: torch.Tensor, backend: str) -> None:
 
 
 def resolve_backend(backend: str | None, tensor: torch.Tensor, has: tuple[str, ...]) -> str:
-    """Turn ``backend`` (or the default) into a concrete backend that this operator implements.
-
-    ``has`` lists the concrete backends the operator provides. ``auto`` picks the Triton kernels for CUDA
-    tensors of the kernels' dtypes (fp32, bf16, fp16) when the operator has them, as ``AUTO_TRITON`` (the
-    Triton launchers behind ``with_fallback``), else ``torch``. An explicit choice that cannot run raises.
-    """
+    """Turn ``backend`` (or the default) into a backend that this operator implements (``has``: its concrete
+    backends); ``auto`` stays ``auto`` (its launchers choose per call). An explicit choice that cannot run raises."""
     name = check_backend_name(get_backend() if backend is None else backend)
     if name == "auto":
-        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and AUTO_TRITON in has and triton_available():
-            return AUTO_TRITON
-        return "torch"
+        return name
     if name in ("triton", "cuda"):
         _require_triton_package(name)  # before ``has``: operators list their Triton backends only when it imports
     if name not in has:
@@ -179,52 +178,19 @@ def _require_cuda_extension(tensor: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# auto's fallback
-# ----------------------------------------------------------------------------------------------------------------
-AUTO_TRITON = "auto-triton"  # the internal backend name of auto's Triton choice
-_fell_back: set[tuple] = set()
-
-
-def _shape_key(kind: str, args: tuple) -> tuple:
-    return (kind, *((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor)))
-
-
-def with_fallback(kind: str, fast: Callable, safe: Callable) -> Callable:
-    """``fast(*args)`` (the Triton launcher of ``kind``, e.g. "mssa_forward"), or ``safe(*args)`` (the torch
-    launcher, same arguments and results) for shapes where ``fast`` raised: the first failure warns once, naming
-    the operator, the shapes, the dtype and the error; that shape then goes straight to ``safe``."""
-
-    def launch(*args):
-        key = _shape_key(kind, args)
-        if key not in _fell_back:
-            try:
-                return fast(*args)
-            except Exception as error:  # a compile or launch failure of a kernel: the torch path still works
-                _fell_back.add(key)
-                shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in args if isinstance(a, torch.Tensor))
-                warnings.warn(f"crate_kernels: backend 'auto' could not run the Triton kernel for {kind} on {shapes}"
-                              f" ({type(error).__name__}: {str(error)[:300]}); using backend 'torch' for this shape "
-                              "from now on", RuntimeWarning, stacklevel=2)
-        return safe(*args)
-
-    return launch
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # kernel variants
 # ----------------------------------------------------------------------------------------------------------------
 KERNEL_KINDS = ("mssa_forward", "mssa_backward", "ista_forward", "ista_backward")
 _VARIANTS_ENV_VAR = "CRATE_KERNELS_VARIANTS"
 _variants: dict[str, dict[str, Callable]] = {kind: {} for kind in KERNEL_KINDS}
 _chosen: dict[str, str] = {}
-# What ``auto`` runs per GPU generation (compute capability major) where a committed GPU report
-# (benchmarks/results/) measured a variant faster than "v1": {9: {"mssa_backward": "name"}}. Empty: no GPU run yet.
-AUTO_VARIANTS: dict[int, dict[str, str]] = {}
 
 
 def register_variant(kind: str, name: str, launcher: Callable) -> None:
-    """Make ``launcher`` the Triton implementation ``name`` of ``kind`` (operator modules call this at import)."""
+    """Make ``launcher`` the Triton implementation ``name`` of ``kind`` (operator modules call this at import), and
+    the candidate ``triton-<name>`` of ``auto``."""
     _variants[kind][name] = launcher
+    register_candidate(kind, f"triton-{name}", launcher, supports=_triton_supports)
 
 
 def kernel_variants() -> dict[str, list[str]]:
@@ -241,8 +207,8 @@ def _check_variant(kind: str, name: str, argument: str) -> str:
 
 
 def set_variant(kind: str, name: str | None) -> None:
-    """Run variant ``name`` for ``kind`` process-wide (``None``: back to $CRATE_KERNELS_VARIANTS, AUTO_VARIANTS,
-    "v1")."""
+    """Run variant ``name`` for ``kind`` process-wide, under ``triton`` and ``cuda`` and, where it supports the
+    arguments, under ``auto`` (``None``: back to $CRATE_KERNELS_VARIANTS, else "v1")."""
     if name is None:
         _chosen.pop(kind, None)
     else:
@@ -265,27 +231,21 @@ def _parse_variants(text: str) -> dict[str, str]:
     return chosen
 
 
-def get_variant(kind: str, tensor: torch.Tensor | None = None) -> str:
-    """The variant ``kind`` runs for ``tensor``'s device: set_variant, else $CRATE_KERNELS_VARIANTS, else the GPU
-    generation's AUTO_VARIANTS entry, else "v1"."""
-    if kind in _chosen:
-        return _chosen[kind]
-    from_env = _env_variants()
-    if kind in from_env:
-        return from_env[kind]
-    if AUTO_VARIANTS and tensor is not None and tensor.is_cuda:
-        name = AUTO_VARIANTS.get(torch.cuda.get_device_capability(tensor.device)[0], {}).get(kind)
-        if name in _variants[kind]:
-            return name
-    return "v1"
+def pinned_variant(kind: str) -> str | None:
+    """The variant pinned for ``kind`` by set_variant or $CRATE_KERNELS_VARIANTS, else None."""
+    return _chosen.get(kind) or _env_variants().get(kind)
+
+
+def get_variant(kind: str) -> str:
+    """The variant ``triton`` runs for ``kind``: set_variant, else $CRATE_KERNELS_VARIANTS, else "v1"."""
+    return pinned_variant(kind) or "v1"
 
 
 def variant_launcher(kind: str) -> Callable:
     """A launcher of ``kind`` that runs the chosen variant (read at every call), given its first tensor argument."""
 
     def launch(*args):
-        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        return _variants[kind][get_variant(kind, tensor)](*args)
+        return _variants[kind][get_variant(kind)](*args)
 
     return launch
 
@@ -298,7 +258,12 @@ _launchers: dict[str, dict[str, Callable]] = {kind: {} for kind in KERNEL_KINDS}
 
 def register_launcher(kind: str, backend: str, launcher: Callable) -> None:
     """Make ``launcher`` what backend ``backend`` runs for ``kind`` (e.g. "mssa_forward"); the operator's modules
-    call this at import: its PyTorch launchers, then, where triton imports, its Triton modules."""
+    call this at import: its PyTorch launchers, then, where triton imports, its Triton modules. A "torch" launcher
+    becomes the generic library candidate "torch" (supports every input, tried last), and backend ``torch`` runs
+    the first library candidate that supports the arguments (``library_launcher``)."""
+    if backend == "torch":
+        register_candidate(kind, "torch", launcher, library=True)
+        launcher = library_launcher(kind)
     _launchers[kind][backend] = launcher
 
 
@@ -318,22 +283,132 @@ def launcher_backends(kind: str) -> tuple[str, ...]:
 
 def register_triton_backends(op: str, cuda_backward: Callable) -> None:
     """Register the backends that run ``op``'s Triton kernels ("mssa", "ista"), once its "v1" variants and torch
-    launchers are registered: "triton" (the chosen variant), auto's Triton choice (``with_fallback`` to "torch"),
-    and "cuda" (the Triton forward with ``cuda_backward``, the CUDA extension's)."""
+    launchers are registered: "triton" (the chosen variant) and "cuda" (the Triton forward with ``cuda_backward``,
+    the CUDA extension's, which is also ``auto``'s candidate "cuda" where the extension builds)."""
     for direction in ("forward", "backward"):
         kind = f"{op}_{direction}"
         register_launcher(kind, "triton", variant_launcher(kind))
-        register_launcher(kind, AUTO_TRITON, with_fallback(kind, launcher(kind, "triton"), launcher(kind, "torch")))
     register_launcher(f"{op}_forward", "cuda", launcher(f"{op}_forward", "triton"))
     register_launcher(f"{op}_backward", "cuda", cuda_backward)
+    register_candidate(f"{op}_backward", "cuda", cuda_backward, supports=_cuda_supports)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# candidates: what ``auto`` measures (crate_kernels.ops.tuning), and what backend ``torch`` runs
+# ----------------------------------------------------------------------------------------------------------------
 class Candidate(NamedTuple):
-    """One implementation of a kernel kind (e.g. "mssa_forward") that a measured choice may run: ``fn`` takes the
-    kind's launcher arguments; ``supports(*same arguments)`` is None where ``fn`` can run them, else a short reason."""
+    """One implementation of a kind: ``fn`` takes that kind's launcher arguments; ``supports(*args)`` returns None
+    where it can run them, else the reason it cannot (None: it runs everything)."""
 
     fn: Callable
-    supports: Callable[..., str | None]
+    supports: Callable | None = None
+
+
+class Entry(NamedTuple):
+    fn: Callable
+    supports: Callable | None
+    library: bool
+
+
+_candidates: dict[str, dict[str, Entry]] = {kind: {} for kind in KERNEL_KINDS}
+
+
+def _check_kind(kind: str, argument: str) -> str:
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"{argument}: kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    return kind
+
+
+def register_candidate(kind: str, name: str, fn: Callable, supports: Callable | None = None,
+                       library: bool = False) -> None:
+    """Make ``fn`` (the signature of ``kind``'s launchers) a candidate ``name`` of ``auto`` for ``kind``;
+    ``supports(*args)`` returns None or why it cannot run those arguments; ``library=True`` marks PyTorch's own
+    paths (what backend ``torch`` runs and what ``auto`` keeps unless another is faster by the margin)."""
+    _candidates[_check_kind(kind, "register_candidate")][name] = Entry(fn, supports, library)
+
+
+def register_candidates(table: dict[str, dict[str, Candidate]], library: bool = True) -> None:
+    """Register ``{kind: {name: Candidate(fn, supports)}}`` (the operators' library.py ``CANDIDATES``)."""
+    for kind, named in table.items():
+        for name, candidate in named.items():
+            register_candidate(kind, name, candidate.fn, candidate.supports, library)
+
+
+def candidates(kind: str) -> dict[str, Entry]:
+    """``kind``'s candidates in the fixed order: library ones (``library_order``), then the others as registered
+    (Triton variants, v1 first, then the CUDA backward)."""
+    entries = _candidates[_check_kind(kind, "candidates")]
+    order = library_order(kind) + sorted((n for n, e in entries.items() if not e.library), key=lambda n: n == "cuda")
+    return {name: entries[name] for name in order}
+
+
+def library_order(kind: str) -> list[str]:
+    """The library candidates of ``kind`` in registration order, the generic "torch" launcher last."""
+    names = [n for n, e in _candidates[kind].items() if e.library]
+    return sorted(names, key=lambda n: n == "torch")
+
+
+def why_not(entry: Entry, args: tuple) -> str | None:
+    """None where ``entry`` supports ``args``, else the reason."""
+    return None if entry.supports is None else entry.supports(*args)
+
+
+def library_choice(kind: str, args: tuple) -> str:
+    """The first library candidate of ``kind`` (``library_order``) that supports ``args``."""
+    entries = _candidates[kind]
+    for name in library_order(kind):
+        if why_not(entries[name], args) is None:
+            return name
+    raise RuntimeError(f"no library candidate of {kind} supports these inputs "
+                       f"({', '.join(f'{n}: {why_not(entries[n], args)}' for n in library_order(kind))})")
+
+
+def library_launcher(kind: str) -> Callable:
+    """Backend ``torch``'s launcher of ``kind``: the first library candidate that supports the arguments."""
+
+    def launch(*args):
+        return _candidates[kind][library_choice(kind, args)].fn(*args)
+
+    return launch
+
+
+def _first_tensor(args: tuple) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def _triton_supports(*args) -> str | None:
+    """The Triton variants run CUDA tensors of KERNEL_DTYPES. Not CPU tensors, even under TRITON_INTERPRET: the
+    interpreter is a test tool, not a device, so ``auto`` never measures interpreted kernels."""
+    tensor = _first_tensor(args)
+    if not tensor.is_cuda:
+        return f"Triton kernels need CUDA tensors, got device {tensor.device}"
+    if tensor.dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels take {KERNEL_DTYPES}, got {tensor.dtype}"
+    return None
+
+
+def _cuda_supports(*args) -> str | None:
+    """The CUDA-extension backward runs CUDA tensors where the extension is already built (``auto`` does not start
+    a build of minutes: ``python -m crate_kernels.ops.cuda_ext --build`` makes it a candidate)."""
+    tensor = _first_tensor(args)
+    if not tensor.is_cuda:
+        return f"the CUDA extension needs CUDA tensors, got device {tensor.device}"
+    problem = _cuda_extension_problem()
+    if problem is None and not _cuda_extension_built():
+        problem = "the CUDA extension is not built (python -m crate_kernels.ops.cuda_ext --build)"
+    return problem
+
+
+def _cuda_extension_built() -> bool:
+    """Whether the extension is loaded, or its library sits in torch's extension cache (load() then only loads)."""
+    from torch.utils import cpp_extension
+
+    from . import cuda_ext
+
+    if cuda_ext._module is not None:
+        return True
+    folder = Path(cpp_extension._get_build_directory(cuda_ext._NAME, verbose=False))
+    return any(folder.glob(f"{cuda_ext._NAME}*.so"))
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,8 +18,8 @@ import time
 from ..checkpoint import atomic_write
 
 
-_LABELS = {"data_wait": "data wait", "peak_mem_gib": "peak mem GiB", "mfu": "MFU"}
-_FORMATS = {"data_wait": ".0%", "peak_mem_gib": ".1f", "mfu": ".1%"}
+_LABELS = {"data_wait": "data wait", "peak_mem_gib": "peak mem GiB", "mfu": "MFU", "first_step_s": "first step s"}
+_FORMATS = {"data_wait": ".0%", "peak_mem_gib": ".1f", "mfu": ".1%", "first_step_s": ".1f"}
 
 
 def _fmt_time(seconds: float) -> str:

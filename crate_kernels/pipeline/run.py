@@ -24,6 +24,7 @@ import torch
 from .. import checkpoint
 from ..errors import ConfigError, DatasetError, TrainError
 from ..models.pretrained import load_checkpoint
+from ..ops import tuning
 from ..ops.backend import get_backend, resolve_backend
 from . import distributed
 from .data import ShardedBatchSampler, UnreadableImages, counted, default_num_workers, normalize, stop_workers
@@ -140,7 +141,7 @@ class Run:
         self.amp = amp_dtype(cfg["amp"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         self.losses = LossMeter(self.device)
-        self.data_wait, self.last_loss, self.compile_seconds = 0.0, float("nan"), None
+        self.data_wait, self.last_loss, self.first_step_seconds, self.first_step_logged = 0.0, float("nan"), None, False
         self.flops_per_image = self.train_flops_per_image() if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ hooks
@@ -486,13 +487,19 @@ class Run:
             self.sampler.set_epoch(epoch, self.step % spe * cfg["accum_iter"])
             batches = iter(self.loader)
             while self.step < self.total_steps:
-                first = cfg.get("compile") and self.compile_seconds is None
-                started = time.perf_counter()
-                self.train_step(batches)
+                first = self.first_step_seconds is None
                 if first:
-                    self.compile_seconds = time.perf_counter() - started
-                    self.say(f"torch.compile: the first step (compiling the model) took {self.compile_seconds:.1f} s")
-                    self.window_start = time.perf_counter()  # img/s counts trained steps, not the compilation
+                    self.say(f"first step: operators under backend auto are tuned on it ({tuning.cache_note()})")
+                started = time.perf_counter()
+                with tuning.agreeing() if first else contextlib.nullcontext():  # ranks take rank 0's choices
+                    self.train_step(batches)
+                if first:
+                    self.first_step_seconds = time.perf_counter() - started
+                    if cfg.get("compile"):
+                        self.say(f"torch.compile: the first step (compiling the model) took "
+                                 f"{self.first_step_seconds:.1f} s")
+                    self.say(f"first step took {self.first_step_seconds:.1f} s ({tuning.stats_note()})")
+                    self.window_start = time.perf_counter()  # img/s counts trained steps, not compiling or tuning
                 self.monitor.advance()
                 epoch_end, final = self.step % spe == 0, self.step == self.total_steps
                 if self.step % cfg["log_every"] == 0 or final:
@@ -539,6 +546,8 @@ class Run:
         seconds = max(time.perf_counter() - self.window_start, 1e-9)
         img_s = steps * self.global_batch / seconds
         extra = {"data_wait": round(min(1.0, self.data_wait / seconds), 3)}
+        if not self.first_step_logged:  # the first step's latency (tuning, compiling) on the first log line
+            extra["first_step_s"], self.first_step_logged = round(self.first_step_seconds, 2), True
         if self.device.type == "cuda":
             extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
             peak = peak_flops(self.device, self.amp)

@@ -13,7 +13,7 @@ outputs); every backend shares it, backends differ in the launchers they registe
 
     torch_impl       the reference math, the packed mask and the "torch" launchers
     triton_common    what the Triton modules share: tiles and their pruning, dtype and launch checks, grids
-    triton_v1        the first Triton kernels: the "v1" variants and the "triton", auto and "cuda" backends
+    triton_v1        the first Triton kernels: the "v1" variants and the "triton" and "cuda" backends
     triton_variants  the other Triton kernel variants
 
 This module imports only torch_impl; crate_kernels.ops imports the Triton modules where triton is installed.
@@ -23,9 +23,21 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backend import accumulate_dtype, autocast_dtype, autocast_input, launcher, launcher_backends, resolve_backend
+from ..backend import (
+    accumulate_dtype,
+    autocast_dtype,
+    autocast_input,
+    launcher,
+    launcher_backends,
+    register_candidates,
+    resolve_backend,
+)
 from ..layer_norm_linear import layer_norm_backward, layer_norm_recompute, layer_norm_stats
+from . import library
 from .torch_impl import ista_reference, pack_mask, unpack_mask
+
+# PyTorch's own kernels: what backend ``torch`` runs (the first that supports the inputs) and auto's baselines
+register_candidates(library.CANDIDATES)
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
 

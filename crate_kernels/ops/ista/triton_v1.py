@@ -1,5 +1,5 @@
 """ISTA's first Triton kernels ("v1") and their launchers; they register themselves as the "v1" variants and the
-"triton", auto-triton and "cuda" backends (crate_kernels.ops imports this module where triton is installed).
+"triton" and "cuda" backends (crate_kernels.ops imports this module where triton is installed).
 
 Forward: one kernel, out = relu(x + eta x M - eta lambda) with the activation mask packed to bits in its epilogue.
 Backward: dx = G + eta G M^T and dM = eta x^T G (row chunks, summed), G = dOut * mask unpacked on load.

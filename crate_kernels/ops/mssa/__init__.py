@@ -17,7 +17,7 @@ backend registry (crate_kernels.ops.backend.register_launcher):
 
     torch_impl       the reference math and the "torch" launchers
     triton_common    what the Triton modules share: launch checks, tiles, compile-time parameters, jit steps
-    triton_v1        the first Triton kernels: the "v1" variants and the "triton", auto and "cuda" backends
+    triton_v1        the first Triton kernels: the "v1" variants and the "triton" and "cuda" backends
     triton_variants  the other Triton kernel variants
 
 This module imports only torch_impl; crate_kernels.ops imports the Triton modules where triton is installed.
@@ -27,8 +27,19 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..backend import accumulate_dtype, autocast_input, launcher, launcher_backends, resolve_backend
+from ..backend import (
+    accumulate_dtype,
+    autocast_input,
+    launcher,
+    launcher_backends,
+    register_candidates,
+    resolve_backend,
+)
+from . import library
 from .torch_impl import mssa_reference
+
+# PyTorch's own kernels: what backend ``torch`` runs (the first that supports the inputs) and auto's baselines
+register_candidates(library.CANDIDATES)
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
 
@@ -121,6 +132,6 @@ def mssa_attention(w: torch.Tensor, scale: float | None = None, backend: str | N
     if name == "reference":
         return mssa_reference(w, scale)
     w = autocast_input(w)
-    if name == "torch" and w.stride(-1) != 1:
+    if name in ("torch", "auto") and w.stride(-1) != 1:
         w = w.contiguous()  # PyTorch's kernels want unit stride in p; the Triton and CUDA kernels read strides
     return MSSAFunction.apply(w, scale, name)

@@ -1,5 +1,5 @@
 """MSSA's first Triton kernels ("v1") and their launchers; they register themselves as the "v1" variants and the
-"triton", auto-triton and "cuda" backends (crate_kernels.ops imports this module where triton is installed).
+"triton" and "cuda" backends (crate_kernels.ops imports this module where triton is installed).
 
 The forward keeps a running softmax over key blocks per row block (triton_common.softmax_step); the backward
 recomputes P from lse and owns its rows of dw (no atomics). Grids, strides and the tuning key: triton_common.
