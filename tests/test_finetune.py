@@ -228,8 +228,8 @@ def test_a_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread, family):
 
     torch.manual_seed(0)
     if family == "vit":
-        mae, name, clf_class = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"]), "mae_vit_demo", \
-            ViTClassifier
+        mae = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"])
+        name, clf_class = "mae_vit_demo", ViTClassifier
     else:
         mae, name, clf_class = CRATEMAE(img_size=16, patch_size=4, **MODELS["demo"]), "demo", CRATEClassifier
     release = tmp_path / "release.pth"
