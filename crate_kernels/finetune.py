@@ -3,10 +3,17 @@
 MAE's recipe (facebookresearch/mae, main_finetune.py): the encoder with MAE's pooling and a linear head
 (``crate_kernels.models.classifier``), trained end to end with AdamW (betas 0.9, 0.999), layer-wise lr decay (0.75; 0.65
 for base models), linear warmup then half-cycle cosine, label smoothing 0.1, and at 128 px and above
-RandomResizedCrop(0.08, 1), RandAugment (2 operations, magnitude 9 of 10), random erasing (p 0.25) and mixup 0.8 /
-cutmix 1.0 (one of the two per batch, switch probability 0.5), evaluated on centre crops of 0.875. Top-1 and top-5 on the test
-split after every epoch; the best model is kept. It runs on the pretraining engine (``crate_kernels.pipeline.run``):
-the same atomic checkpoints, exact resume, stop signals, AMP, torchrun/DDP and logs.
+RandomResizedCrop(0.08, 1), RandAugment (MAE's rand-m9-mstd0.5-inc1: 2 operations, magnitude about 9 of 10), random
+erasing (p 0.25) and mixup 0.8 / cutmix 1.0 (one of the two per batch, switch probability 0.5), evaluated on centre
+crops of 0.875. Top-1 and top-5 on the test split after every epoch; the best model is kept. It runs on the
+pretraining engine (``crate_kernels.pipeline.run``): the same atomic checkpoints, exact resume, stop signals, AMP,
+torchrun/DDP and logs.
+
+MAE's command-line flags are accepted where they mean the same thing: ``--finetune PATH`` (the positional checkpoint),
+``--global_pool`` / ``--cls_token`` (``--pool mean`` / ``cls``), ``--nb_classes`` (checked against the data), ``--aa
+rand-m9-mstd0.5-inc1`` (RandAugment's settings), ``--eval`` (test a fine-tuned checkpoint and exit), ``--dist_eval``
+and ``--start_epoch``. The pooling default is [CLS] (``--pool cls``), the paper's CRATE-MAE protocol (the encoder's
+[CLS] output is the image feature); MAE's main_finetune.py defaults to ``--global_pool`` instead.
 """
 from __future__ import annotations
 
@@ -25,11 +32,11 @@ from .models.classifier import EncoderClassifier
 from .models.pretrained import Pretrained, load_pretrained
 from .models.registry import DEMO_MODELS, MODELS
 from .ops.backend import BACKENDS, get_backend
-from .pipeline import flags, run
+from .pipeline import distributed, flags, run
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews, TrainTransform,
-    UnreadableImages, build_labelled, collate_labelled, collate_views, counted, labels_of, normalize,
-    resolve_labelled, stop_workers,
+    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews,
+    TrainTransform, UnreadableImages, build_labelled, collate_labelled, collate_views, counted, default_num_workers,
+    labels_of, normalize, resolve_labelled, stop_workers,
 )
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
@@ -38,7 +45,8 @@ DEFAULTS = dict(
     batch_size=64, accum_iter=1, epochs=50, max_steps=0, warmup_epochs=5.0, warmup_steps=None,
     blr=1e-3, lr=None, min_lr=1e-6, weight_decay=0.05, layer_decay=None, clip_grad=None,
     smoothing=0.1, mixup=None, cutmix=None, mixup_switch_prob=0.5, recipe="auto", randaug_m=None, randaug_n=2,
-    reprob=None, max_unreadable=0.01,
+    randaug_mstd=None, randaug_inc=None, reprob=None, max_unreadable=0.01, nb_classes=None, eval=False,
+    dist_eval=True, start_epoch=0,
     output_dir=None, log_dir=None, tensorboard=True, device="auto", threads=0, seed=0, resume=None,
     auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000, save_every_epochs=20,
     backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
@@ -52,8 +60,10 @@ DEMO = dict(epochs=40, warmup_epochs=2.0, blr=1e-2, threads=1, num_workers=1, lo
 # (digits at 64 px) mixing cost 4.9 points of top-1 (87.9% against 92.8% without, 40 epochs), so small inputs go
 # without it.
 RECIPES = {
-    "mae": dict(min_crop=0.08, randaug_m=9, reprob=0.25, mixup=0.8, cutmix=1.0, crop_pct=0.875),
-    "small": dict(min_crop=0.35, randaug_m=0, reprob=0.0, mixup=0.0, cutmix=0.0, crop_pct=1.0),
+    "mae": dict(min_crop=0.08, randaug_m=9, randaug_mstd=0.5, randaug_inc=True, reprob=0.25, mixup=0.8, cutmix=1.0,
+                crop_pct=0.875),
+    "small": dict(min_crop=0.35, randaug_m=0, randaug_mstd=0.0, randaug_inc=False, reprob=0.0, mixup=0.0, cutmix=0.0,
+                  crop_pct=1.0),
 }
 FULL_RECIPE_SIZE = 128  # --recipe auto: mae at this input size and above, small below it
 
@@ -61,7 +71,7 @@ FULL_RECIPE_SIZE = 128  # --recipe auto: mae at this input size and above, small
 RECIPE_KEYS = ("checkpoint", "model", "dataset", "data_path", "input_size", "pool", "batch_size", "accum_iter",
                "epochs", "max_steps", "warmup_epochs", "warmup_steps", "blr", "lr", "min_lr", "weight_decay",
                "layer_decay", "clip_grad", "smoothing", "mixup", "cutmix", "mixup_switch_prob", "recipe",
-               "randaug_m", "randaug_n", "reprob", "seed", "amp")
+               "randaug_m", "randaug_n", "randaug_mstd", "randaug_inc", "reprob", "seed", "amp")
 
 FLAGS = {
     "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
@@ -74,8 +84,9 @@ FLAGS = {
                        "annotations/)", None),
     "input_size": (int, "image side (unset: the checkpoint's pretraining size; the position table is "
                         "interpolated)", None),
-    "pool": (str, "what the head sees: [CLS] after the final norm (cls) or the fc-normed mean patch token (mean, "
-                  "MAE's --global_pool)", ("cls", "mean")),
+    "pool": (str, "what the head sees: [CLS] after the final norm (cls: the paper's CRATE-MAE protocol takes the "
+                  "encoder's [CLS] output as the image feature) or the fc-normed mean patch token (mean, MAE's "
+                  "--global_pool, main_finetune.py's default)", ("cls", "mean")),
     "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
     "accum_iter": (int, "iterations accumulated per optimizer step", None),
     "epochs": (int, "training epochs", None),
@@ -98,6 +109,15 @@ FLAGS = {
                     f"{FULL_RECIPE_SIZE} px, else small", ("auto", "mae", "small")),
     "randaug_m": (int, "RandAugment magnitude on timm's 0-10 scale (0: off; unset: the recipe's, 9 or 0)", None),
     "randaug_n": (int, "RandAugment operations per image", None),
+    "randaug_mstd": (float, "RandAugment magnitude noise: each image draws its magnitude from N(m, mstd^2), clipped "
+                            "to 0..10 (0: fixed; 100 or more: uniform in 0..m, timm's 'inf'; unset: the recipe's, 0.5 "
+                            "or 0)", None),
+    "randaug_inc": ("bool", "RandAugment's increasing operations (timm's inc1): colour, contrast, brightness and "
+                            "sharpness factors grow from 1 (identity) to 1.9 with the magnitude instead of spanning "
+                            "0.1-1.9 (unset: the recipe's, on or off)", None),
+    "aa": (str, "MAE's RandAugment string, timm's grammar rand[-m<magnitude>][-n<operations>][-mstd<std>][-inc<0|1>] "
+                "(e.g. rand-m9-mstd0.5-inc1, MAE's default): sets --randaug_m, --randaug_n, --randaug_mstd and "
+                "--randaug_inc; 'none' turns RandAugment off", None),
     "reprob": (float, "random erasing probability (unset: the recipe's, 0.25 or 0)", None),
     "max_unreadable": (float, "fraction of image reads allowed to fail (a training image is replaced by another "
                               "with its own label, a test image is left out) before the run stops", None),
@@ -122,6 +142,17 @@ FLAGS = {
     "compile": ("bool", "run the training step's model under torch.compile", None),
     "grad_checkpointing": ("bool", "recompute each encoder layer in backward instead of keeping its activations "
                                    "(less memory, about one more forward pass)", None),
+    "eval": ("bool", "MAE's --eval: test a fine-tuned checkpoint (--resume PATH, else the positional one: a "
+                     "crate-finetune run, its model.safetensors, model-best.safetensors or checkpoint-*.pth) on the "
+                     "test split, print top-1 (and top-5) and exit; nothing is trained or written", None),
+    "dist_eval": ("bool", "under torchrun, each process tests its share of the test split (exact: no image twice) "
+                          "and the counts are summed (off: every process tests the whole split, MAE's default "
+                          "without --dist_eval)", None),
+    "start_epoch": (int, "MAE's --start_epoch N: a run that resumes no training state starts at epoch N's first "
+                         "step (its lr and data order; the weights are the checkpoint's, the optimizer fresh); "
+                         "exact resume (checkpoint-last.pth, --resume) restores the step itself and overrides it",
+                    None),
+    **flags.MAE_ALIASES,
 }
 
 
@@ -149,24 +180,75 @@ def _shown_default(name: str) -> str:
 def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     """Flags (and --config YAML) -> the configuration, range-checked; what depends on the checkpoint (demo
     settings, input size, layer decay, recipe, lr) is filled in by ``complete``."""
-    values = flags.given(build_parser(), {**FLAGS, "checkpoint": (str, "", None)}, argv)
+    values = flags.apply_mae_aliases(flags.given(build_parser(), {**FLAGS, "checkpoint": (str, "", None)}, argv))
+    if "aa" in values:
+        aa = values.pop("aa")
+        values.update(randaug_settings(aa, values))
     cfg = {**DEFAULTS, **values, "given": sorted(values), "world_size": world_size}
     flags.check_ranges(cfg, positive=("input_size", "batch_size", "accum_iter", "epochs", "blr", "lr", "layer_decay",
-                                      "log_every", "save_every", "save_every_epochs", "randaug_n"),
+                                      "log_every", "save_every", "save_every_epochs", "randaug_n", "nb_classes"),
                        non_negative=("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight_decay",
-                                     "clip_grad", "mixup", "cutmix", "num_workers", "threads", "randaug_m"),
+                                     "clip_grad", "mixup", "cutmix", "num_workers", "threads", "randaug_m",
+                                     "randaug_mstd", "start_epoch"),
                        fractions=("smoothing", "mixup_switch_prob", "reprob", "max_unreadable"))
     if cfg["layer_decay"] is not None and cfg["layer_decay"] > 1:
         raise ConfigError(f"--layer_decay must lie in (0, 1], got {cfg['layer_decay']}")
     if cfg["randaug_m"] is not None and cfg["randaug_m"] > 10:
         raise ConfigError(f"--randaug_m must lie in 0..10 (timm's scale), got {cfg['randaug_m']}")
+    if cfg["start_epoch"] and cfg["start_epoch"] >= cfg["epochs"]:
+        raise ConfigError(f"--start_epoch ({cfg['start_epoch']}) must be below --epochs ({cfg['epochs']})")
     return cfg
+
+
+AA_GRAMMAR = "timm's rand[-m<magnitude 0-10>][-n<operations>][-mstd<std>][-inc<0|1>], e.g. rand-m9-mstd0.5-inc1"
+
+
+def randaug_settings(aa: str, given: dict) -> dict:
+    """MAE's ``--aa`` (timm's RandAugment string) -> {randaug_m, randaug_n, randaug_mstd, randaug_inc}: 'rand' then
+    '-'-separated parts m<int> (magnitude, timm's 0-10 scale), n<int> (operations), mstd<float> (magnitude std),
+    inc<0|1> (increasing operations); parts left out take timm's defaults (m 10, n 2, mstd 0, inc 0). 'none' is
+    RandAugment off. An unknown part, or a setting also given by its own flag with another value, is an error naming
+    --aa and the grammar."""
+    if aa.lower() in ("none", "off", ""):
+        parsed = {"randaug_m": 0}
+    else:
+        parts = aa.split("-")
+        if parts[0] != "rand":
+            raise ConfigError(f"--aa {aa!r}: only RandAugment strings are supported ({AA_GRAMMAR}), or 'none'")
+        parsed = {"randaug_m": 10, "randaug_n": 2, "randaug_mstd": 0.0, "randaug_inc": False}
+        for part in parts[1:]:
+            key = next((k for k in ("mstd", "inc", "m", "n") if part.startswith(k)), None)
+            value = part[len(key):] if key else ""
+            try:
+                if key == "mstd":
+                    parsed["randaug_mstd"] = float(value)
+                elif key == "inc" and value in ("0", "1"):
+                    parsed["randaug_inc"] = value == "1"
+                elif key in ("m", "n"):
+                    parsed["randaug_" + key] = int(value)
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"--aa {aa!r}: cannot read the part {part!r}; expected {AA_GRAMMAR}") from None
+    if not 0 <= parsed["randaug_m"] <= 10 or parsed.get("randaug_n", 1) < 1 or parsed.get("randaug_mstd", 0) < 0:
+        raise ConfigError(f"--aa {aa!r}: the magnitude must lie in 0..10 (timm's scale), the operations be at least 1 "
+                          f"and the std >= 0; expected {AA_GRAMMAR}")
+    for key, value in parsed.items():
+        if key in given and given[key] != value:
+            raise ConfigError(f"--aa sets --{key} {value}, but --{key} {given[key]} is given too; give one of them")
+    return parsed
 
 
 def complete(cfg: dict, pretrained: Pretrained) -> dict:
     """The settings that depend on the checkpoint: the demo preset after a demo pretraining (flags given still
-    win), the input size, the layer decay, the augmentation recipe, the absolute lr and the output directory."""
+    win), the input size, the layer decay, the augmentation recipe, the absolute lr and the output directory; under
+    --eval, the pooling of the fine-tuned checkpoint (a --pool that contradicts it is an error)."""
     given = set(cfg.pop("given"))
+    if cfg["eval"]:
+        pool = "mean" if "fc_norm.weight" in pretrained.state else "cls"
+        if "pool" in given and cfg["pool"] != pool:
+            raise ConfigError(f"--pool {cfg['pool']} contradicts {pretrained.source}, fine-tuned with --pool {pool}")
+        cfg["pool"] = pool
     if pretrained.model in DEMO_MODELS:
         cfg.update({k: v for k, v in DEMO.items() if k not in given})
     cfg["model"] = pretrained.model
@@ -179,7 +261,7 @@ def complete(cfg: dict, pretrained: Pretrained) -> dict:
         cfg["layer_decay"] = 0.65 if "base" in pretrained.model else 0.75
     if cfg["recipe"] == "auto":
         cfg["recipe"] = "mae" if cfg["input_size"] >= FULL_RECIPE_SIZE else "small"
-    for key in ("randaug_m", "reprob", "mixup", "cutmix"):
+    for key in ("randaug_m", "randaug_mstd", "randaug_inc", "reprob", "mixup", "cutmix"):
         if cfg[key] is None:
             cfg[key] = RECIPES[cfg["recipe"]][key]
     cfg["dataset"] = resolve_labelled(cfg["dataset"], cfg["data_path"])
@@ -259,18 +341,29 @@ def mix_batch(imgs: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup:
 class ImageAugment:
     """Per-image RandAugment and random erasing of uint8 (3, H, W) views, in the data-loading workers (kornia's
     operations on floats, back to uint8): RandAugment draws ``n`` operations per image at magnitude ``m`` on timm's
-    0-10 scale (kornia's 0-30 scale x 3; 0: off); random erasing (probability ``reprob``, area 0.02-1/3, aspect
-    0.3-3.3) fills its box with the mean colour, 0 after normalisation. ``augment(view, seed)`` is a function of
-    the seed: kornia draws from torch's global generator, forked and seeded here."""
+    0-10 scale (kornia's 0-30 scale x 3; 0: off), or with ``mstd`` > 0 at a magnitude drawn per image from
+    N(m, mstd^2) clipped to 0..10 (``mstd`` >= 100: uniform in 0..m, timm's 'inf'); ``inc``: the colour, contrast,
+    brightness and sharpness factors grow from 1 to 1.9 with the magnitude (timm's increasing operations; timm also
+    flips their direction at random, and its solarize threshold falls with the magnitude, which kornia's cannot);
+    random erasing (probability ``reprob``, area 0.02-1/3, aspect 0.3-3.3) fills its box with the mean colour, 0
+    after normalisation. ``augment(view, seed)`` is a function of the seed: kornia draws from torch's global
+    generator, forked and seeded here."""
 
-    def __init__(self, n: int, m: int, reprob: float):
+    def __init__(self, n: int, m: int, reprob: float, mstd: float = 0.0, inc: bool = False):
         try:
             import kornia.augmentation as K
             from kornia.augmentation.auto import RandAugment
+            from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
         except ImportError as e:
             raise TrainError("RandAugment and random erasing need kornia: pip install 'crate_kernels[analysis]' "
                              "(or --randaug_m 0 --reprob 0)") from e
-        self.randaug = RandAugment(n=n, m=min(29, 3 * m)) if m else None  # kornia's magnitude lies in (0, 30)
+        policy = None
+        if inc:
+            policy = [[(op[0][0], 1.0, 1.9)] if op[0][0] in ("color", "contrast", "brightness", "sharpness") else op
+                      for op in default_policy]
+        self.m, self.mstd = m, mstd
+        # kornia's magnitude lies in (0, 30) when built; each call sets it from the (drawn) magnitude
+        self.randaug = RandAugment(n=n, m=min(29, 3 * m), policy=policy) if m else None
         self.erase = K.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0.0) if reprob else None
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -280,10 +373,20 @@ class ImageAugment:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if self.randaug is not None:
+                self.randaug.m = 3 * self.magnitude()
                 x = self.randaug(x).clamp(0, 1)
             if self.erase is not None:
                 x = self.erase((x - self.mean) / self.std) * self.std + self.mean
         return (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+    def magnitude(self) -> float:
+        """This image's magnitude on timm's 0-10 scale: ``m``, or drawn around it (``mstd``), from torch's
+        generator."""
+        if self.mstd <= 0:
+            return float(self.m)
+        if self.mstd >= 100:
+            return float(torch.rand(())) * self.m
+        return min(10.0, max(0.0, self.m + self.mstd * float(torch.randn(()))))
 
 
 class Finetuning(run.Run):
@@ -312,13 +415,19 @@ class Finetuning(run.Run):
             names = [test.classes[c] for c in unseen[:10]]
             raise DatasetError(f"{test.describe()} holds classes with no training image: {', '.join(names)}")
         self.classes = train.classes
-        augment = (ImageAugment(cfg["randaug_n"], cfg["randaug_m"], cfg["reprob"])
-                   if cfg["randaug_m"] or cfg["reprob"] else None)
-        self.make_loader(LabelledTrainViews(train, augment), collate_views, train.describe())
+        flags.check_nb_classes(cfg["nb_classes"], len(self.classes), train.describe())
         self.test_desc = test.describe()
-        # the test split, each rank its share; the loader's own generator seeds its workers, so starting them draws
-        # nothing from the global generator that mixing uses (a resumed run starts them at another step)
-        shard = torch.utils.data.Subset(LabelledViews(test), range(self.dist.rank, len(test), self.dist.world_size))
+        if cfg["eval"]:  # no training loader: only the test split is read
+            self.num_workers = default_num_workers() if cfg["num_workers"] is None else cfg["num_workers"]
+        else:
+            augment = (ImageAugment(cfg["randaug_n"], cfg["randaug_m"], cfg["reprob"], cfg["randaug_mstd"],
+                                    cfg["randaug_inc"]) if cfg["randaug_m"] or cfg["reprob"] else None)
+            self.make_loader(LabelledTrainViews(train, augment), collate_views, train.describe())
+        # the test split, each rank its share (--dist_eval) or all of it; the loader's own generator seeds its
+        # workers, so starting them draws nothing from the global generator that mixing uses (a resumed run starts
+        # them at another step)
+        share = (range(self.dist.rank, len(test), self.dist.world_size) if cfg["dist_eval"] else range(len(test)))
+        shard = torch.utils.data.Subset(LabelledViews(test), share)
         self.test_loader = torch.utils.data.DataLoader(
             shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=self.num_workers,
             collate_fn=collate_labelled, pin_memory=cfg["pin_mem"] and self.device.type == "cuda",
@@ -331,6 +440,15 @@ class Finetuning(run.Run):
         model = EncoderClassifier.from_pretrained(self.pretrained, len(self.classes), self.cfg["pool"] == "mean",
                                                   backend=self.cfg["backend"], log=self.load_summary.append)
         model.pos_embed.requires_grad_(True)  # fine-tuned from the sin-cos table, as MAE does
+        if self.cfg["eval"]:
+            head = self.pretrained.state.get("head.weight")
+            if head is None or head.ndim != 2:
+                raise TrainError(f"--eval needs a fine-tuned checkpoint (crate-finetune's model.safetensors, "
+                                 f"model-best.safetensors or checkpoint-*.pth): {self.pretrained.source} holds no "
+                                 "classification head")
+            if head.shape[0] != len(self.classes):
+                raise ConfigError(f"--eval: {self.pretrained.source} was fine-tuned for {head.shape[0]} classes, the "
+                                  f"data has {len(self.classes)}")
         return model.set_grad_checkpointing(self.cfg["grad_checkpointing"]).train()
 
     def param_groups(self) -> list[dict]:
@@ -349,8 +467,30 @@ class Finetuning(run.Run):
             self.test()
 
     def test(self) -> dict:
-        """Top-1, top-5 (with more than 5 classes) and cross-entropy on the whole test split (each rank its share;
-        unreadable images left out and counted); the best top-1 so far keeps model-best.safetensors."""
+        """``measure()``; the best top-1 so far keeps model-best.safetensors, and the scores are logged."""
+        scores = self.measure()
+        epoch = (self.step - 1) // self.steps_per_epoch
+        better = scores["top1"] > self.best["top1"]
+        if better:
+            self.best = {"top1": scores["top1"], "top5": scores.get("top5"), "step": self.step, "epoch": epoch}
+            self.on_main(lambda: self.write(checkpoint.save_safetensors, self.model.state_dict(),
+                                            os.path.join(self.out, "model-best.safetensors"),
+                                            metadata=self._metadata()))
+        failed = scores["unreadable_test_images"]
+        self.monitor.scores(self.step, epoch, scores,
+                            f"test epoch {epoch}: {self.score_line(scores)}; best top-1 {self.best['top1']:.2f}% "
+                            f"(epoch {self.best['epoch']})" + (f"; {failed} unreadable left out" if failed else ""))
+        return scores
+
+    @staticmethod
+    def score_line(scores: dict) -> str:
+        top5 = f", top-5 {scores['top5']:.2f}%" if "top5" in scores else ""
+        return (f"top-1 {scores['top1']:.2f}%{top5}, loss {scores['eval_loss']:.4f} on "
+                f"{counted(scores['test_images'], 'image')}")
+
+    def measure(self) -> dict:
+        """Top-1, top-5 (with more than 5 classes) and cross-entropy on the whole test split (with --dist_eval each
+        rank its share, the counts summed; else each rank all of it; unreadable images left out and counted)."""
         self.model.eval()
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1, top-5, loss sum, images
         tally = UnreadableImages(self.cfg["max_unreadable"], self.warn, min_reads=len(self.test_loader.dataset),
@@ -375,27 +515,30 @@ class Finetuning(run.Run):
                 counts[3] += len(labels)
         self.model.train()
         self.agree(error)
-        counts = self.dist.sum(counts).tolist()
-        failed = sum(self.dist.gather(tally.failed))
+        sharded = self.cfg["dist_eval"]
+        counts = (self.dist.sum(counts) if sharded else counts).tolist()
+        failed = sum(self.dist.gather(tally.failed)) if sharded else tally.failed
         if counts[3] == 0:
             raise DatasetError(f"no readable image in {self.test_desc}")
         scores = {"top1": 100.0 * counts[0] / counts[3], "eval_loss": counts[2] / counts[3],
                   "test_images": int(counts[3]), "unreadable_test_images": failed}
         if len(self.classes) > 5:
             scores["top5"] = 100.0 * counts[1] / counts[3]
-        epoch = (self.step - 1) // self.steps_per_epoch
-        better = scores["top1"] > self.best["top1"]
-        if better:
-            self.best = {"top1": scores["top1"], "top5": scores.get("top5"), "step": self.step, "epoch": epoch}
-            self.on_main(lambda: self.write(checkpoint.save_safetensors, self.model.state_dict(),
-                                            os.path.join(self.out, "model-best.safetensors"),
-                                            metadata=self._metadata()))
-        top5 = f", top-5 {scores['top5']:.2f}%" if "top5" in scores else ""
-        self.monitor.scores(self.step, epoch, scores,
-                            f"test epoch {epoch}: top-1 {scores['top1']:.2f}%{top5}, loss {scores['eval_loss']:.4f} "
-                            f"on {counted(int(counts[3]), 'image')}; best top-1 {self.best['top1']:.2f}% (epoch "
-                            f"{self.best['epoch']})" + (f"; {failed} unreadable left out" if failed else ""))
         return scores
+
+    def resume_source(self) -> tuple[str, dict] | None:
+        """As ``Run.resume_source``; with MAE's --start_epoch N and no training state to resume, the run starts at
+        epoch N's first step (a training state's own step takes precedence, as in MAE)."""
+        source = super().resume_source()
+        start = self.cfg["start_epoch"]
+        if start and source is not None and "optimizer" in source[1]:
+            self.say(f"note: --start_epoch {start} is not used: {source[0]} resumes its own step")
+        elif start:
+            if start * self.steps_per_epoch >= self.total_steps:
+                raise ConfigError(f"--start_epoch {start} starts at step {start * self.steps_per_epoch}, past the "
+                                  f"run's {self.total_steps} steps")
+            self.step = start * self.steps_per_epoch
+        return source
 
     def extra_state(self) -> dict:
         return {"best": self.best}
@@ -412,8 +555,8 @@ class Finetuning(run.Run):
         summary = {"step": self.step, "loss": self.last_loss, "final": {k: last.get(k) for k in ("top1", "top5")},
                    "best": self.best, "test": self.test_desc, "model": self.pretrained.describe()}
         def write_outputs():
-            self.write(checkpoint.save_safetensors, self.model.state_dict(), os.path.join(self.out, "model.safetensors"),
-                       metadata=self._metadata())
+            self.write(checkpoint.save_safetensors, self.model.state_dict(),
+                       os.path.join(self.out, "model.safetensors"), metadata=self._metadata())
             self.write(checkpoint.save_json, summary, os.path.join(self.out, "results.json"))
 
         self.on_main(write_outputs)
@@ -429,7 +572,8 @@ class Finetuning(run.Run):
         cfg = self.cfg
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
         augment = (f"RandomResizedCrop({RECIPES[cfg['recipe']]['min_crop']}, 1) + flip"
-                   + (f", RandAugment(n {cfg['randaug_n']}, m {cfg['randaug_m']})" if cfg["randaug_m"] else "")
+                   + (f", RandAugment(n {cfg['randaug_n']}, m {cfg['randaug_m']}, mstd {cfg['randaug_mstd']}"
+                      + (", increasing)" if cfg["randaug_inc"] else ")") if cfg["randaug_m"] else "")
                    + (f", random erasing {cfg['reprob']}" if cfg["reprob"] else "")
                    + (f", mixup {cfg['mixup']} / cutmix {cfg['cutmix']}" if cfg["mixup"] or cfg["cutmix"] else "")
                    + f", label smoothing {cfg['smoothing']}")
@@ -451,10 +595,37 @@ class Finetuning(run.Run):
 
 
 def finetune(cfg: dict) -> dict:
-    """Fine-tune with a configuration from ``resolve``; returns the summary (final and best top-1/top-5)."""
-    pretrained = load_pretrained(cfg["checkpoint"], cfg["model"])
+    """Fine-tune with a configuration from ``resolve``; returns the summary (final and best top-1/top-5). With
+    --eval, test the fine-tuned checkpoint instead and return its scores."""
+    source = cfg["resume"] if cfg["eval"] and cfg["resume"] else cfg["checkpoint"]
+    pretrained = load_pretrained(source, cfg["model"])
     cfg = complete(dict(cfg), pretrained)
+    if cfg["eval"]:
+        return evaluate_only(cfg, pretrained)
     return run.launch(cfg, functools.partial(Finetuning, pretrained=pretrained))
+
+
+def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
+    """MAE's --eval: the fine-tuned classifier of ``pretrained`` (head included) on the test split, each process its
+    share under torchrun with --dist_eval; prints one line and returns the scores. No output directory, lock, log or
+    checkpoint is written."""
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    dist = distributed.init(cfg["device"], cfg["dist_backend"])
+    job = None
+    try:
+        run.check_backend(cfg["backend"], dist.device)
+        job = Finetuning(cfg, dist, pretrained)
+        scores = job.measure()
+        job.say(f"crate-finetune --eval: {pretrained.source} ({job.model.describe()}); test: {job.test_desc}\n"
+                f"  {job.score_line(scores)}"
+                + (f"; {scores['unreadable_test_images']} unreadable left out" if scores["unreadable_test_images"]
+                   else ""))
+        return scores
+    finally:
+        if job is not None:
+            job.close()
+        distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

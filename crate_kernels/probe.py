@@ -5,8 +5,13 @@ image, extracted once (centre crops at the pretraining size, bf16 autocast on GP
 linear classifier on the cached features: scikit-learn's logistic regression on standardised features (C chosen on
 a held-out 20% of the training features unless ``--logreg_c``), or for sets too large for it MAE's linear-probe head
 (BatchNorm without affine, then a linear layer) trained in torch. Top-1 (and top-5 with more than 5 classes) are
-printed and written to a JSON file beside the features. ``--compare_random`` probes a randomly initialised model of
-the same architecture in the same run.
+printed and written to a JSON file beside the features. ``--compare_random`` probes ``--random_inits`` randomly
+initialised models of the same architecture (seeds --seed, --seed + 1, ...) in the same run and says whether the
+pretrained probe lies above, within or below their spread.
+
+Pooling: [CLS] by default, the paper's CRATE-MAE protocol (the [CLS] output of the encoder is the image feature it
+probes) and MAE's main_linprobe.py default; MAE's ``--global_pool`` / ``--cls_token``, ``--finetune PATH`` and
+``--nb_classes`` are accepted too (``pipeline.flags.MAE_ALIASES``).
 """
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ from .pipeline.data import (
 DEFAULTS = dict(
     checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls", layer=-1,
     classifier="auto", logreg_c=None, epochs=90, batch_size=128, head_batch_size=1024, blr=0.1, lr=None,
-    weight_decay=0.0, warmup_epochs=10, output_dir=None, compare_random=False, recompute=False,
-    max_unreadable=0.01, num_workers=None, device="auto", amp="auto", backend=None, threads=0, seed=0,
+    weight_decay=0.0, warmup_epochs=10, output_dir=None, compare_random=False, random_inits=3, nb_classes=None,
+    recompute=False, max_unreadable=0.01, num_workers=None, device="auto", amp="auto", backend=None, threads=0, seed=0,
 )
 
 FLAGS = {
@@ -50,8 +55,9 @@ FLAGS = {
                        "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
                        "annotations/)", None),
     "input_size": (int, "image side for the features (unset: the checkpoint's pretraining size)", None),
-    "pool": (str, "feature: the [CLS] token after the final norm (cls, MAE's default) or the fc-normed mean of the "
-                  "patch tokens (mean, MAE's --global_pool)", ("cls", "mean")),
+    "pool": (str, "feature: the [CLS] token after the final norm (cls: the paper's CRATE-MAE protocol probes the "
+                  "[CLS] feature, and MAE's main_linprobe.py defaults to it) or the fc-normed mean of the patch tokens "
+                  "(mean, MAE's --global_pool)", ("cls", "mean")),
     "layer": (int, "encoder layer whose output is probed, 0-based; -1: the last (with the final norm)", None),
     "classifier": (str, "sklearn: logistic regression; torch: MAE's linear-probe head; auto: sklearn while "
                         "training images x max(feature dim, classes) <= 1e8, else torch", ("auto", "sklearn", "torch")),
@@ -66,7 +72,10 @@ FLAGS = {
     "warmup_epochs": (int, "torch head: linear warmup epochs, then half-cycle cosine", None),
     "output_dir": (str, "where features and results go (unset: probe/ beside the checkpoint: in its run "
                         "directory, or its folder)", None),
-    "compare_random": ("bool", "also probe a randomly initialised model of the same architecture", None),
+    "compare_random": ("bool", "also probe --random_inits randomly initialised models of the same architecture "
+                               "(seeds --seed, --seed + 1, ...) and report where the pretrained probe lies against "
+                               "their spread", None),
+    "random_inits": (int, "--compare_random: how many random initialisations (at least 2)", None),
     "recompute": ("bool", "extract the features again even when a cached file matches", None),
     "max_unreadable": (float, "fraction of images allowed to fail to decode (each is skipped, with its label, and "
                               "counted) before the probe stops", None),
@@ -77,7 +86,8 @@ FLAGS = {
     "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
                 BACKENDS),
     "threads": (int, "CPU threads for compute (0: torch's default)", None),
-    "seed": (int, "seed of the random model, the held-out split and the torch head", None),
+    "seed": (int, "seed of the (first) random model, the held-out split and the torch head", None),
+    **flags.MAE_ALIASES,
 }
 
 SKLEARN_LIMIT = 1e8  # training images x max(feature dim, classes) that auto leaves to scikit-learn
@@ -100,13 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(argv: list[str] | None = None) -> dict:
     """Flags (and --config YAML) -> the validated configuration."""
-    cfg = flags.parse(build_parser(), {**FLAGS, "checkpoint": (str, "", None)}, DEFAULTS, argv)
+    values = flags.given(build_parser(), {**FLAGS, "checkpoint": (str, "", None)}, argv)
+    cfg = {**DEFAULTS, **flags.apply_mae_aliases(values)}
     flags.check_ranges(cfg, positive=("input_size", "epochs", "batch_size", "head_batch_size", "blr", "lr",
-                                      "logreg_c"),
+                                      "logreg_c", "nb_classes"),
                        non_negative=("weight_decay", "warmup_epochs", "num_workers", "threads"),
                        fractions=("max_unreadable",))
     if cfg["warmup_epochs"] >= cfg["epochs"]:
         raise ConfigError(f"--warmup_epochs ({cfg['warmup_epochs']}) must be below --epochs ({cfg['epochs']})")
+    if cfg["random_inits"] < 2:
+        raise ConfigError(f"--random_inits must be at least 2 (a spread needs several), got {cfg['random_inits']}")
     return cfg
 
 
@@ -377,6 +390,7 @@ def run(cfg: dict, log=print) -> dict:
     amp = _amp(cfg["amp"], device)
     splits = load_splits(cfg, cfg["input_size"])
     num_classes = len(splits["train"].classes)
+    flags.check_nb_classes(cfg["nb_classes"], num_classes, splits["train"].describe())
     clf = EncoderClassifier.from_pretrained(pretrained, num_classes, cfg["pool"] == "mean", True,
                                             backend=cfg["backend"], log=None)
     depth = len(clf.blocks)
@@ -393,23 +407,51 @@ def run(cfg: dict, log=print) -> dict:
                                          device, amp, log)}
     log(_line("  pretrained", results["pretrained"]))
     if cfg["compare_random"]:
-        random_clf = random_classifier(pretrained, num_classes, cfg)
-        results["random"] = probe_model(random_clf, f"{pretrained.model}, random initialisation (seed {cfg['seed']})",
-                                        f"{pretrained.model}-random{cfg['seed']}-{tag}", splits, cfg, device, amp, log)
-        log(_line("  random init", results["random"]))
-        gain = results["pretrained"]["top1"] - results["random"]["top1"]
-        log(f"  pretraining adds {gain:+.1f} points of top-1 over the random initialisation")
+        results["random"], seeds = [], list(range(cfg["seed"], cfg["seed"] + cfg["random_inits"]))
+        for seed in seeds:
+            random_clf = random_classifier(pretrained, num_classes, cfg["pool"], seed, cfg["backend"])
+            result = probe_model(random_clf, f"{pretrained.model}, random initialisation (seed {seed})",
+                                 f"{pretrained.model}-random{seed}-{tag}", splits, cfg, device, amp, log)
+            log(_line(f"  random init (seed {seed})", result))
+            results["random"].append(result)
+        summary = random_spread(results["pretrained"]["top1"], [r["top1"] for r in results["random"]])
+        summary.update(seeds=seeds, results=[r["results"] for r in results["random"]])
+        log(summary["verdict"])
+        results["pretrained"]["compare_random"] = summary
+        checkpoint.save_json({k: v for k, v in results["pretrained"].items() if k != "results"},
+                             results["pretrained"]["results"])
     return results
 
 
-def random_classifier(pretrained: Pretrained, num_classes: int, cfg: dict) -> EncoderClassifier:
-    """The same architecture with MAE's initialisation from --seed (what pretraining starts from)."""
-    torch.manual_seed(cfg["seed"])
-    mae = pretrained.build(cfg["backend"], weights=False)
+def random_spread(pretrained_top1: float, random_top1: list[float]) -> dict:
+    """Where the pretrained probe's top-1 lies against those of several random initialisations: their mean, sample
+    standard deviation (ddof 1), min and max, and ``position``: 'above' (> max), 'within' ([min, max]) or 'below'
+    (< min); ``verdict`` says it in one line. Percentages in, percentages out."""
+    if len(random_top1) < 2:
+        raise ValueError(f"random_top1 needs at least 2 values for a spread, got {len(random_top1)}")
+    values = np.asarray(random_top1, dtype=np.float64)
+    mean, std, low, high = float(values.mean()), float(values.std(ddof=1)), float(values.min()), float(values.max())
+    position = "above" if pretrained_top1 > high else "below" if pretrained_top1 < low else "within"
+    meaning = {"above": "above every random initialisation: pretraining helps this probe beyond the seed-to-seed "
+                        "spread",
+               "within": "within the random initialisations' range: no difference beyond the seed-to-seed spread",
+               "below": "below every random initialisation: pretraining does not help this probe here"}[position]
+    verdict = (f"  random init, {len(values)} seeds: top-1 mean {mean:.1f}%, std {std:.1f}, range {low:.1f}-{high:.1f}%"
+               f"\n  pretrained {pretrained_top1:.1f}% lies {meaning} ({pretrained_top1 - mean:+.1f} points from the "
+               f"random mean)")
+    return {"pretrained_top1": pretrained_top1, "random_top1": values.tolist(), "mean": mean, "std": std,
+            "min": low, "max": high, "position": position, "difference_from_mean": pretrained_top1 - mean,
+            "verdict": verdict}
+
+
+def random_classifier(pretrained: Pretrained, num_classes: int, pool: str, seed: int,
+                      backend: str | None) -> EncoderClassifier:
+    """The same architecture with MAE's initialisation from ``seed`` (what pretraining starts from)."""
+    torch.manual_seed(seed)
+    mae = pretrained.build(backend, weights=False)
     init = Pretrained(pretrained.model, pretrained.img_size, pretrained.patch_size, pretrained.norm_pix_loss,
-                      mae.state_dict(), f"random initialisation (seed {cfg['seed']})")
-    return EncoderClassifier.from_pretrained(init, num_classes, cfg["pool"] == "mean", True,
-                                             backend=cfg["backend"], log=None)
+                      mae.state_dict(), f"random initialisation (seed {seed})")
+    return EncoderClassifier.from_pretrained(init, num_classes, pool == "mean", True, backend=backend, log=None)
 
 
 def _warn(text: str) -> None:

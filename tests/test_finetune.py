@@ -15,7 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
-from crate_kernels.finetune import ImageAugment, layer_decay_groups, main, mix_batch, resolve, smoothed_one_hot
+from crate_kernels.finetune import (
+    ImageAugment, layer_decay_groups, main, mix_batch, randaug_settings, resolve, smoothed_one_hot,
+)
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main
 
@@ -226,8 +228,8 @@ def test_a_release_checkpoint_fine_tunes(tmp_path, capsys, one_thread, family):
 
     torch.manual_seed(0)
     if family == "vit":
-        mae, name, clf_class = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"]), "mae_vit_demo", \
-            ViTClassifier
+        mae = MaskedAutoencoderViT(img_size=16, patch_size=4, **MODELS["mae_vit_demo"])
+        name, clf_class = "mae_vit_demo", ViTClassifier
     else:
         mae, name, clf_class = CRATEMAE(img_size=16, patch_size=4, **MODELS["demo"]), "demo", CRATEClassifier
     release = tmp_path / "release.pth"
@@ -254,10 +256,24 @@ def test_recipe_given_in_the_same_run_must_match_to_resume_and_nothing_is_writte
     err = capsys.readouterr().err
     assert "smoothing 0.1 -> 0.2" in err and "new --output_dir" in err
     assert {name: os.path.getmtime(out / name) for name in os.listdir(out) if name != ".lock"} == before
+    # MAE's --eval: the fine-tuned model tested again gives the run's own final score, and nothing is written
+    final = _records(out, "eval")[-1]
+    outside = set(os.listdir(tmp_path))
+    for source in ([str(out)], [str(run_dir), "--resume", str(out / "model.safetensors")],
+                   ["--finetune", str(out / "checkpoint-last.pth"), "--no_dist_eval"]):
+        assert main(source + ["--eval", "--batch_size", "8", "--num_workers", "0"]) == 0
+        text = capsys.readouterr().out
+        assert f"top-1 {final['top1']:.2f}%, top-5 {final['top5']:.2f}%" in text and "on 596 images" in text
+    assert {name: os.path.getmtime(out / name) for name in os.listdir(out) if name != ".lock"} == before
+    assert set(os.listdir(tmp_path)) == outside and not (run_dir.parent / "finetune").exists()
 
 
 def test_bad_inputs_are_one_message_before_anything_is_written(run_dir, tmp_path, capsys):
     out = tmp_path / "ft"
+    assert main([str(run_dir), "--nb_classes", "1000", "--output_dir", str(out)]) == 2
+    assert "--nb_classes 1000 disagrees with the data: " in capsys.readouterr().err and not out.exists()
+    assert main([str(run_dir), "--eval", "--output_dir", str(out)]) == 1  # a pretrained encoder has no head to test
+    assert "--eval needs a fine-tuned checkpoint" in capsys.readouterr().err and not out.exists()
     assert main([str(tmp_path / "missing"), "--output_dir", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
     not_a_model = tmp_path / "other.pth"
@@ -288,7 +304,7 @@ def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = _finetune_cli(args + ["--output_dir", str(reference)])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "RandAugment(n 2, m 9), random erasing 0.25" in done.stdout
+    assert "RandAugment(n 2, m 9, mstd 0.5, increasing), random erasing 0.25" in done.stdout  # MAE's --aa default
 
     proc = subprocess.Popen([sys.executable, "-m", "crate_kernels.finetune", *args, "--output_dir", str(victim)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -313,11 +329,84 @@ def test_a_stop_signal_then_resume_reproduces_the_uninterrupted_run_bitwise(run_
     assert [r["top1"] for r in _records(victim, "eval")] == [r["top1"] for r in _records(reference, "eval")]
 
 
+def test_start_epoch_starts_at_that_epoch_and_exact_resume_overrides_it(run_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "ft"
+    args = [str(run_dir), "--batch_size", "64", "--epochs", "2", "--start_epoch", "1", "--warmup_epochs", "1",
+            "--log_every", "1", "--num_workers", "0", "--no_tensorboard", "--output_dir", str(out)]
+    assert main(args) == 0
+    steps_per_epoch = 1201 // 64
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == list(range(steps_per_epoch + 1, 2 * steps_per_epoch + 1))
+    assert train[0]["lr"] == pytest.approx(1e-2 * 64 / 256)  # epoch 1's lr: the warmup (epoch 0) is over
+    assert [r["step"] for r in _records(out, "eval")] == [2 * steps_per_epoch]
+    capsys.readouterr()
+    assert main(args) == 0  # the finished run resumes its own step, not --start_epoch's
+    assert "--start_epoch 1 is not used" in capsys.readouterr().out
+    assert main(args[:1] + ["--start_epoch", "2", "--epochs", "2"]) == 2
+    assert "--start_epoch (2) must be below --epochs (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aa, expected", [
+    ("rand-m9-mstd0.5-inc1", dict(randaug_m=9, randaug_n=2, randaug_mstd=0.5, randaug_inc=True)),
+    ("rand-m7-n3", dict(randaug_m=7, randaug_n=3, randaug_mstd=0.0, randaug_inc=False)),
+    ("rand-n1-inc0-mstd101", dict(randaug_m=10, randaug_n=1, randaug_mstd=101.0, randaug_inc=False)),
+    ("rand", dict(randaug_m=10, randaug_n=2, randaug_mstd=0.0, randaug_inc=False)),
+    ("none", dict(randaug_m=0)),
+])
+def test_mae_aa_strings_set_the_randaugment_flags(aa, expected):
+    assert randaug_settings(aa, {}) == expected
+    cfg = resolve(["--aa", aa])
+    assert {k: cfg[k] for k in expected} == expected and "aa" not in cfg
+    assert resolve(["--aa", aa, "--randaug_m", str(expected["randaug_m"])])["randaug_m"] == expected["randaug_m"]
+
+
+@pytest.mark.parametrize("aa, message", [
+    ("rand-m9-x3", "cannot read the part 'x3'"), ("rand-mfoo", "cannot read the part 'mfoo'"),
+    ("rand-inc2", "cannot read the part 'inc2'"), ("rand-m9-p0.5", "cannot read the part 'p0.5'"),
+    ("v0", "only RandAugment strings are supported"), ("augmix-m5", "only RandAugment strings"),
+    ("rand-m11", "the magnitude must lie in 0..10"), ("rand-m9-n0", "the operations be at least 1"),
+])
+def test_bad_aa_strings_name_the_flag_and_the_grammar(aa, message, capsys):
+    assert main(["--aa", aa]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert f"--aa {aa!r}" in err and "rand[-m<magnitude 0-10>][-n<operations>][-mstd<std>][-inc<0|1>]" in err
+
+
+def test_mae_flags_map_onto_ours(capsys):
+    cfg = resolve(["--finetune", "a.pth", "--global_pool", "--nb_classes", "10", "--no_dist_eval"])
+    assert cfg["checkpoint"] == "a.pth" and cfg["pool"] == "mean" and cfg["nb_classes"] == 10
+    assert cfg["dist_eval"] is False and resolve([])["dist_eval"] is True
+    assert resolve(["--cls_token"])["pool"] == "cls" and resolve([])["pool"] == "cls"  # the paper's [CLS] feature
+    for bad, message in ((["b.pth", "--finetune", "a.pth"], "--finetune a.pth and the positional checkpoint b.pth"),
+                         (["--global_pool", "--pool", "cls"], "ask for different pooling"),
+                         (["--aa", "rand-m9", "--randaug_m", "5"], "--aa sets --randaug_m 9, but --randaug_m 5"),
+                         (["--nb_classes", "0"], "--nb_classes must be positive")):
+        assert main(bad) == 2 and message in capsys.readouterr().err
+
+
+def test_randaugment_magnitude_noise_is_drawn_per_image_within_0_to_10():
+    pytest.importorskip("kornia")
+    m, mstd = int(np.random.default_rng().integers(1, 10)), 0.5
+    aug = ImageAugment(2, m, 0.0, mstd=mstd, inc=True)
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    draws = torch.tensor([aug.magnitude() for _ in range(4000)])
+    assert draws.min() >= 0 and draws.max() <= 10 and draws.std() > 0.4
+    assert abs(draws.mean() - m) < 0.05 if m <= 8 else draws.mean() < m  # clipped at 10 above
+    assert ImageAugment(2, m, 0.0).magnitude() == m  # mstd 0: fixed
+    uniform = ImageAugment(2, m, 0.0, mstd=100)
+    u = torch.tensor([uniform.magnitude() for _ in range(2000)])
+    assert u.min() >= 0 and u.max() <= m and abs(u.mean() - m / 2) < 0.2
+    view = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(aug(view, 7), aug(view, 7))  # the drawn magnitude too is a function of the seed
+
+
 def test_help_lists_the_recipe_flags(capsys):
     with pytest.raises(SystemExit):
         resolve(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--layer_decay", "--mixup", "--cutmix", "--smoothing", "--randaug_m", "--reprob", "--recipe"):
+    for flag in ("--layer_decay", "--mixup", "--cutmix", "--smoothing", "--randaug_m", "--reprob", "--recipe",
+                 "--aa", "--eval", "--dist_eval", "--start_epoch", "--finetune", "--global_pool", "--nb_classes"):
         assert flag in text
 
 
@@ -342,3 +431,13 @@ def test_two_process_ddp_matches_one_process_and_tests_the_whole_split(run_dir, 
     assert ea["test_images"] == eb["test_images"] == 596  # each test image counted once over the two shards
     assert abs(ea["top1"] - eb["top1"]) <= 100 / 596 + 1e-9 and ea["eval_loss"] == pytest.approx(eb["eval_loss"],
                                                                                                     rel=1e-3)
+    # MAE's --eval under torchrun: each process tests its share (--dist_eval, the default), rank 0 prints the total
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "crate_kernels.finetune", str(one), "--eval", "--batch_size", "8", "--num_workers", "0"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("top-1") == 1 and "on 596 images" in proc.stdout
+    shown = float(proc.stdout.split("top-1 ")[1].split("%")[0])
+    assert abs(shown - ea["top1"]) <= 100 / 596 + 0.01

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from crate_kernels import CRATEMAE
-from crate_kernels.probe import fit_logistic, fit_torch_head, main, resolve, topk_accuracy
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
+from crate_kernels.probe import fit_logistic, fit_torch_head, main, random_spread, resolve, topk_accuracy
 from crate_kernels.train import main as train_main
 
 TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
@@ -59,7 +59,8 @@ def test_classifiers_reach_100_percent_on_linearly_separable_features(one_thread
     x_train = centres[y_train] + torch.randn(len(y_train), d)
     x_test = centres[y_test] + torch.randn(len(y_test), d)
     sk = fit_logistic(x_train.numpy(), y_train.numpy(), x_test.numpy(), y_test.numpy(), blas_threads=1)
-    assert sk["top1"] >= 99.0 and sk["top5"] == 100.0 and set(sk["selection"]) == {"0.001", "0.01", "0.1", "1", "10", "100"}
+    assert sk["top1"] >= 99.0 and sk["top5"] == 100.0
+    assert set(sk["selection"]) == {"0.001", "0.01", "0.1", "1", "10", "100"}
     cfg = dict(seed=0, head_batch_size=64, lr=None, blr=0.1, weight_decay=0.0, epochs=30, warmup_epochs=3)
     head = fit_torch_head(x_train, y_train, x_test, y_test, k, cfg, torch.device("cpu"))
     assert head["top1"] >= 99.0 and head["final_train_loss"] < 0.1
@@ -77,21 +78,57 @@ def test_topk_accuracy_counts_labels_among_the_best_scores():
 
 def test_probe_end_to_end_with_random_baseline_and_feature_cache(run_dir, colours, tmp_path, capsys):
     out = tmp_path / "probe"
-    args = [str(run_dir), "--data_path", str(colours), "--compare_random", "--output_dir", str(out)] + QUIET
+    args = [str(run_dir), "--data_path", str(colours), "--compare_random", "--random_inits", "2",
+            "--output_dir", str(out)] + QUIET
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "image folder" in text and "pretrained: top-1" in text and "random init: top-1" in text
+    assert "image folder" in text and "pretrained: top-1" in text
+    assert "random init (seed 0): top-1" in text and "random init (seed 1): top-1" in text
+    assert "random init, 2 seeds: top-1 mean" in text and "points from the random mean" in text
     jsons = sorted(f for f in os.listdir(out) if f.endswith(".json"))
-    assert len(jsons) == 2 and len([f for f in os.listdir(out) if f.endswith(".pt")]) == 2
-    for name in jsons:
-        result = json.loads((out / name).read_text())
+    assert len(jsons) == 3 and len([f for f in os.listdir(out) if f.endswith(".pt")]) == 3
+    results = {name: json.loads((out / name).read_text()) for name in jsons}
+    for name, result in results.items():
         assert result["classes"] == 3 and result["train_images"] == 18 and result["test_images"] == 9
         assert "top5" not in result and result["feature_dim"] == 128 and os.path.isfile(result["features"])
         assert result["features"][:-3] == str(out / name)[:-5]  # the JSON lies beside its features
-    assert main(args) == 0  # the same command again reuses both feature files
-    assert capsys.readouterr().out.count("features: cached") == 2
+    summary = next(r["compare_random"] for r in results.values() if "compare_random" in r)
+    randoms = [r["top1"] for r in results.values() if "compare_random" not in r]
+    assert summary["seeds"] == [0, 1] and sorted(summary["random_top1"]) == sorted(randoms)
+    assert summary["position"] in ("above", "within", "below") and summary["verdict"] in text
+    assert main(args) == 0  # the same command again reuses every feature file
+    assert capsys.readouterr().out.count("features: cached") == 3
+    assert main(args[:-len(QUIET)] + ["--random_inits", "3"] + QUIET) == 0  # one more seed: one more extraction
+    assert capsys.readouterr().out.count("features: cached") == 3 and len(os.listdir(out)) == 8
     assert main(args + ["--pool", "mean", "--layer", "1"]) == 0
-    assert "layer1" in capsys.readouterr().out and len(os.listdir(out)) == 8
+    assert "layer1" in capsys.readouterr().out and len(os.listdir(out)) == 14
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_random_spread_places_the_pretrained_probe_against_the_seeds(trial):
+    gen = np.random.default_rng()
+    randoms = list(gen.uniform(20, 80, gen.integers(2, 7)))
+    low, high = min(randoms), max(randoms)
+    for pretrained, position in ((high + gen.uniform(0.01, 5), "above"), (low - gen.uniform(0.01, 5), "below"),
+                                 (gen.uniform(low, high), "within"), (high, "within"), (low, "within")):
+        s = random_spread(pretrained, randoms)
+        assert s["position"] == position
+        assert s["mean"] == pytest.approx(np.mean(randoms)) and s["std"] == pytest.approx(np.std(randoms, ddof=1))
+        assert (s["min"], s["max"]) == (low, high) and s["random_top1"] == randoms
+        assert s["difference_from_mean"] == pytest.approx(pretrained - np.mean(randoms))
+        assert {"above": "above every", "below": "below every", "within": "within"}[position] in s["verdict"]
+        assert f"{len(randoms)} seeds" in s["verdict"] and f"{low:.1f}-{high:.1f}%" in s["verdict"]
+    with pytest.raises(ValueError, match="at least 2"):
+        random_spread(50.0, randoms[:1])
+
+
+def test_mae_flags_map_onto_ours():
+    cfg = resolve(["--finetune", "a.pth", "--global_pool", "--nb_classes", "10"])
+    assert cfg["checkpoint"] == "a.pth" and cfg["pool"] == "mean" and cfg["nb_classes"] == 10
+    assert "finetune" not in cfg and "global_pool" not in cfg
+    assert resolve(["a.pth", "--finetune", "a.pth", "--cls_token"])["pool"] == "cls"
+    assert resolve(["--no_global_pool", "--pool", "cls"])["pool"] == "cls"
+    assert resolve([])["pool"] == "cls"  # the paper's protocol: the [CLS] feature
 
 
 def test_release_checkpoints_of_both_families_probe(colours, tmp_path, capsys):
@@ -137,6 +174,11 @@ def _exit_code(args):
     (["--input_size", "18"], 2, "--input_size (18) must be a multiple of the checkpoint's patch size (4)"),
     (["--data_path", "NOWHERE"], 1, "--data_path NOWHERE does not exist"),
     (["--model", "crate_mae_base"], 1, "--model crate_mae_base contradicts"),
+    (["--nb_classes", "1000"], 2, "--nb_classes 1000 disagrees with the data: "),
+    (["--finetune", "other.pth"], 2, "--finetune other.pth and the positional checkpoint"),
+    (["--global_pool", "--pool", "cls"], 2, "--global_pool and --pool cls ask for different pooling"),
+    (["--cls_token", "--global_pool"], 2, "ask for different pooling"),
+    (["--compare_random", "--random_inits", "1"], 2, "--random_inits must be at least 2"),
 ])
 def test_bad_inputs_are_one_message_before_any_output(run_dir, tmp_path, extra, code, message, capfd):
     out = tmp_path / "never"

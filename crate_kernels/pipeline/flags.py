@@ -125,3 +125,49 @@ def check_ranges(cfg: dict, positive=(), non_negative=(), fractions=()) -> None:
     for name in fractions:
         if cfg[name] is not None and not 0.0 <= cfg[name] <= 1.0:
             raise ConfigError(f"--{name} must lie in [0, 1], got {cfg[name]}")
+
+
+# MAE's names for settings the probe and fine-tuning commands already have (facebookresearch/mae, main_finetune.py and
+# main_linprobe.py): --finetune PATH is the positional checkpoint, --global_pool / --cls_token choose --pool.
+MAE_ALIASES = {
+    "finetune": (str, "MAE's name for the checkpoint (the positional CHECKPOINT_OR_RUN; give one of the two, or both "
+                      "naming the same file)", None),
+    "global_pool": ("bool", "MAE's pooling flag: --global_pool is --pool mean (the fc-normed mean patch token), "
+                            "--no_global_pool is --pool cls", None),
+    "cls_token": ("bool", "MAE's --cls_token: --pool cls ([CLS] after the final norm)", None),
+    "nb_classes": (int, "MAE's class count, checked against the data: an error when the dataset holds another "
+                        "number of classes (unset: the data's)", None),
+}
+
+
+def apply_mae_aliases(values: dict) -> dict:
+    """Map MAE's flags among the user's ``values`` onto ours: ``finetune`` -> ``checkpoint``, ``global_pool`` /
+    ``cls_token`` -> ``pool``; a MAE flag that contradicts our flag given beside it is an error naming both."""
+    values = dict(values)
+    path = values.pop("finetune", None)
+    if path is not None:
+        if values.get("checkpoint", path) != path:
+            raise ConfigError(f"--finetune {path} and the positional checkpoint {values['checkpoint']} differ; "
+                              "give one of them")
+        values["checkpoint"] = path
+    pools = {}
+    if "global_pool" in values:
+        on = values.pop("global_pool")
+        pools["--global_pool" if on else "--no_global_pool"] = "mean" if on else "cls"
+    if "cls_token" in values:
+        on = values.pop("cls_token")
+        pools["--cls_token" if on else "--no_cls_token"] = "cls" if on else "mean"
+    if "pool" in values:
+        pools[f"--pool {values['pool']}"] = values["pool"]
+    if len(set(pools.values())) > 1:
+        raise ConfigError(f"{' and '.join(pools)} ask for different pooling; give one of them")
+    if pools:
+        values["pool"] = next(iter(pools.values()))
+    return values
+
+
+def check_nb_classes(nb_classes: int | None, classes: int, description: str) -> None:
+    """MAE's --nb_classes must equal the number of classes of the data (``description`` names the data)."""
+    if nb_classes is not None and nb_classes != classes:
+        raise ConfigError(f"--nb_classes {nb_classes} disagrees with the data: {description} holds {classes} classes "
+                          f"(pass --nb_classes {classes}, or leave it out to take the data's)")
