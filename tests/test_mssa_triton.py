@@ -292,7 +292,7 @@ def test_fp32_follows_tf32_setting_cuda():
     finally:
         torch.set_float32_matmul_precision(before)
     assert_close(out, truth[0], base[0], "out")
-    assert_close(dw, truth[1], base[1], "dw", cond=mssa_cond(w, 64 ** -0.5))
+    assert_close(dw, truth[1], base[1], "dw", cond=mssa_cond(w, dout, 64 ** -0.5))
     assert rel_err(dw, truth[1]) > 1e-5, "dw as exact as fp32: TF32 was not used"
 
 

@@ -76,14 +76,25 @@ def ista_math(x: torch.Tensor, weight: torch.Tensor, eta: float, lambd: float, d
     return out.detach(), dx, dw
 
 
-def mssa_cond(w: torch.Tensor, scale: float) -> float:
-    """The largest logit, max_i scale |w_i|^2 (at least 1): a flash backward forms dS = P (dP - delta) with
-    delta = rowsum(dOut * out), a difference of terms of size |dOut_i| |w_i| whose rounding, carried back through
-    scale * dS w, costs dw a relative error of about eps times the logit. PyTorch's autograd subtracts
-    sum_j P_ij dP_ij from the same dP instead, which is exact where the softmax saturates (amplitude > 1)."""
+def mssa_cond(w: torch.Tensor, dout: torch.Tensor, scale: float) -> float:
+    """How much larger than dw the terms are that a backward subtracts (at least 1), the larger of two measures:
+    the largest logit, max_i scale |w_i|^2 (a flash backward forms dS = P (dP - delta) with delta =
+    rowsum(dOut * out), a difference of terms of size |dOut_i| |w_i|, which PyTorch's autograd instead subtracts
+    from the same dP, exactly where the softmax saturates), and ||T|| / ||dw|| for T = |P|^T |dOut| + scale (A + A^T)
+    |w|, A = P (|dP| + |delta|), the magnitudes dw sums (a nearly uniform softmax makes P^T dOut a mean of larger
+    terms)."""
     if not w.numel():
         return 1.0
-    return max(1.0, scale * w.detach().double().pow(2).sum(-1).max().item())
+    w64, g64 = w.detach().double(), dout.detach().double()
+    s = w64 @ w64.transpose(-1, -2) * scale
+    p = s.softmax(-1)
+    dp = g64 @ w64.transpose(-1, -2)
+    delta = (g64 * (p @ w64)).sum(-1, keepdim=True)
+    a = p * (dp.abs() + delta.abs())
+    terms = p.transpose(-1, -2) @ g64.abs() + scale * (a + a.transpose(-1, -2)) @ w64.abs()
+    dw = p.transpose(-1, -2) @ g64 + scale * ((p * (dp - delta)) + (p * (dp - delta)).transpose(-1, -2)) @ w64
+    ratio = (terms.norm() / dw.norm().clamp_min(1e-300)).item()
+    return max(1.0, s.diagonal(dim1=-2, dim2=-1).abs().max().item(), ratio)
 
 
 def assert_mssa_close(w: torch.Tensor, dout: torch.Tensor, scale: float, out=None, dw=None, lse=None, name="",
@@ -91,7 +102,7 @@ def assert_mssa_close(w: torch.Tensor, dout: torch.Tensor, scale: float, out=Non
     """A kernel's out, dw, lse (those given) for inputs w, dout against float64 math, within assert_close of the
     reference math in w's dtype (dw's floor scaled by mssa_cond)."""
     truth, base = mssa_math(w, dout, scale, torch.float64), mssa_math(w, dout, scale, w.dtype)
-    conds = (1.0, mssa_cond(w, scale), 1.0)
+    conds = (1.0, mssa_cond(w, dout, scale), 1.0)
     for label, got, t, b, c in zip(("out", "dw", "lse"), (out, dw, lse), truth, base, conds):
         if got is not None:
             assert_close(got, t, b, f"{name} {label}".strip(), k, c)
