@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("huggingface_hub")
 
-from crate_kernels import CRATEClassifier, CRATEMAE, MaskedAutoencoderViT, ViTClassifier  # noqa: E402
+from crate_kernels import CRATEMAE, CRATEClassifier, MaskedAutoencoderViT, ViTClassifier  # noqa: E402
 from crate_kernels.errors import TrainError  # noqa: E402
 from crate_kernels.models.pretrained import load_pretrained  # noqa: E402
 
@@ -183,7 +183,8 @@ def test_a_repo_id_loads_offline_from_the_hub_cache(tmp_path):
         "from crate_kernels import CRATEMAE\n"
         "from crate_kernels.models.pretrained import load_pretrained\n"
         f"expected = torch.load({str(tmp_path / 'expected.pth')!r})\n"
-        "for model in (CRATEMAE.from_pretrained('someone/crate-demo'), load_pretrained('someone/crate-demo').build()):\n"
+        "for model in (CRATEMAE.from_pretrained('someone/crate-demo'),\n"
+        "              load_pretrained('someone/crate-demo').build()):\n"
         "    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())\n"
         "try:\n"
         "    load_pretrained('someone/not-cached')\n"
