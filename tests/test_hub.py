@@ -224,3 +224,44 @@ def test_the_core_works_without_huggingface_hub(tmp_path):
     assert lines[2].startswith("TrainError someone/crate-demo is no local file or folder") and extra in lines[2]
     assert lines[3] == "exit 2" and f"--push_to_hub needs huggingface_hub, {extra}" in proc.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_and_probe_take_a_repo_id_and_finetuning_pushes_its_classifier(fake_hub, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    import numpy as np
+    from PIL import Image
+
+    from crate_kernels import finetune, probe
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    mae = _perturbed(CRATEMAE(**DEMO))
+    mae.save_pretrained(tmp_path / "hf", config={"model": "demo"})
+    _hub_cache(str(tmp_path / "cache"), "someone/crate-demo", str(tmp_path / "hf"))
+    data = tmp_path / "colours"  # 3 classes told apart by colour, 4 train and 2 val images each
+    gen = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c, name in enumerate(("red", "green", "blue")):
+            (data / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = gen.integers(0, 90, (16, 16, 3))
+                pixels[..., c] += 160
+                Image.fromarray(pixels.astype(np.uint8)).save(data / split / name / f"{i}.png")
+    quiet = ["--data_path", str(data), "--num_workers", "0", "--threads", "0"]
+    out = tmp_path / "ft"
+    assert finetune.main(["someone/crate-demo", *quiet, "--max_steps", "2", "--batch_size", "4", "--no_tensorboard",
+                          "--output_dir", str(out), "--push_to_hub", "someone/crate-demo-colours"]) == 0
+    clf = CRATEClassifier.from_pretrained(str(out / "hf"))
+    from crate_kernels.checkpoint import load
+
+    final = load(str(out / "model.safetensors"))["model"]
+    assert clf.num_classes == 3 and all(torch.equal(final[k], v) for k, v in clf.state_dict().items())
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config["classes"] == ["blue", "green", "red"] and config["model"] == "demo"
+    assert "crate-finetune someone/crate-demo" in (out / "hf" / "README.md").read_text()
+    [(repo, folder)] = fake_hub.pushed
+    assert repo == "someone/crate-demo-colours"
+    _same_state(clf, CRATEClassifier.from_pretrained(folder))
+    monkeypatch.chdir(tmp_path)
+    assert probe.main(["someone/crate-demo", *quiet, "--epochs", "2", "--warmup_epochs", "1"]) == 0
+    assert os.listdir(tmp_path / "probe" / "someone--crate-demo")  # a repo id's outputs: ./probe/owner--name
