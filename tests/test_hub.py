@@ -194,8 +194,8 @@ def test_a_repo_id_loads_offline_from_the_hub_cache(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TrainError someone/not-cached is no local file or folder, and cannot be read as a Hugging Face Hub" \
-        in proc.stdout
+    assert "TrainError checkpoint someone/not-cached does not exist as a local file or folder, and cannot be read " \
+        "as a Hugging Face Hub repo id (" in proc.stdout
 
 
 def test_the_core_works_without_huggingface_hub(tmp_path):
@@ -221,7 +221,8 @@ def test_the_core_works_without_huggingface_hub(tmp_path):
     extra = "the optional extra 'hub': pip install 'crate_kernels[hub]'"
     assert lines[0] == f"ImportError save_pretrained needs huggingface_hub, {extra}"
     assert lines[1] == f"ImportError from_pretrained needs huggingface_hub, {extra}"
-    assert lines[2].startswith("TrainError someone/crate-demo is no local file or folder") and extra in lines[2]
+    assert lines[2].startswith("TrainError checkpoint someone/crate-demo does not exist as a local file or folder")
+    assert extra in lines[2]
     assert lines[3] == "exit 2" and f"--push_to_hub needs huggingface_hub, {extra}" in proc.stderr
     assert not os.path.exists(tmp_path / "out")
 

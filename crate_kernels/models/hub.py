@@ -86,14 +86,15 @@ def download(repo_id: str, revision: str | None = None, **kwargs) -> str:
     """The local folder (Hub cache snapshot) holding ``repo_id``'s config.json and model.safetensors; offline
     (``HF_HUB_OFFLINE=1``) it is read from the cache. Errors are one line naming the repo."""
     if not hub_available():
-        raise TrainError(f"{repo_id} is no local file or folder; as a Hugging Face Hub repo id it needs "
-                         f"huggingface_hub, the optional extra 'hub': {INSTALL}")
+        raise TrainError(f"checkpoint {repo_id} does not exist as a local file or folder (read as a Hugging Face "
+                         f"Hub repo id it needs huggingface_hub, the optional extra 'hub': {INSTALL})")
     try:
         hf_hub_download(repo_id, CONFIG, revision=revision, **kwargs)
         return os.path.dirname(hf_hub_download(repo_id, WEIGHTS, revision=revision, **kwargs))
     except Exception as e:  # huggingface_hub raises many kinds (offline, not found, gated, HTTP)
-        raise TrainError(f"{repo_id} is no local file or folder, and cannot be read as a Hugging Face Hub repo id: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise TrainError(f"checkpoint {repo_id} does not exist as a local file or folder, and cannot be read as a "
+                         f"Hugging Face Hub repo id ({reason})") from None
 
 
 def read_config(folder: str) -> dict:
