@@ -86,3 +86,32 @@ def test_log_wandb_without_wandb_names_the_extra(monkeypatch, tmp_path, capsys):
     assert "--log_wandb needs wandb, the optional extra 'wandb': pip install 'crate_kernels[wandb]'" \
         in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_finetuning_sends_its_scores(logged, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from crate_kernels import CRATEMAE, finetune
+
+    torch.save({"model": CRATEMAE(img_size=16, patch_size=4, embed_dim=128, depth=3, num_heads=4).state_dict()},
+               tmp_path / "release.pth")
+    data, gen = tmp_path / "colours", np.random.default_rng(0)  # 2 classes told apart by colour
+    for split, count in (("train", 4), ("val", 2)):
+        for c, name in enumerate(("red", "green")):
+            (data / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = gen.integers(0, 90, (16, 16, 3))
+                pixels[..., c] += 160
+                Image.fromarray(pixels.astype(np.uint8)).save(data / split / name / f"{i}.png")
+    out = str(tmp_path / "ft")
+    assert finetune.main([str(tmp_path / "release.pth"), "--data_path", str(data), "--num_workers", "0", "--threads",
+                          "0", "--max_steps", "2", "--batch_size", "4", "--no_tensorboard", "--log_every", "1",
+                          "--log_wandb", "--output_dir", out]) == 0
+    with open(os.path.join(out, "log.txt")) as f:
+        records = [json.loads(line) for line in f]
+    sent = {(step, key): value for step, data in logged["log"] for key, value in data.items()}
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals and all(sent[(r["step"], f"eval/{k}")] == r[k] for r in evals for k in ("top1", "eval_loss"))
+    assert all(sent[(r["step"], "train/loss")] == r["loss"] for r in records if r["type"] == "train")
