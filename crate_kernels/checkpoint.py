@@ -68,7 +68,9 @@ def save_json(obj, path: str) -> None:
 
 def folder_beside(source: str, name: str) -> str:
     """The folder ``name`` where a command's outputs about ``source`` go by default: inside it when it is a run
-    directory, else beside the checkpoint file."""
+    directory, beside the checkpoint file, or ./name/owner--repo for a Hub repo id (no local path)."""
+    if not os.path.exists(source):
+        return os.path.join(name, source.replace("/", "--"))
     return os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)), name)
 
 

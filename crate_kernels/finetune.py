@@ -47,7 +47,8 @@ DEFAULTS = dict(
     smoothing=0.1, mixup=None, cutmix=None, mixup_switch_prob=0.5, recipe="auto", randaug_m=None, randaug_n=2,
     randaug_mstd=None, randaug_inc=None, reprob=None, max_unreadable=0.01, nb_classes=None, eval=False,
     dist_eval=True, start_epoch=0,
-    output_dir=None, log_dir=None, tensorboard=True, device="auto", threads=0, seed=0, resume=None,
+    output_dir=None, log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None, device="auto", threads=0,
+    seed=0, resume=None,
     auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000, save_every_epochs=20,
     backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
 )
@@ -124,6 +125,8 @@ FLAGS = {
     "output_dir": (str, "where checkpoints, logs and results go (unset: finetune/ beside the checkpoint)", None),
     "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
     "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
+    "log_wandb": ("bool", "log to Weights & Biases (the extra wandb; WANDB_PROJECT, WANDB_MODE=offline ...)", None),
+    "push_to_hub": (str, "push the final output_dir/hf folder to this Hugging Face Hub repo (the extra hub)", None),
     "device": (str, "auto, cpu, cuda or cuda:N", None),
     "threads": (int, "CPU threads per process for compute (0: torch's default)", None),
     "seed": (int, "seed of the head's initialisation, data order, augmentation and mixing", None),
@@ -560,6 +563,7 @@ class Finetuning(run.Run):
             self.write(checkpoint.save_json, summary, os.path.join(self.out, "results.json"))
 
         self.on_main(write_outputs)
+        self.publish({"model": self.cfg["model"], "classes": self.classes})
         top5 = f", top-5 {last['top5']:.2f}%" if last.get("top5") is not None else ""
         self.say(f"final: top-1 {last.get('top1', float('nan')):.2f}%{top5}; best top-1 {self.best['top1']:.2f}% at "
                  f"epoch {self.best['epoch']} (model-best.safetensors)")

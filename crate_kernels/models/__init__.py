@@ -7,4 +7,5 @@
     classifier   classifiers from a pretrained encoder (CRATEClassifier, ViTClassifier)
     registry     every pretraining architecture by name (MODELS) and build_mae
     pretrained   checkpoints: load_checkpoint, clean_state_dict, load_pretrained (which architecture a file holds)
+    hub          save_pretrained / from_pretrained / push_to_hub (huggingface_hub, the optional extra ``hub``)
 """

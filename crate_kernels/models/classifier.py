@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import TrainError
 from .base import GradCheckpointing, PatchEmbed
 from .crate import CRATELayers, EncoderBlock
+from .hub import HubMixin
 from .pos_embed import resize_table, sincos_2d_table
 from .pretrained import Pretrained, load_checkpoint, load_pretrained
 from .registry import FAMILY_NAMES, MODELS
@@ -44,7 +45,7 @@ def _count(parameters) -> int:
     return sum(p.numel() for p in parameters)
 
 
-class EncoderClassifier(GradCheckpointing, nn.Module):
+class EncoderClassifier(GradCheckpointing, nn.Module, HubMixin):
     """The shared part: embedding, blocks (built by the subclass), pooling, norm and head."""
 
     family = ""
@@ -124,12 +125,20 @@ class EncoderClassifier(GradCheckpointing, nn.Module):
         return sum(v.numel() for k, v in state.items() if k not in own and k not in tables)
 
     @classmethod
-    def from_pretrained(cls, source: str | Pretrained, num_classes: int, global_pool: bool = False,
+    def from_pretrained(cls, source: str | Pretrained, num_classes: int | None = None, global_pool: bool = False,
                         linear_probe: bool = False, model: str | None = None, backend: str | None = None,
-                        log=print) -> "EncoderClassifier":
+                        log=print, **hub_kwargs) -> "EncoderClassifier":
         """The classifier of a pretraining checkpoint (see ``pretrained.load_pretrained``: a run directory,
-        checkpoint-*.pth, model.safetensors, a release .pth) with a fresh head; ``log`` (None: silent) receives one
-        line with the parameter count of what remains."""
+        checkpoint-*.pth, model.safetensors, a release .pth, a save_pretrained folder or Hub repo id) with a fresh
+        head; ``log`` (None: silent) receives one line with the parameter count of what remains.
+        Without ``num_classes``: a classifier saved by ``save_pretrained`` (a folder or a Hub repo id), whole, as
+        huggingface_hub's ``from_pretrained`` loads it (``hub_kwargs``: its options; ``backend`` for CRATE)."""
+        if num_classes is None:
+            if cls is EncoderClassifier:
+                raise TypeError("EncoderClassifier.from_pretrained needs num_classes; a saved classifier loads with "
+                                "CRATEClassifier.from_pretrained or ViTClassifier.from_pretrained")
+            extra = {"backend": backend} if backend is not None else {}
+            return super().from_pretrained(source, **extra, **hub_kwargs)
         pretrained = source if isinstance(source, Pretrained) else load_pretrained(source, model)
         target = {"crate": CRATEClassifier, "vit": ViTClassifier}[pretrained.family]
         if cls is not EncoderClassifier and not issubclass(target, cls):

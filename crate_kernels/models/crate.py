@@ -23,6 +23,7 @@ from ..ops import ista_step, mssa_attention
 from ..ops.backend import check_backend_name, get_backend
 from ..ops.layer_norm_linear import layer_norm_linear
 from .base import MaskedImageModel, PatchEmbed
+from .hub import HubMixin
 from .pos_embed import resize_table
 
 __all__ = ["CRATEMAE", "crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large", "CONFIGS"]
@@ -151,7 +152,7 @@ class DecoderBlock(nn.Module):
         return y - attn(y)
 
 
-class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module):
+class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module, HubMixin):
     """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
 
     def __init__(

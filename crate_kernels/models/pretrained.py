@@ -17,6 +17,7 @@ from torch import nn
 from ..checkpoint import load
 from ..errors import TrainError
 from .crate import CRATEMAE
+from .hub import CONFIG, WEIGHTS, download, is_repo_id, read_config
 from .registry import FAMILY_NAMES, MODELS, build_mae, family
 from .vit_mae import MaskedAutoencoderViT
 
@@ -185,12 +186,18 @@ def _read_state(path: str) -> tuple[dict, dict, dict]:
 
 def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool | None = None) -> Pretrained:
     """Resolve a pretraining checkpoint: a crate-train run directory (args.yaml, then model.safetensors or
-    checkpoint-last.pth), a checkpoint file of such a run, or a release ``.pth``/``.safetensors`` of CRATE-MAE or
-    FAIR's ViT-MAE (full, or encoder only). The architecture comes from the run's settings, else ``model``, else the
-    one MODELS entry that fits the tensors; a ``model`` that contradicts the checkpoint is an error. ``norm_pix_loss``
+    checkpoint-last.pth), a checkpoint file of such a run, a release ``.pth``/``.safetensors`` of CRATE-MAE or
+    FAIR's ViT-MAE (full, or encoder only), or a ``save_pretrained`` folder (config.json) or its Hub repo id. The
+    architecture comes from the run's settings (or config.json), else ``model``, else the one MODELS entry that fits
+    the tensors; a ``model`` that contradicts the checkpoint is an error. ``norm_pix_loss``
     (how the decoder's output is read) comes from the run's settings, else the argument, else False."""
-    args_path = None
-    if os.path.isdir(source):
+    args_path, saved = None, {}
+    if is_repo_id(source):
+        source = download(source)  # the Hub cache's folder of a save_pretrained upload
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, CONFIG)) \
+            and not os.path.isfile(os.path.join(source, "args.yaml")):
+        path, saved = os.path.join(source, WEIGHTS), read_config(source)  # a save_pretrained folder
+    elif os.path.isdir(source):
         args_path = os.path.join(source, "args.yaml")
         if not os.path.isfile(args_path):
             raise TrainError(f"{source} is a directory but not a crate-train run (no args.yaml); pass a run "
@@ -206,6 +213,7 @@ def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool |
     else:
         raise TrainError(f"checkpoint {source} does not exist")
     state, args, meta = _read_state(path)
+    args = {**saved, **args}
     if args_path:
         import yaml
 

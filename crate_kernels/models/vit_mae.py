@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MaskedImageModel, PatchEmbed
+from .hub import HubMixin
 from .pos_embed import resize_table
 
 __all__ = ["MaskedAutoencoderViT", "VIT_CONFIGS", "mae_vit_small", "mae_vit_base"]
@@ -72,7 +73,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MaskedAutoencoderViT(MaskedImageModel, nn.Module):
+class MaskedAutoencoderViT(MaskedImageModel, nn.Module, HubMixin):
     """FAIR's masked autoencoder with a ViT encoder (visible patches only) and a lighter ViT decoder."""
 
     def __init__(

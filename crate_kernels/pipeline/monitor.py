@@ -1,4 +1,6 @@
-"""Where training reports go (rank 0 only): log.txt (JSON lines), a progress bar or plain lines, TensorBoard.
+"""Where training reports go (rank 0 only): log.txt (JSON lines), a progress bar or plain lines, TensorBoard, and
+Weights & Biases with --log_wandb (the same scalars and reconstruction images as TensorBoard; the run's id is kept in
+output_dir/wandb-run-id, so a resumed run continues the same W&B run).
 
 log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_every steps: step, epoch,
 loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced, data_wait: the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import sys
 import time
 
@@ -47,11 +50,11 @@ class Monitor:
     """Reports of one run; every method is a no-op on ranks other than 0 (``enabled=False``)."""
 
     def __init__(self, output_dir: str, log_dir: str, tensorboard: bool, total_steps: int, start_step: int,
-                 enabled: bool):
+                 enabled: bool, wandb_config: dict | None = None):
         self.enabled, self.total, self.start_step = enabled, total_steps, start_step
         self.path = os.path.join(output_dir, "log.txt")
         self.evals, self.losses = [], []
-        self.bar = self.tb = self.file = None
+        self.bar = self.tb = self.file = self.wandb = None
         if not enabled:
             return
         kept = [r for r in read_log(self.path) if r.get("step", 0) <= start_step]
@@ -67,6 +70,8 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir, purge_step=start_step or None)
+        if wandb_config is not None:
+            self.wandb = _start_wandb(output_dir, log_dir, wandb_config)
         self.tensorboard = ("off" if not tensorboard else f"events in {log_dir}" if self.tb is not None
                             else "no events, the tensorboard package is not installed (pip install tensorboard)")
         self.t0 = time.perf_counter()
@@ -105,6 +110,9 @@ class Monitor:
             self.tb.add_scalar("train/img_per_s", img_s, step)
             for key, value in extra.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({"train/loss": loss, "train/lr": lr, "train/img_per_s": img_s,
+                            **{f"train/{key}": value for key, value in extra.items()}}, step=step)
         figures = f"loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s" + "".join(
             f" {_LABELS[key]} {value:{_FORMATS[key]}}" for key, value in extra.items() if key in _LABELS)
         if self.bar is not None:
@@ -133,10 +141,24 @@ class Monitor:
                     self.tb.add_scalar(f"eval/{key}/layer{layer:02d}", value, step)
             self.tb.add_image("eval/reconstruction", grid, step)
             self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            image = (grid.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()  # (3, H, W) in [0, 1] -> HWC
+            self.wandb.log({"eval/loss": eval_loss, "eval/reconstruction": wandb.Image(image),
+                            **{f"eval/{key}/layer{layer:02d}": value for key in ("coding_rate", "sparsity")
+                               for layer, value in enumerate(stats[key], start=1)}}, step=step)
         rates = " ".join(f"{v:.1f}" for v in stats["coding_rate"])
         sparse = " ".join(f"{v:.3f}" for v in stats["sparsity"])
         self.say(f"eval step {step}: loss {eval_loss:.4f} | coding rate per layer {rates} | "
                  f"non-zero fraction per layer {sparse}")
+
+    def figure(self, name: str, path: str, step: int) -> None:
+        """An image file (the white-box curves.png) to W&B, when logging there."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(path)}, step=step)
 
     def scores(self, step: int, epoch: int, scores: dict, text: str) -> None:
         """An ``eval`` record of figures (e.g. top1, top5, eval_loss), sent to TensorBoard under eval/, and
@@ -150,6 +172,8 @@ class Monitor:
             for key, value in scores.items():
                 self.tb.add_scalar(f"eval/{key}", value, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{key}": value for key, value in scores.items()}, step=step)
         self.say(text)
 
     def close(self) -> None:
@@ -159,4 +183,23 @@ class Monitor:
             self.tb.close()
         if self.file is not None:
             self.file.close()
-        self.bar = self.tb = self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.bar = self.tb = self.file = self.wandb = None
+
+
+def _start_wandb(output_dir: str, log_dir: str, config: dict):
+    """A W&B run (project $WANDB_PROJECT, else crate_kernels; files under $WANDB_DIR, else ``log_dir``) named after
+    the output directory, resumed by the id kept in output_dir/wandb-run-id."""
+    import wandb
+
+    id_path = os.path.join(output_dir, "wandb-run-id")
+    if os.path.isfile(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B's id form: 8 lowercase letters and digits
+        atomic_write(id_path, lambda f: f.write(run_id.encode()))
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "crate_kernels"), id=run_id, resume="allow",
+                      name=os.path.basename(os.path.abspath(output_dir)), config=config,
+                      dir=os.environ.get("WANDB_DIR", log_dir))

@@ -10,9 +10,11 @@ subclasses it and supplies the model, the data, the loss of a batch, its evaluat
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -23,6 +25,7 @@ import torch
 
 from .. import checkpoint
 from ..errors import ConfigError, DatasetError, TrainError
+from ..models.hub import hub_available
 from ..models.pretrained import load_checkpoint
 from ..ops import tuning
 from ..ops.backend import get_backend, resolve_backend
@@ -349,6 +352,30 @@ class Run:
             self.write(checkpoint.save, state,
                        os.path.join(self.out, f"checkpoint-{(self.step - 1) // self.steps_per_epoch}.pth"))
 
+    def publish(self, config: dict | None = None) -> None:
+        """Collective: rank 0 writes the model as a save_pretrained folder, output_dir/hf (config.json updated with
+        ``config``, model.safetensors, a model card naming the command and the data), and pushes it to
+        --push_to_hub REPO when given. Without huggingface_hub (the extra hub) there is no folder, only a note."""
+        if not hub_available():
+            self.say("no Hugging Face folder (output_dir/hf): huggingface_hub is not installed "
+                     "(pip install 'crate_kernels[hub]')")
+            return
+        repo, folder = self.cfg.get("push_to_hub"), os.path.join(self.out, "hf")
+        card = {"command": f"`{self.cfg.get('command') or 'not recorded'}`", "data": self.data_desc, "repo_id": repo}
+
+        def write():
+            self.write(lambda model, path: model.save_pretrained(path, config=config, model_card_kwargs=card),
+                       self.model, folder)
+            if repo:
+                try:
+                    url = self.model.push_to_hub(repo, config=config, model_card_kwargs=card)
+                except Exception as e:  # network, authentication, a repo of someone else's: one line, folder kept
+                    raise TrainError(f"--push_to_hub {repo} failed ({type(e).__name__}: {e}); {folder} holds the "
+                                     f"model: push it later with `hf upload {repo} {folder}`") from None
+                self.say(f"pushed {folder} to the Hugging Face Hub: {url}")
+
+        self.on_main(write)
+
     def agree(self, error: Exception | None) -> None:
         """Collective: when any rank passes an error, every rank raises (the failing rank its own error, the others
         the first failing rank's message), so no process is left waiting in a collective for one that stopped."""
@@ -474,7 +501,7 @@ class Run:
         if dist.is_main:
             self.write_config()
         self.monitor = Monitor(self.out, cfg["log_dir"] or self.out, cfg["tensorboard"], self.total_steps,
-                               self.step, dist.is_main)
+                               self.step, dist.is_main, wandb_config=cfg if cfg.get("log_wandb") else None)
         if dist.is_main:
             self.say(self.banner())
             if self.warmup_steps >= self.total_steps:
@@ -641,9 +668,15 @@ def main(program: str, resolve, run, argv: list[str] | None = None) -> int:
     line prefixed with ``program``. Exit status: 0 done, 1 failed, 2 bad arguments, 128 + signal when stopped."""
     try:
         cfg = resolve(argv, distributed.world_size_from_env())
+        if cfg.get("push_to_hub") and not hub_available():
+            raise ConfigError("--push_to_hub needs huggingface_hub, the optional extra 'hub': "
+                              "pip install 'crate_kernels[hub]'")
+        if cfg.get("log_wandb") and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--log_wandb needs wandb, the optional extra 'wandb': pip install 'crate_kernels[wandb]'")
     except ConfigError as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         return 2
+    cfg["command"] = shlex.join([program, *(sys.argv[1:] if argv is None else argv)])  # for the model card
     try:
         run(cfg)
     except ConfigError as e:

@@ -21,7 +21,7 @@ DEFAULTS = dict(
     batch_size=64, accum_iter=1, epochs=800, max_steps=0, warmup_epochs=40.0, warmup_steps=None,
     blr=1.5e-4, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None,
     data_path=None, dataset="auto", epoch_size=4096, eval_images=8, max_unreadable=0.01,
-    output_dir="./output_dir", log_dir=None, tensorboard=True,
+    output_dir="./output_dir", log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None,
     device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True,
     log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
     backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
@@ -72,6 +72,8 @@ FLAGS = {
     "output_dir": (str, "where checkpoints, logs and images go", None),
     "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
     "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
+    "log_wandb": ("bool", "log to Weights & Biases (the extra wandb; WANDB_PROJECT, WANDB_MODE=offline ...)", None),
+    "push_to_hub": (str, "push the final output_dir/hf folder to this Hugging Face Hub repo (the extra hub)", None),
     "device": (str, "auto, cpu, cuda or cuda:N", None),
     "threads": (int, "CPU threads per process for compute (0: torch's default); on a small or shared machine "
                      "one thread avoids threads waiting on each other", None),

@@ -159,11 +159,13 @@ class Trainer(run.Run):
         if importlib.util.find_spec("matplotlib") is not None:
             whitebox.plot_whitebox_curves(self.monitor.evals, os.path.join(self.out, "curves.png"),
                                           self.monitor.losses)
+            self.monitor.figure("eval/whitebox_curves", os.path.join(self.out, "curves.png"), self.step)
 
     def finish(self) -> dict:
         self.on_main(lambda: self.write(checkpoint.save_safetensors, self.model.state_dict(),
                                         os.path.join(self.out, "model.safetensors"),
                                         metadata={"model": self.cfg["model"], "step": str(self.step)}))
+        self.publish({"model": self.cfg["model"]})
         summary = {"step": self.step, "loss": self.last_loss}
         if self.monitor.evals:
             summary.update({k: self.monitor.evals[-1][k] for k in ("eval_loss", "coding_rate", "sparsity")})
