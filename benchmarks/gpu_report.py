@@ -194,8 +194,8 @@ class Report:
         self.log: list[str] = []
         self.data = {"environment": info, "command": command, "budget_seconds": budget, "plan": [], "steps": {},
                      "build": "not run", "tests": {"summary": "not run"}, "tests_csrc": {"summary": "not run"},
-                     "aot": None, "ceilings": None, "tuning": {}, "failures": [], "benchmarks": [], "cut": [],
-                     "wall_seconds": 0.0}
+                     "aot": None, "ceilings": None, "tuning": {}, "auto": [], "failures": [], "benchmarks": [],
+                     "cut": [], "wall_seconds": 0.0}
 
     def write(self) -> None:
         """(Re)write the report files: after every step, so a run stopped from outside keeps its results."""
@@ -317,6 +317,8 @@ def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None)
         def collect(report, result, output):
             records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
             report.data["tuning"][name] = records
+            if name == "tune":
+                report.data["auto"] = auto_choices(records)
             result["rows"] = sum(len(r["rows"]) for r in records)
             report.data["failures"] += [line for r in records for line in tuning_failures(name, r)]
 
@@ -592,7 +594,7 @@ def summary_text(data: dict) -> str:
 def choices_text(data: dict) -> list[str]:
     """One line per operator direction and shape: the candidate auto chose in the tune step and its median ms."""
     return [f"auto {c['model']} {c['kind']} {c['shape']}: {c['candidate']}"
-            + ("" if c["ms"] is None else f" ({c['ms']:.4f} ms)") for c in auto_choices(data["tuning"].get("tune", []))]
+            + ("" if c["ms"] is None else f" ({c['ms']:.4f} ms)") for c in data["auto"]]
 
 
 def markdown(data: dict) -> str:

@@ -212,8 +212,13 @@ def test_failures_and_choices_in_the_report(gpu_report, tmp_path):
         {"model": "crate_mae_base", "kind": "mssa_backward", "shape": rows[0]["shape"], "candidate": "sdpa-flash",
          "ms": 1.0}]
     report = gpu_report.Report(tmp_path, "r", 10.0, {"date": "now", "gpu": None}, "test")
-    report.data["tuning"] = {"tune": [tune], "autotune": [autotune]}
-    report.data["failures"] = lines
+    steps = {s.name: s for s in gpu_report.plan(_args(10.0), tmp_path)}
+    for name, record in (("tune", tune), ("autotune", autotune)):  # what the driver wrote, as the step files it
+        (tmp_path / f"tune-{name}.jsonl").write_text(json.dumps(record) + "\n")
+        result = {}
+        steps[name].collect(report, result, "")
+        assert result["rows"] == len(rows)
+    assert report.data["auto"] == gpu_report.auto_choices([tune]) and len(report.data["failures"]) == 4
     report.write()
     text = (tmp_path / "r.md").read_text()
     assert "- FAILED tune crate_mae_base: mssa_forward triton-tail" in text
