@@ -319,7 +319,7 @@ def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None)
             report.data["tuning"][name] = records
             if name == "tune":
                 report.data["auto"] = auto_choices(records)
-            result["rows"] = sum(len(r["rows"]) for r in records)
+            result["tuner_rows"] = sum(len(r["rows"]) for r in records)
             report.data["failures"] += [line for r in records for line in tuning_failures(name, r)]
 
         command = [py, str(Path(__file__).resolve()), "--tune-driver", name, str(rows_file)]
@@ -380,7 +380,7 @@ def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None)
 # The tuner's driver: one process per tuner step (``--tune-driver NAME FILE``)
 # ------------------------------------------------------------------------------------------------------------
 TUNE_MODELS = ("crate_mae_base", "crate_mae_small")  # Base first: the shapes the issue's estimates are for
-TUNE_BATCH = {"cuda": 256, "cpu": 2}  # the operator suites' batch on the GPU; a dry run's on CPU
+TUNE_BATCH = {"cuda": 256, "cpu": 1}  # the operator suites' batch on the GPU; a dry run's on CPU
 
 
 def _train_step(name: str, device: str):
@@ -570,6 +570,13 @@ def input_cores_text(rows: list[dict]) -> list[str]:
             and r["name"].startswith("test_train_step")]
 
 
+def _counts(result: dict, benchmarks: str) -> str:
+    """A step's benchmark rows or tuner rows, as words after its status."""
+    if "tuner_rows" in result:
+        return f"{result['tuner_rows']} tuner rows"
+    return f"{result['rows']} {benchmarks}" if "rows" in result else ""
+
+
 def summary_text(data: dict) -> str:
     """Benchmark rows (short names, the figures above) and the steps' outcomes, cut steps named."""
     lines = [f"{'benchmark':<40}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
@@ -585,7 +592,8 @@ def summary_text(data: dict) -> str:
                  f"tests-csrc: {data['tests_csrc'].get('summary')}")
     lines += [f"  FAILED {t}" for t in (data["tests"].get("failed", []) + data["tests_csrc"].get("failed", []))[:10]]
     lines += [f"FAILED {line}" for line in data["failures"][:20]]
-    lines.append("steps: " + ", ".join(f"{name} {r['status']}" + (f" ({r['rows']} rows)" if "rows" in r else "")
+    counts = {name: _counts(r, "rows") for name, r in data["steps"].items()}
+    lines.append("steps: " + ", ".join(f"{name} {r['status']}" + (f" ({counts[name]})" if counts[name] else "")
                                        for name, r in data["steps"].items()))
     lines.append(f"cut: {', '.join(data['cut'])}" if data["cut"] else "cut: none")
     return "\n".join(lines)
@@ -603,7 +611,8 @@ def markdown(data: dict) -> str:
              f"- command: `{data['command']}`", *(f"- {k}: {v}" for k, v in info.items() if k != "date"),
              f"- tests: {data['tests'].get('summary')}",
              *(f"  - failed: `{t}`" for t in data["tests"].get("failed", [])),
-             f"- aot: {(data['aot'] or {}).get('summary')}; problems: {len((data['aot'] or {}).get('problems', []))}",
+             f"- aot: {(data['aot'] or {}).get('summary') or 'not finished'}; problems: "
+             f"{len((data['aot'] or {}).get('problems', []))}",
              f"- csrc build: {data['build']}", f"- tests-csrc: {data['tests_csrc'].get('summary')}",
              *(f"  - failed: `{t}`" for t in data["tests_csrc"].get("failed", [])),
              "- ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s; device copy "
@@ -613,7 +622,7 @@ def markdown(data: dict) -> str:
              "| step | share s | limit s | took s | status |", "|---|---:|---:|---:|---|"]
     for item in data["plan"]:
         r = data["steps"].get(item["step"], {"status": "not reached"})
-        status = r["status"] + (f", {r['rows']} benchmarks" if "rows" in r else "") + (
+        status = r["status"] + (f", {_counts(r, 'benchmarks')}" if _counts(r, "benchmarks") else "") + (
             f": {r['detail']}" if r.get("detail") else "")
         lines.append(f"| {item['step']} | {item['seconds']:.0f} | {r.get('limit', '')} | {r.get('seconds', '')} "
                      f"| {status} |")

@@ -217,7 +217,7 @@ def test_failures_and_choices_in_the_report(gpu_report, tmp_path):
         (tmp_path / f"tune-{name}.jsonl").write_text(json.dumps(record) + "\n")
         result = {}
         steps[name].collect(report, result, "")
-        assert result["rows"] == len(rows)
+        assert result["tuner_rows"] == len(rows)
     assert report.data["auto"] == gpu_report.auto_choices([tune]) and len(report.data["failures"]) == 4
     report.write()
     text = (tmp_path / "r.md").read_text()
@@ -226,3 +226,5 @@ def test_failures_and_choices_in_the_report(gpu_report, tmp_path):
     assert "crate_mae_base, batch 256, round 3" in text and "the table" in text and "AUTO_VARIANTS" not in text
     summary = gpu_report.summary_text(report.data)
     assert "FAILED tune crate_mae_base: mssa_backward cuda" in summary and "auto crate_mae_base" in summary
+    report.data["steps"]["tune"] = {"status": "ok", "tuner_rows": 6}
+    assert "tune ok (6 tuner rows)" in gpu_report.summary_text(report.data)
