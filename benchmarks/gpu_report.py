@@ -7,9 +7,12 @@
 On a lent GPU machine (15 minutes of device time for all tries; files come back only from $OUT, copy them to
 benchmarks/results/ afterwards), one call with a time limit that leaves room to rerun:
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT          (device timeout_s 450)
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT          (device timeout_s 360)
 
-Steps, most valuable first, each under its own time limit inside one --budget (default 360 s): each step may
+(the default --budget of 300 s, plus imports, the environment and the files written, fits in 360 s; two such runs
+and a machine start, about 2 minutes, fit in the 15 minutes of device time, so a failed first try can be rerun.)
+
+Steps, most valuable first, each under its own time limit inside one --budget (default 300 s): each step may
 use its share of the budget plus whatever earlier steps left unused, never the shares of the steps after it.
 Every step runs in its own process group (killed whole at its limit: no ninja or nvcc left behind), and the
 report (<gpu>-<date>.json, .md, .log) is rewritten after every step, so a run stopped from outside keeps what
@@ -66,7 +69,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUDGET = 360.0
+DEFAULT_BUDGET = 300.0
 MIN_STEP_SECONDS = 5.0  # a step left less than this is not started
 # Tests only a GPU can run: the Triton kernels on the device; the CUDA extension's device tests
 TRITON_TESTS = ["tests/test_mssa_triton.py", "tests/test_ista_triton.py"]
@@ -261,6 +264,20 @@ class Report:
         self.write()
 
 
+def json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file a step appended to; [] when it wrote none, and a last line cut short by the
+    step's kill left out."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
 def device_arch() -> int | None:
     """This GPU's compute capability as crate_kernels.ops.aot takes it (90 for sm_90); None without a GPU."""
     import torch
@@ -298,7 +315,7 @@ def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None)
                     "TRITON_CACHE_AUTOTUNING": "1"}
 
         def collect(report, result, output):
-            rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+            rows = json_lines(rows_file)
             report.data["benchmarks"] += rows
             result["rows"] = len(rows)
 
@@ -315,7 +332,7 @@ def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None)
                     "TRITON_CACHE_AUTOTUNING": "0"}
 
         def collect(report, result, output):
-            records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+            records = json_lines(rows_file)
             report.data["tuning"][name] = records
             if name == "tune":
                 report.data["auto"] = auto_choices(records)
