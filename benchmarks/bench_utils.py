@@ -34,7 +34,7 @@ def variant_providers(kinds: tuple[str, ...], modes: dict[str, str]) -> dict[str
 @contextlib.contextmanager
 def chosen_variant(benchmark, variant: tuple[str, str, str] | None):
     """Run the body with kernel ``variant`` (kind, name, mode) chosen, or v1 when None; records extra_info
-    kernel_variant = "kind=name" (or "v1"), which the GPU report's variant table compares within a group."""
+    kernel_variant = "kind=name" (or "v1"), to compare a variant with v1 within a benchmark group."""
     from crate_kernels.ops import set_variant
 
     benchmark.extra_info["kernel_variant"] = "v1" if variant is None else f"{variant[0]}={variant[1]}"

@@ -1,4 +1,4 @@
-"""One reproducible GPU report in one short run: install, ceilings, tests, build, benchmarks, results.
+"""One reproducible GPU report in one short run: install, compile, the tuner's tables, tests, benchmarks, results.
 
     python benchmarks/gpu_report.py                    # on a CUDA machine (no network needed)
     python benchmarks/gpu_report.py --dry-run          # on CPU: every step in order, CPU suites, results to a temp dir
@@ -7,38 +7,53 @@
 On a lent GPU machine (15 minutes of device time for all tries; files come back only from $OUT, copy them to
 benchmarks/results/ afterwards), one call with a time limit that leaves room to rerun:
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT          (device timeout_s 450)
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_report.py --out $OUT          (device timeout_s 360)
 
-Steps, most valuable first, each under its own time limit inside one --budget (default 360 s): each step may
+(the default --budget of 300 s, plus imports, the environment and the files written, fits in 360 s; two such runs
+and a machine start, about 2 minutes, fit in the 15 minutes of device time, so a failed first try can be rerun.)
+
+Steps, most valuable first, each under its own time limit inside one --budget (default 300 s): each step may
 use its share of the budget plus whatever earlier steps left unused, never the shares of the steps after it.
 Every step runs in its own process group (killed whole at its limit: no ninja or nvcc left behind), and the
 report (<gpu>-<date>.json, .md, .log) is rewritten after every step, so a run stopped from outside keeps what
 it measured.
 
   install     pip install --no-deps --no-build-isolation -e .
+  aot         every Triton kernel compiled in parallel for this GPU's arch (crate_kernels.ops.aot, one process per
+              core, torch.cuda.get_device_capability(); sm_90 in a dry run) into Triton's cache, so later steps
+              find them compiled
   ceilings    one large bf16 matrix product, one large device-to-device copy
+  library     the tuner's table (crate_kernels.ops.tuning) at CRATE-MAE-Small and -Base shapes (batch 256, bf16
+              autocast, one forward and backward) over the library candidates only (SDPA flash/cuDNN/efficient,
+              cuBLAS): the baselines, timed first so that a cut never loses them
+  build       the CUDA extension (csrc/), after removing a build lock a killed build left
+  tune        the tuner's table at the same shapes over every candidate (library, each Triton variant with its
+              autotuned config, the CUDA backward where built): median ms, error against float32, chosen;
+              what `auto` chose per operator, direction and shape
+  compile     torch.compile of the reference (mssa_reference, ista_reference), forward and backward, at the
+              operator suites' CRATE-MAE-Base shapes (B=256, n=197, p=64; 256*197 rows, d=768)
+  autotune    CRATE_KERNELS_AUTOTUNE=full on two shapes per operator (CRATE-MAE-Base's and -Small's): the
+              tuner's check run once per autotune config of every Triton kernel (round i takes each kernel's
+              i-th kept config), so a config that computes wrong is a failure line, not a silent choice
   tests       the Triton kernels' tests on the device: serial, one autotune config per kernel
               (CRATE_KERNELS_AUTOTUNE=first), no autotuning cache written
-  build       the CUDA extension (csrc/), after removing a build lock a killed build left
   tests-csrc  the CUDA extension's device tests (skipped when the build failed)
-  mssa, ista  the operator suites, `triton`'s kernel variants and baselines right after it (SDPA
-              flash/cuDNN/efficient; cuBLAS floor, eager, torch.compile); `cuda` excluded when the build failed
   model       training step: `auto` and `reference` first, torch.compile last
   data        the input pipeline on the host's cores: training views per core, the DataLoader with 1..8 workers
               (the summary says how many cores each measured training step needs to be fed)
-  ops         the small per-operator suite
 
-Benchmark rows carry device time (CUDA events, bench_utils.record) and host time per call apart; each finished
-benchmark is kept even when its suite is cut. The summary printed last (ms, host ms, img/s, TFLOP/s, fraction
-of the measured ceilings, peak memory) says which steps were cut, and ranks each kernel variant against v1 in its
-group: the AUTO_VARIANTS entry it prints (per GPU generation, the variants more than 3% faster than v1) is what
-crate_kernels/ops/backend.py takes when the report is committed. README's performance section is regenerated
-from committed reports by benchmarks/readme_perf.py.
+Each tuner step starts from an empty tuning cache of its own (nothing read from an earlier step or run). Benchmark
+rows carry device time (CUDA events, bench_utils.record) and host time per call apart; each finished benchmark is
+kept even when its suite is cut. The summary printed last gives `auto`'s choices, every dropped candidate or
+autotune config as a FAILED line, the benchmark rows (ms, host ms, img/s, TFLOP/s, fraction of the measured
+ceilings, peak memory) and which steps were cut. README's performance section is regenerated from committed
+reports by benchmarks/readme_perf.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -54,7 +69,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUDGET = 360.0
+DEFAULT_BUDGET = 300.0
 MIN_STEP_SECONDS = 5.0  # a step left less than this is not started
 # Tests only a GPU can run: the Triton kernels on the device; the CUDA extension's device tests
 TRITON_TESTS = ["tests/test_mssa_triton.py", "tests/test_ista_triton.py"]
@@ -182,7 +197,8 @@ class Report:
         self.log: list[str] = []
         self.data = {"environment": info, "command": command, "budget_seconds": budget, "plan": [], "steps": {},
                      "build": "not run", "tests": {"summary": "not run"}, "tests_csrc": {"summary": "not run"},
-                     "ceilings": None, "benchmarks": [], "cut": [], "wall_seconds": 0.0}
+                     "aot": None, "ceilings": None, "tuning": {}, "auto": [], "failures": [], "benchmarks": [],
+                     "cut": [], "wall_seconds": 0.0}
 
     def write(self) -> None:
         """(Re)write the report files: after every step, so a run stopped from outside keeps its results."""
@@ -248,12 +264,38 @@ class Report:
         self.write()
 
 
-def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
-    """The report's steps in order, with their shares of ``args.budget``; children's files go to ``scratch``."""
-    shares = {"install": 15, "ceilings": 15, "tests": 75, "build": 60, "tests-csrc": 20, "mssa": 70, "ista": 35,
-              "model": 60, "data": 15, "ops": 10}
+def json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file a step appended to; [] when it wrote none, and a last line cut short by the
+    step's kill left out."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
+def device_arch() -> int | None:
+    """This GPU's compute capability as crate_kernels.ops.aot takes it (90 for sm_90); None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def plan(args, scratch: Path, py: str = sys.executable, arch: int | None = None) -> list[Step]:
+    """The report's steps in order, with their shares of ``args.budget``; children's files go to ``scratch``;
+    ``arch``: the GPU's compute capability (aot's --arch), None in a dry run (sm_90, the lent machines')."""
+    shares = {"install": 10, "aot": 35, "ceilings": 10, "library": 35, "build": 40, "tune": 70, "compile": 30,
+              "autotune": 50, "tests": 25, "tests-csrc": 10, "model": 35, "data": 10}
     seconds = {name: share * args.budget / sum(shares.values()) for name, share in shares.items()}
     ceilings_file = scratch / "ceilings.json"
+    triton_cache = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
 
     def pytest(*targets):
         return [py, "-m", "pytest", *targets, "-p", "no:cacheprovider"]
@@ -264,7 +306,7 @@ def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
     def skip_tests(report):
         return "--skip-tests given" if args.skip_tests else None
 
-    def suite(name: str, path: str, what: str) -> Step:
+    def suite(name: str, paths: list[str], what: str, k: str | None = None) -> Step:
         rows_file = scratch / f"rows-{name}.jsonl"
 
         def env(report):
@@ -273,11 +315,31 @@ def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
                     "TRITON_CACHE_AUTOTUNING": "1"}
 
         def collect(report, result, output):
-            rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+            rows = json_lines(rows_file)
             report.data["benchmarks"] += rows
             result["rows"] = len(rows)
 
-        command = pytest(path, "-q", "--benchmark-only", *(["-k", args.k] if args.k else []))
+        ks = [f"({x})" for x in (k, args.k) if x]
+        command = pytest(*paths, "-q", "--benchmark-only", *(["-k", " and ".join(ks)] if ks else []))
+        return Step(name, seconds[name], what, command, env=env, collect=collect)
+
+    def tuner(name: str, what: str) -> Step:
+        """A step of the tuner's driver (``--tune-driver``): its rows, one JSON record per line, to the report."""
+        rows_file = scratch / f"tune-{name}.jsonl"
+
+        def env(report):
+            return {"CRATE_KERNELS_CACHE": str(scratch / f"cache-{name}"), "CRATE_KERNELS_AUTOTUNE": "full",
+                    "TRITON_CACHE_AUTOTUNING": "0"}
+
+        def collect(report, result, output):
+            records = json_lines(rows_file)
+            report.data["tuning"][name] = records
+            if name == "tune":
+                report.data["auto"] = auto_choices(records)
+            result["tuner_rows"] = sum(len(r["rows"]) for r in records)
+            report.data["failures"] += [line for r in records for line in tuning_failures(name, r)]
+
+        command = [py, str(Path(__file__).resolve()), "--tune-driver", name, str(rows_file)]
         return Step(name, seconds[name], what, command, env=env, collect=collect)
 
     def collect_ceilings(report, result, output):
@@ -292,29 +354,187 @@ def plan(args, scratch: Path, py: str = sys.executable) -> list[Step]:
         built = report.data["build"] == "ok"
         return skip_tests(report) or (None if built else f"no CUDA extension (build {report.data['build'][:120]})")
 
+    def collect_aot(report, result, output):
+        report.data["aot"] = {"summary": (re.findall(r"^\d+ compiles for .*$", output, flags=re.M) or [None])[-1],
+                              "problems": re.findall(r"^PROBLEM (.*)$", output, flags=re.M)[:50]}
+        report.data["failures"] += [f"aot: {line}" for line in report.data["aot"]["problems"]]
+
+    aot_arch = arch or 90
+    jobs = str(max(1, (os.cpu_count() or 2) - 1))
+    warm = ["--cache-dir", triton_cache] if arch else []  # a dry run compiles into aot's temporary folder
     return [
         Step("install", seconds["install"], "pip install --no-deps --no-build-isolation -e .",
              [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
              skip_if=lambda report: "--skip-install given" if args.skip_install else None),
+        Step("aot", seconds["aot"], f"every Triton kernel compiled for sm_{aot_arch}, {jobs} processes"
+             + (", into Triton's cache" if arch else ""),
+             [py, "-m", "crate_kernels.ops.aot", "--arch", str(aot_arch), "--jobs", jobs, *warm],
+             env=lambda report: {"TRITON_INTERPRET": "0"}, collect=collect_aot),
         Step("ceilings", seconds["ceilings"], "the measured ceilings: one bf16 matrix product, one device copy",
              [py, str(Path(__file__).resolve()), "--measure-ceilings", str(ceilings_file)], collect=collect_ceilings),
+        tuner("library", "the tuner's table over the library candidates (the baselines), Small and Base"),
+        Step("build", seconds["build"], "the CUDA extension (csrc/), a stale build lock removed first",
+             [py, "-m", "crate_kernels.ops.cuda_ext", "--build", "--remove-stale-lock"], collect=collect_build),
+        tuner("tune", "the tuner's table over every candidate, Small and Base: auto's choices"),
+        suite("compile", ["benchmarks/test_bench_mssa_gpu.py", "benchmarks/test_bench_ista_gpu.py"],
+              "torch.compile of the reference, fwd+bwd: MSSA at Base's n=197, ISTA at Base's width",
+              k="compile-reference and fwd+bwd and not long"),
+        tuner("autotune", "full autotuning, Base's and Small's shapes: the tuner's check once per config"),
         Step("tests", seconds["tests"], "Triton kernels on the device: serial, first autotune config, nothing cached",
              pytest(*TRITON_TESTS, "-v", "-rfE"), env=test_env, skip_if=skip_tests,
              collect=lambda report, result, output: report.data.update(tests=pytest_outcome(result["rc"], output))),
-        Step("build", seconds["build"], "the CUDA extension (csrc/), a stale build lock removed first",
-             [py, "-m", "crate_kernels.ops.cuda_ext", "--build", "--remove-stale-lock"], collect=collect_build),
         Step("tests-csrc", seconds["tests-csrc"], "the CUDA extension's device tests",
              pytest(*CSRC_TESTS, "-v", "-rfE"), env=test_env, skip_if=needs_build,
              collect=lambda report, result, output: report.data.update(
                  tests_csrc=pytest_outcome(result["rc"], output))),
-        suite("mssa", "benchmarks/test_bench_mssa_gpu.py",
-              "MSSA suite: triton, SDPA flash, cuDNN, efficient, eager, compile; then cuda, sdpa-math"),
-        suite("ista", "benchmarks/test_bench_ista_gpu.py",
-              "ISTA suite: triton, cuBLAS floor, eager, compile; then cuda, torch"),
-        suite("model", "benchmarks/test_bench_model.py", "training step: auto and reference, then torch.compile"),
-        suite("data", "benchmarks/test_bench_data.py", "input pipeline: training views per core, DataLoader workers"),
-        suite("ops", "benchmarks/test_bench_ops.py", "the rest: per-operator fwd+bwd at a small shape"),
+        suite("model", ["benchmarks/test_bench_model.py"], "training step: auto and reference, then torch.compile"),
+        suite("data", ["benchmarks/test_bench_data.py"],
+              "input pipeline: training views per core, DataLoader workers"),
     ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The tuner's driver: one process per tuner step (``--tune-driver NAME FILE``)
+# ------------------------------------------------------------------------------------------------------------
+TUNE_MODELS = ("crate_mae_base", "crate_mae_small")  # Base first: the shapes the issue's estimates are for
+TUNE_BATCH = {"cuda": 256, "cpu": 1}  # the operator suites' batch on the GPU; a dry run's on CPU
+
+
+def _train_step(name: str, device: str):
+    """One bf16-autocast forward and backward of masked autoencoder ``name`` (backend auto) on a random batch."""
+    import torch
+
+    from crate_kernels.models.registry import build_mae
+
+    model = build_mae(name, backend="auto").to(device)
+    imgs = torch.randn(TUNE_BATCH[device], 3, 224, 224, device=device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(imgs)[0]
+        loss.backward()
+
+    return step
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:  # one line per record, so that a step cut at its limit keeps what it finished
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _library_only() -> None:
+    """Every candidate that is not a library path reports itself unsupported (this process only)."""
+    from crate_kernels.ops import backend
+
+    for kind in backend.KERNEL_KINDS:
+        for name, entry in backend.candidates(kind).items():
+            if not entry.library:
+                backend.register_candidate(kind, name, entry.fn, lambda *args: "not a library path (library step)")
+
+
+def _autotuners() -> dict:
+    """{kernel name: triton Autotuner} of every Triton kernel crate_kernels.ops.aot knows."""
+    from triton.runtime.autotuner import Autotuner
+
+    from crate_kernels.ops import aot
+
+    found = {}
+    for module_name, name in aot.registry().values():
+        kernel = importlib.import_module(module_name).TRITON_KERNELS[name]
+        while not isinstance(kernel, Autotuner) and hasattr(kernel, "fn"):
+            kernel = kernel.fn
+        if isinstance(kernel, Autotuner):
+            found[f"{module_name.rsplit('.', 2)[-2]}.{name}"] = kernel
+    return found
+
+
+def tune_driver(name: str, path: Path) -> None:
+    """Tuner step ``name``: library (library candidates only) or tune (all), CRATE-MAE-Base and -Small; autotune:
+    both once per round, round i running each Triton kernel's i-th kept autotune config (its last where it has
+    fewer), until no kernel has one left. Appends to ``path`` one record per model and round: {"model", "batch",
+    "round", "configs" (kernel: config run), "rows": tuning_table() rows, "table": format_tables(rows)}."""
+    import torch
+
+    from crate_kernels.ops import tuning
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "library":
+        _library_only()
+    if name != "autotune":
+        for model in TUNE_MODELS:
+            with tuning.fresh_memory():
+                rows = tuning.tune(_train_step(model, device))
+            _append(path, {"model": model, "batch": TUNE_BATCH[device], "rows": rows,
+                           "table": tuning.format_tables(rows)})
+        return
+    rounds = ConfigRounds(_autotuners() if device == "cuda" else {})
+    steps = {model: _train_step(model, device) for model in TUNE_MODELS}
+    while True:
+        for model, step in steps.items():
+            rounds.reset()
+            for old in Path(os.environ["CRATE_KERNELS_CACHE"]).glob("tuning-*.json"):
+                old.unlink()  # every round measures and checks again
+            with tuning.fresh_memory():
+                rows = tuning.tune(step)
+            _append(path, {"model": model, "batch": TUNE_BATCH[device], "round": rounds.round,
+                           "configs": dict(rounds.used), "rows": rows, "table": tuning.format_tables(rows)})
+        if not rounds.next():
+            return
+
+
+class ConfigRounds:
+    """Triton autotuners made to run one config: in round i each kernel's i-th config of those its own pruning
+    keeps (its last where it keeps fewer). ``used``: kernel -> the config it ran since ``reset``."""
+
+    def __init__(self, tuners: dict):
+        self.tuners, self.round, self.used, self.kept = tuners, 0, {}, {}  # kept: kernel -> most configs kept
+        for kernel, tuner in tuners.items():
+            tuner.early_config_prune = self._one_config(kernel, tuner.early_config_prune)
+
+    def _one_config(self, kernel: str, prune):
+        def pick(configs, named_args, **kwargs):
+            kept = prune(configs, named_args, **kwargs) if prune else configs
+            self.kept[kernel] = max(self.kept.get(kernel, 0), len(kept))
+            config = kept[min(self.round, len(kept) - 1)]
+            self.used[kernel] = str(config)
+            return [config]
+        return pick
+
+    def reset(self) -> None:
+        """Forget the autotuners' choices (each launch picks again) and the configs used."""
+        self.used.clear()
+        for tuner in self.tuners.values():
+            tuner.cache.clear()
+
+    def next(self) -> bool:
+        """Go to the next round; False when every kernel has run each config it kept."""
+        more = any(n > self.round + 1 for n in self.kept.values())
+        self.round += more
+        return more
+
+
+def tuning_failures(step: str, record: dict) -> list[str]:
+    """A line per candidate the tuner dropped (wrong result or raised) in a record of tuner step ``step``."""
+    where = f"{step} {record['model']}" + (f" round {record['round']}" if "round" in record else "")
+    configs = "; configs " + ", ".join(f"{k}: {v}" for k, v in record["configs"].items()) \
+        if record.get("configs") else ""
+    return [f"{where}: {r['kind']} {r['candidate']} on {r['shape']}: {r['status']}" + configs
+            for r in record["rows"] if r["status"] != "ok" and not r["status"].startswith("unsupported")]
+
+
+def auto_choices(records: list[dict]) -> list[dict]:
+    """What auto chose: {"model", "kind", "shape", "candidate", "ms"} per chosen row."""
+    return [{"model": r["model"], "kind": row["kind"], "shape": row["shape"], "candidate": row["candidate"],
+             "ms": row["ms"]} for r in records for row in r["rows"] if row["chosen"]]
+
+
+def tables_text(records: list[dict]) -> list[str]:
+    """The tuner's tables (crate_kernels.ops.tuning.format_tables) of each record, headed by model and batch."""
+    lines = []
+    for r in records:
+        head = f"{r['model']}, batch {r['batch']}" + (f", round {r['round']}" if "round" in r else "")
+        lines += [head, *r["table"].splitlines(), ""]
+    return lines
 
 
 def plan_text(steps: list[Step], budget: float) -> str:
@@ -355,52 +575,6 @@ def _short(name: str) -> str:
     return name.replace("[", " ").rstrip("]")
 
 
-AUTO_MARGIN = 1.03  # a variant goes into AUTO_VARIANTS only when it beats v1 by more than this (timing noise)
-
-
-def variant_table(rows: list[dict]) -> list[dict]:
-    """Each kernel variant the suites measured (rows with extra_info kernel_variant "kind=name") against v1, the
-    `triton` row of the same benchmark group: device ms of both and v1's time over the variant's."""
-    by_group: dict[str, list[dict]] = {}
-    for row in rows:
-        if row.get("kernel_variant"):
-            by_group.setdefault(row["group"], []).append(row)
-    table = []
-    for group, group_rows in by_group.items():
-        base = next((r for r in group_rows if r["kernel_variant"] == "v1"), None)
-        for row in group_rows:
-            if base is None or row["kernel_variant"] == "v1":
-                continue
-            kind, name = row["kernel_variant"].split("=", 1)
-            ms, v1_ms = figures(row, None)["ms"], figures(base, None)["ms"]
-            table.append({"kind": kind, "variant": name, "group": group, "ms": ms, "v1_ms": v1_ms,
-                          "speedup": v1_ms / ms})
-    return table
-
-
-def auto_variants(table: list[dict], capability: str | None) -> dict:
-    """The AUTO_VARIANTS entry (crate_kernels/ops/backend.py) these measurements support: {major: {kind: variant}}
-    with, per kind, the fastest variant that beats v1 by more than AUTO_MARGIN; {} without a GPU or a winner."""
-    best: dict[str, dict] = {}
-    for row in table:
-        if row["speedup"] > AUTO_MARGIN and row["speedup"] > best.get(row["kind"], {}).get("speedup", 0):
-            best[row["kind"]] = row
-    if not capability or not best:
-        return {}
-    return {int(capability.split(".")[0]): {kind: row["variant"] for kind, row in sorted(best.items())}}
-
-
-def variants_text(data: dict) -> list[str]:
-    """The variant table as lines, and the AUTO_VARIANTS entry to commit with the report."""
-    table = variant_table(data["benchmarks"])
-    if not table:
-        return []
-    lines = [f"variant {r['kind']}={r['variant']}: {r['ms']:.3f} ms vs v1 {r['v1_ms']:.3f} ms ({r['speedup']:.2f}x) "
-             f"[{r['group']}]" for r in table]
-    entry = auto_variants(table, data["environment"].get("capability"))
-    return lines + [f"AUTO_VARIANTS entry these support (margin {AUTO_MARGIN}): {entry or 'none (v1 stays)'}"]
-
-
 def input_cores_text(rows: list[dict]) -> list[str]:
     """For each measured training step, the host cores its input needs: img/s over the fastest training view's
     img/s per core (benchmarks/test_bench_data.py)."""
@@ -413,6 +587,13 @@ def input_cores_text(rows: list[dict]) -> list[str]:
             and r["name"].startswith("test_train_step")]
 
 
+def _counts(result: dict, benchmarks: str) -> str:
+    """A step's benchmark rows or tuner rows, as words after its status."""
+    if "tuner_rows" in result:
+        return f"{result['tuner_rows']} tuner rows"
+    return f"{result['rows']} {benchmarks}" if "rows" in result else ""
+
+
 def summary_text(data: dict) -> str:
     """Benchmark rows (short names, the figures above) and the steps' outcomes, cut steps named."""
     lines = [f"{'benchmark':<40}" + "".join(f"{title:>9}" for _, title, _ in _COLUMNS)]
@@ -420,17 +601,25 @@ def summary_text(data: dict) -> str:
         f = figures(row, data["ceilings"])
         lines.append(f"{_short(row['name'])[:40]:<40}" + "".join(f"{_cell(f[k], fmt):>9}" for k, _, fmt in _COLUMNS))
     lines += input_cores_text(data["benchmarks"])
-    lines += variants_text(data)
+    lines += choices_text(data)
     ceil = data["ceilings"]
     lines.append("ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, device copy "
                                  f"{ceil['copy_gbps']:.0f} GB/s" if ceil else "not measured"))
     lines.append(f"tests: {data['tests'].get('summary')}; build: {data['build'][:100]}; "
                  f"tests-csrc: {data['tests_csrc'].get('summary')}")
     lines += [f"  FAILED {t}" for t in (data["tests"].get("failed", []) + data["tests_csrc"].get("failed", []))[:10]]
-    lines.append("steps: " + ", ".join(f"{name} {r['status']}" + (f" ({r['rows']} rows)" if "rows" in r else "")
+    lines += [f"FAILED {line}" for line in data["failures"][:20]]
+    counts = {name: _counts(r, "rows") for name, r in data["steps"].items()}
+    lines.append("steps: " + ", ".join(f"{name} {r['status']}" + (f" ({counts[name]})" if counts[name] else "")
                                        for name, r in data["steps"].items()))
     lines.append(f"cut: {', '.join(data['cut'])}" if data["cut"] else "cut: none")
     return "\n".join(lines)
+
+
+def choices_text(data: dict) -> list[str]:
+    """One line per operator direction and shape: the candidate auto chose in the tune step and its median ms."""
+    return [f"auto {c['model']} {c['kind']} {c['shape']}: {c['candidate']}"
+            + ("" if c["ms"] is None else f" ({c['ms']:.4f} ms)") for c in data["auto"]]
 
 
 def markdown(data: dict) -> str:
@@ -439,6 +628,8 @@ def markdown(data: dict) -> str:
              f"- command: `{data['command']}`", *(f"- {k}: {v}" for k, v in info.items() if k != "date"),
              f"- tests: {data['tests'].get('summary')}",
              *(f"  - failed: `{t}`" for t in data["tests"].get("failed", [])),
+             f"- aot: {(data['aot'] or {}).get('summary') or 'not finished'}; problems: "
+             f"{len((data['aot'] or {}).get('problems', []))}",
              f"- csrc build: {data['build']}", f"- tests-csrc: {data['tests_csrc'].get('summary')}",
              *(f"  - failed: `{t}`" for t in data["tests_csrc"].get("failed", [])),
              "- ceilings: " + (f"{ceil['matmul']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s; device copy "
@@ -448,15 +639,23 @@ def markdown(data: dict) -> str:
              "| step | share s | limit s | took s | status |", "|---|---:|---:|---:|---|"]
     for item in data["plan"]:
         r = data["steps"].get(item["step"], {"status": "not reached"})
-        status = r["status"] + (f", {r['rows']} benchmarks" if "rows" in r else "") + (
+        status = r["status"] + (f", {_counts(r, 'benchmarks')}" if _counts(r, "benchmarks") else "") + (
             f": {r['detail']}" if r.get("detail") else "")
         lines.append(f"| {item['step']} | {item['seconds']:.0f} | {r.get('limit', '')} | {r.get('seconds', '')} "
                      f"| {status} |")
     lines += ["", "Times: ms is device time (CUDA events, median) where measured, else pytest-benchmark's wall "
               "median; host ms is the host's time to issue one call.", ""]
-    variants = variants_text(data)
-    if variants:
-        lines += ["## Kernel variants against v1", "", *(f"- {line}" for line in variants), ""]
+    if data["failures"]:
+        lines += ["## Failures: dropped candidates and autotune configs, compile problems", "",
+                  *(f"- FAILED {line}" for line in data["failures"]), ""]
+    choices = choices_text(data)
+    if choices:
+        lines += ["## What `auto` chose (tune step)", "", *(f"- {line}" for line in choices), ""]
+    for step, title in (("library", "library candidates only (the baselines)"), ("tune", "every candidate"),
+                        ("autotune", "full autotuning, one config per kernel per round")):
+        if data["tuning"].get(step):
+            lines += [f"## Tuner's tables, {step} step: {title}", "", "```", *tables_text(data["tuning"][step]),
+                      "```", ""]
     group = None
     for row in data["benchmarks"]:
         if row["group"] != group:
@@ -492,9 +691,17 @@ def main(argv=None) -> int:
     parser.add_argument("-k", default=None, help="pytest -k filter for the benchmarks")
     parser.add_argument("--measure-ceilings", type=Path, default=None, metavar="FILE",
                         help="(the ceilings step) measure the ceilings into FILE and exit")
+    parser.add_argument("--tune-driver", nargs=2, default=None, metavar=("STEP", "FILE"),
+                        help="(a tuner step: library, tune or autotune) append its records to FILE and exit")
     args = parser.parse_args(argv)
     if args.measure_ceilings:
         measure_ceilings(args.measure_ceilings)
+        return 0
+    if args.tune_driver:
+        step, path = args.tune_driver
+        if step not in ("library", "tune", "autotune"):
+            parser.error(f"--tune-driver STEP must be library, tune or autotune, got {step!r}")
+        tune_driver(step, Path(path))
         return 0
     if args.plan:
         print(plan_text(plan(args, Path(tempfile.gettempdir())), args.budget))
@@ -510,12 +717,12 @@ def main(argv=None) -> int:
     stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', info.get('gpu') or 'cpu').strip('-').lower()}-{info['date'][:10]}"
     command = "python " + " ".join(["benchmarks/gpu_report.py", *(argv if argv is not None else sys.argv[1:])])
     report = Report(out_dir, stem, args.budget, info, command)
-    report.run_all(plan(args, report.scratch))
+    report.run_all(plan(args, report.scratch, arch=device_arch()))
     shutil.rmtree(report.scratch, ignore_errors=True)  # the children's logs are in the report's .log
     print("\n" + summary_text(report.data))
     print(f"wrote {out_dir / stem}.json/.md/.log in {time.time() - report.start:.0f}s")
     failed = any(report.data[k].get("rc") not in (0, None) for k in ("tests", "tests_csrc"))
-    return 1 if failed else 0
+    return 1 if failed or report.data["failures"] else 0
 
 
 if __name__ == "__main__":

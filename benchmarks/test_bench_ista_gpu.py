@@ -2,9 +2,9 @@
 
 Shape: CRATE-MAE-Base, 256 images x 197 tokens = 50,432 rows, d = 768, x and W in bf16.
 Providers, in this order (`triton` first, its variants and baselines right after it): `triton` (variants v1);
-`triton-NAME` for every other kernel variant (ISTA's variants are backward ones: `bwd` mode only, what the GPU
-report's variant table ranks against `triton`); `cublas-floor`, the bare
-bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and x^T G backward), no epilogue, no mask;
+`triton-NAME` for every other kernel variant (ISTA's variants are backward ones: `bwd` mode only, to compare
+with `triton`); `cublas-floor`, the bare bf16 products of the fused algorithm on cuBLAS (x M forward; G M^T and
+x^T G backward), no epilogue, no mask;
 `reference` (eager release math); `compile-reference` (torch.compile of it); `cuda` (Triton forward, csrc/
 CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-wmma` (`cuda` with the
 csrc/ wmma backward kernel pinned; bwd and fwd+bwd only); `torch` (the fused algorithm in PyTorch, ista_step with

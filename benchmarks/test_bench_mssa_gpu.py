@@ -2,9 +2,9 @@
 
 Shapes: CRATE-MAE-Base (B=256, H=12, n=197, p=64) and two long sequences (n=1024, n=4096, smaller B).
 Providers: `triton` (the fused kernels, variants v1), `triton-NAME` for every other kernel variant (forward variants
-in `fwd` mode, backward variants in `bwd` mode, CRATE-MAE-Base only: what the GPU report's variant table ranks
-against `triton` there), F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned
-(`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math`; one that cannot run the shape is skipped),
+in `fwd` mode, backward variants in `bwd` mode, CRATE-MAE-Base only, to compare with `triton` there),
+F.scaled_dot_product_attention(w, w, w) with each SDPA backend pinned (`sdpa-flash`, `sdpa-cudnn`,
+`sdpa-efficient`, `sdpa-math`; one that cannot run the shape is skipped),
 `reference` (eager release math), `compile-reference` (torch.compile of it), and `cuda` (the Triton forward with
 the csrc/ CUDA-extension backward; skipped with the reason when the extension cannot build); `cuda-mma-tiled`
 and `cuda-wmma` run `cuda` with another csrc/ backward kernel pinned (bwd and fwd+bwd only).

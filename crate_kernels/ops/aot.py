@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability as 80, 90 (repeatable; default 90 and 80)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPUs)")
     parser.add_argument("--json", default=None, help="write every result and the summary to this file")
+    parser.add_argument("--cache-dir", default=None,
+                        help="compile into this Triton cache folder (the runtime's warms it); default a temporary one")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: kernels are interpreted functions, which cannot be compiled; unset it",
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs, checks = plan_jobs(launches, archs)
     keys = list(jobs)
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as scratch:
+    with contextlib.nullcontext(args.cache_dir) if args.cache_dir else tempfile.TemporaryDirectory() as scratch:
         os.environ["TRITON_CACHE_DIR"] = scratch  # the compiler processes write their kernels here, not to ~/.triton
         try:
             if args.jobs > 1:
