@@ -30,26 +30,22 @@ from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
 from .models.classifier import EncoderClassifier
 from .models.pretrained import Pretrained, load_pretrained
-from .models.registry import DEMO_MODELS, MODELS
-from .ops.backend import BACKENDS, get_backend
+from .models.registry import DEMO_MODELS
+from .ops.backend import get_backend
 from .pipeline import distributed, flags, run
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews,
+    IMAGENET_MEAN, IMAGENET_STD, EvalTransform, LabelledTrainViews, LabelledViews,
     TrainTransform, UnreadableImages, build_labelled, collate_labelled, collate_views, counted, default_num_workers,
     labels_of, normalize, resolve_labelled, stop_workers,
 )
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
 DEFAULTS = dict(
-    checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls",
-    batch_size=64, accum_iter=1, epochs=50, max_steps=0, warmup_epochs=5.0, warmup_steps=None,
-    blr=1e-3, lr=None, min_lr=1e-6, weight_decay=0.05, layer_decay=None, clip_grad=None,
+    flags.ENGINE_DEFAULTS, checkpoint="./output_dir", model=None, input_size=None, pool="cls",
+    epochs=50, warmup_epochs=5.0, blr=1e-3, min_lr=1e-6, layer_decay=None,
     smoothing=0.1, mixup=None, cutmix=None, mixup_switch_prob=0.5, recipe="auto", randaug_m=None, randaug_n=2,
-    randaug_mstd=None, randaug_inc=None, reprob=None, max_unreadable=0.01, nb_classes=None, eval=False,
-    dist_eval=True, start_epoch=0,
-    output_dir=None, log_dir=None, tensorboard=True, device="auto", threads=0, seed=0, resume=None,
-    auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000, save_every_epochs=20,
-    backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
+    randaug_mstd=None, randaug_inc=None, reprob=None, nb_classes=None, eval=False, dist_eval=True, start_epoch=0,
+    output_dir=None,
 )
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
@@ -74,32 +70,17 @@ RECIPE_KEYS = ("checkpoint", "model", "dataset", "data_path", "input_size", "poo
                "randaug_m", "randaug_n", "randaug_mstd", "randaug_inc", "reprob", "seed", "amp")
 
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
-    "dataset": (str, "labelled dataset; auto: the bundled digits without --data_path, else the layout found there",
-                LABELLED_DATASETS),
-    "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
-                       "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
-                       "annotations/)", None),
+    **flags.ENGINE_FLAGS,
+    **flags.CHECKPOINT_FLAGS,
+    **flags.LABELLED_FLAGS,
     "input_size": (int, "image side (unset: the checkpoint's pretraining size; the position table is "
                         "interpolated)", None),
     "pool": (str, "what the head sees: [CLS] after the final norm (cls: the paper's CRATE-MAE protocol takes the "
                   "encoder's [CLS] output as the image feature) or the fc-normed mean patch token (mean, MAE's "
                   "--global_pool, main_finetune.py's default)", ("cls", "mean")),
-    "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
-    "accum_iter": (int, "iterations accumulated per optimizer step", None),
-    "epochs": (int, "training epochs", None),
-    "max_steps": (int, "train exactly this many optimizer steps, overriding --epochs (0: off)", None),
-    "warmup_epochs": (float, "linear lr warmup length in epochs", None),
-    "warmup_steps": (int, "linear lr warmup length in optimizer steps (overrides --warmup_epochs)", None),
-    "blr": (float, "base lr: lr = blr x effective batch / 256", None),
-    "lr": (float, "absolute lr (overrides --blr)", None),
-    "min_lr": (float, "lr at the end of the cosine schedule", None),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls token)", None),
     "layer_decay": (float, "layer-wise lr decay: layer l of L gets lr x decay^(L + 1 - l) (unset: 0.65 for base "
                            "models, else 0.75)", None),
-    "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
     "smoothing": (float, "label smoothing", None),
     "mixup": (float, "mixup alpha (0: off; unset: the recipe's, 0.8 or 0)", None),
     "cutmix": (float, "cutmix alpha (0: off; unset: the recipe's, 1.0 or 0)", None),
@@ -122,26 +103,8 @@ FLAGS = {
     "max_unreadable": (float, "fraction of image reads allowed to fail (a training image is replaced by another "
                               "with its own label, a test image is left out) before the run stops", None),
     "output_dir": (str, "where checkpoints, logs and results go (unset: finetune/ beside the checkpoint)", None),
-    "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
-    "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
-    "threads": (int, "CPU threads per process for compute (0: torch's default)", None),
     "seed": (int, "seed of the head's initialisation, data order, augmentation and mixing", None),
     "resume": (str, "a fine-tuning checkpoint to continue (its run's settings are required)", None),
-    "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists", None),
-    "num_workers": (int, "data-loading worker processes (None: the cores per process less one, 1 to 10)", None),
-    "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
-    "log_every": (int, "optimizer steps between log lines", None),
-    "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
-    "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
-    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
-                BACKENDS),
-    "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
-                 "off on CPU", ("auto", "bf16", "fp16", "off")),
-    "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
-    "compile": ("bool", "run the training step's model under torch.compile", None),
-    "grad_checkpointing": ("bool", "recompute each encoder layer in backward instead of keeping its activations "
-                                   "(less memory, about one more forward pass)", None),
     "eval": ("bool", "MAE's --eval: test a fine-tuned checkpoint (--resume PATH, else the positional one: a "
                      "crate-finetune run, its model.safetensors, model-best.safetensors or checkpoint-*.pth) on the "
                      "test split, print top-1 (and top-5) and exit; nothing is trained or written", None),
@@ -630,7 +593,8 @@ def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.finetune``: 0 done, 1 failed, 2 bad arguments, 128 + signal when stopped."""
-    return run.main("crate-finetune", resolve, finetune, argv)
+    return flags.command_main("crate-finetune", lambda a: resolve(a, distributed.world_size_from_env()), finetune, argv,
+                              flags.RESUME_HINT)
 
 
 if __name__ == "__main__":

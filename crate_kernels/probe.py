@@ -30,12 +30,10 @@ from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
 from .models.classifier import EncoderClassifier, make_head
 from .models.pretrained import Pretrained, load_pretrained
-from .models.registry import MODELS
-from .ops.backend import BACKENDS
 from .pipeline import distributed, flags
 from .pipeline.data import (
-    LABELLED_DATASETS, EvalTransform, LabelledViews, UnreadableImages, build_labelled,
-    collate_labelled, counted, default_num_workers, labels_of, normalize, resolve_labelled,
+    EvalTransform, LabelledViews, UnreadableImages, build_labelled,
+    collate_labelled, default_num_workers, labels_of, normalize, resolve_labelled,
 )
 
 DEFAULTS = dict(
@@ -46,14 +44,9 @@ DEFAULTS = dict(
 )
 
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
-    "dataset": (str, "labelled dataset; auto: the bundled digits without --data_path, else the layout found there",
-                LABELLED_DATASETS),
-    "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
-                       "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
-                       "annotations/)", None),
+    **flags.COMMON_FLAGS,
+    **flags.CHECKPOINT_FLAGS,
+    **flags.LABELLED_FLAGS,
     "input_size": (int, "image side for the features (unset: the checkpoint's pretraining size)", None),
     "pool": (str, "feature: the [CLS] token after the final norm (cls: the paper's CRATE-MAE protocol probes the "
                   "[CLS] feature, and MAE's main_linprobe.py defaults to it) or the fc-normed mean of the patch tokens "
@@ -80,11 +73,8 @@ FLAGS = {
     "max_unreadable": (float, "fraction of images allowed to fail to decode (each is skipped, with its label, and "
                               "counted) before the probe stops", None),
     "num_workers": (int, "data-loading worker processes (unset: the cores less one, 1 to 10)", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
     "amp": (str, "feature extraction precision; auto: bf16 on GPUs that support it, else off",
             ("auto", "bf16", "off")),
-    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
-                BACKENDS),
     "threads": (int, "CPU threads for compute (0: torch's default)", None),
     "seed": (int, "seed of the (first) random model, the held-out split and the torch head", None),
     **flags.MAE_ALIASES,
@@ -466,20 +456,7 @@ def _amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.probe``: 0 done, 1 failed, 2 bad arguments; errors are one line."""
-    try:
-        cfg = resolve(argv)
-    except ConfigError as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError) as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return flags.command_main("crate-probe", resolve, run, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ lr scales under warmup + cosine, AMP and loss scaling, gradient accumulation und
 waits for the device between reports, atomic checksummed checkpoints with exact resume (model, optimizer, scaler,
 step, RNG states and data position), stop signals that save the step, non-finite-loss checks, the logs. A command
 subclasses it and supplies the model, the data, the loss of a batch, its evaluation and its final outputs.
-``launch(cfg, RunClass)`` runs one with the output directory locked; ``main(...)`` is a command's entry point.
+``launch(cfg, RunClass)`` runs one with the output directory locked; ``flags.command_main`` is a command's entry
+point.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
-from ..errors import ConfigError, DatasetError, TrainError
+from ..errors import DatasetError, StopRequested, TrainError
 from ..models.pretrained import load_checkpoint
 from ..ops import tuning
 from ..ops.backend import get_backend, resolve_backend
@@ -97,14 +98,6 @@ class LossMeter:
         self.epoch.zero_()
         self.epoch_steps = 0
         return mean
-
-
-class StopRequested(Exception):
-    """SIGTERM (a scheduler's preemption, ``kill``) or SIGINT (Ctrl-C) arrived: the run saved its state and stopped."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 def leave_stop_signals_to_the_main(worker_id: int) -> None:
@@ -634,29 +627,3 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
                     break
                 os.rmdir(folder)
         distributed.shutdown()
-
-
-def main(program: str, resolve, run, argv: list[str] | None = None) -> int:
-    """A training command's entry point: ``resolve(argv, world_size) -> cfg``, then ``run(cfg)``; errors are one
-    line prefixed with ``program``. Exit status: 0 done, 1 failed, 2 bad arguments, 128 + signal when stopped."""
-    try:
-        cfg = resolve(argv, distributed.world_size_from_env())
-    except ConfigError as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{program}: error: {e}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted; run the same command again to resume from checkpoint-last.pth",
-              file=sys.stderr)
-        return 130
-    return 0

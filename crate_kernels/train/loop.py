@@ -11,7 +11,7 @@ from .. import checkpoint, whitebox
 from ..models.crate import CRATEMAE
 from ..models.registry import build_mae
 from ..ops.backend import get_backend
-from ..pipeline import run
+from ..pipeline import distributed, flags, run
 from ..pipeline.data import (
     EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
     resolve_dataset,
@@ -201,4 +201,5 @@ def train(cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.train`` / ``crate-train``: parse flags, train, report errors as one line."""
-    return run.main("crate-train", resolve, train, argv)
+    return flags.command_main("crate-train", lambda a: resolve(a, distributed.world_size_from_env()), train, argv,
+                              flags.RESUME_HINT)
