@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
-from crate_kernels.finetune import (
-    ImageAugment, layer_decay_groups, main, mix_batch, randaug_settings, resolve, smoothed_one_hot,
+from crate_kernels.finetune import main, resolve
+from crate_kernels.pipeline.recipe import (
+    ImageAugment, layer_decay_groups, mix_batch, randaug_settings, smoothed_one_hot,
 )
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.train import main as train_main

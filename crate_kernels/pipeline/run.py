@@ -418,7 +418,8 @@ class Run:
         first_bad = self.dist.minimum(self.losses.first_bad).item()
         if math.isfinite(first_bad):
             where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
-                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
+                     f"{self.last_saved}), was kept" if self.last_saved is not None
+                     else "no checkpoint had been written")
             raise TrainError(f"training diverged: the loss is not finite at step {int(first_bad)} "
                              f"(epoch {(int(first_bad) - 1) // self.steps_per_epoch}); stopped without saving; {where}")
 
@@ -606,7 +607,8 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
                 os.makedirs(cfg["output_dir"], exist_ok=True)
                 if not lock.acquire():
                     error = (f"output directory {cfg['output_dir']} is in use by another run (process "
-                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another --output_dir")
+                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another "
+                             "--output_dir")
             except OSError as e:
                 error = f"cannot use output directory {cfg['output_dir']}: {e}"
         if not dist.all_true(error is None):

@@ -109,7 +109,8 @@ def validate(cfg: dict) -> None:
     if not 0.0 <= cfg["mask_ratio"] < 1.0:
         raise ConfigError(f"--mask_ratio must lie in [0, 1), got {cfg['mask_ratio']}")
     if cfg["input_size"] % cfg["patch_size"]:
-        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of --patch_size ({cfg['patch_size']})")
+        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of --patch_size "
+                          f"({cfg['patch_size']})")
     if cfg["model"] not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {cfg['model']!r}")
     if not cfg["output_dir"]:
