@@ -40,12 +40,13 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_ste
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs, off (None) elsewhere."""
+def amp_dtype(amp: str, device: torch.device, auto_fp16: bool = True) -> torch.dtype | None:
+    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs (off with ``auto_fp16=False``: what runs without
+    a loss scaler, e.g. the probe's feature extraction), off (None) elsewhere."""
     if amp == "auto":
         if device.type != "cuda":
             return None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if auto_fp16 else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
