@@ -32,12 +32,12 @@ from .models.pretrained import Pretrained, load_pretrained
 from .models.registry import DEMO_MODELS
 from .ops.backend import get_backend
 from .pipeline import distributed, flags, run
-from .pipeline.recipe import ImageAugment, layer_decay_groups, mix_batch, randaug_settings
 from .pipeline.data import (
     EvalTransform, LabelledTrainViews, LabelledViews,
     TrainTransform, UnreadableImages, build_labelled, collate_labelled, collate_views, counted, default_num_workers,
     labels_of, normalize, resolve_labelled, stop_workers,
 )
+from .pipeline.recipe import ImageAugment, layer_decay_groups, mix_batch, randaug_settings
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
 DEFAULTS = dict(

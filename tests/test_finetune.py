@@ -11,16 +11,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from image_folders import colour_folder
+from PIL import Image
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
 from crate_kernels.finetune import main, resolve
+from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.pipeline.recipe import (
     ImageAugment, layer_decay_groups, mix_batch, randaug_settings, smoothed_one_hot,
 )
-from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 
 # Fine-tuning settings of the end-to-end tests: batches of 8, logged every step; workers left at their default.
 TINY = ["--batch_size", "8", "--epochs", "2", "--warmup_steps", "2", "--log_every", "1", "--no_tensorboard",

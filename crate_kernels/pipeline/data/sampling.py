@@ -14,6 +14,7 @@ import torch
 from ...errors import DatasetError, UnreadableImage
 from .datasets import ImageDataset, counted
 
+
 def seed_for(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
