@@ -22,6 +22,24 @@ def skip_if_excluded(provider: str) -> None:
         pytest.skip(f"provider {provider!r} is excluded by $CRATE_BENCH_SKIP")
 
 
+@contextlib.contextmanager
+def pinned_cuda_kernel(request, kernels: dict[str, str], op: str):
+    """Around a benchmark whose provider names a csrc/ backward kernel of ``op`` (``kernels``: provider -> kernel):
+    backend 'cuda' with that kernel pinned; other providers run as they are. The forward does not depend on the
+    backward kernel, so such a provider's fwd case is skipped."""
+    kernel = kernels.get(request.node.callspec.params["provider"])
+    if kernel is None:
+        yield
+        return
+    skip_if_excluded("cuda")
+    if request.node.callspec.params["mode"] == "fwd":
+        pytest.skip("the forward is provider cuda's whatever the backward kernel")
+    from crate_kernels.ops import cuda_ext
+
+    with cuda_ext.pinned_kernels(**{op: kernel}):
+        yield
+
+
 def variant_providers(kinds: tuple[str, ...], modes: dict[str, str]) -> dict[str, tuple[str, str, str]]:
     """{"triton-NAME": (kind, NAME, mode)}: every Triton kernel variant of ``kinds`` other than v1 as a provider (in
     registration order: most likely to win first), measured in the mode its kind runs in (``modes[kind]``)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crate_kernels.pipeline import data
+from crate_kernels.pipeline.data import datasets
 from crate_kernels.pipeline.data import (
     SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, ImageFolder, MaskedViews, ShardedBatchSampler, TrainTransform, collate_views,
     read_image, skimage_data_dir,
@@ -70,7 +70,7 @@ def test_transform_per_core(benchmark, jpeg_folder, monkeypatch, path):
     benchmark.group = f"training view {SIZE}px of ~500x375 JPEGs, one core"
     if path == "current-simplejpeg":
         pytest.importorskip("simplejpeg", reason="simplejpeg is not installed (pip install simplejpeg)")
-    monkeypatch.setattr(data, "_SIMPLEJPEG", path == "current-simplejpeg")
+    monkeypatch.setattr(datasets, "_SIMPLEJPEG", path == "current-simplejpeg")
     dataset = ImageFolder(jpeg_folder, TrainTransform(SIZE))
     files = [p for p, _ in dataset.samples]
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +116,6 @@ def test_loader_workers(benchmark, jpeg_folder, workers):
         return
     images = sampler.num_batches * 16
     benchmark.extra_info.update(provider=f"{workers} workers", workers=workers,
-                                decoder="simplejpeg" if data._SIMPLEJPEG else "PIL",
+                                decoder="simplejpeg" if datasets._SIMPLEJPEG else "PIL",
                                 img_per_s=round(images / benchmark.stats.stats.median, 1),
                                 img_per_s_per_worker=round(images / benchmark.stats.stats.median / workers, 1))

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from bench_utils import (
-    chosen_variant, peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize, variant_providers,
+    chosen_variant, peak_memory, pinned_cuda_kernel, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize,
+    variant_providers,
 )
 from crate_kernels.ops import ista_reference, ista_step
 
@@ -42,17 +43,7 @@ CUDA_KERNELS = {"cuda-wmma": "wmma"}
 
 @pytest.fixture(autouse=True)
 def _pinned_cuda_kernel(request):
-    params = request.node.callspec.params
-    kernel = CUDA_KERNELS.get(params["provider"])
-    if kernel is None:
-        yield
-        return
-    skip_if_excluded("cuda")
-    if params["mode"] == "fwd":
-        pytest.skip("the forward is provider cuda's whatever the backward kernel")
-    from crate_kernels.ops import cuda_ext
-
-    with cuda_ext.pinned_kernels(ista=kernel):
+    with pinned_cuda_kernel(request, CUDA_KERNELS, "ista"):
         yield
 
 

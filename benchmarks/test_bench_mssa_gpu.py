@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_utils import (
-    chosen_variant, peak_memory, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize, variant_providers,
+    chosen_variant, peak_memory, pinned_cuda_kernel, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize,
+    variant_providers,
 )
 from crate_kernels.ops import mssa_attention, mssa_reference
 
@@ -43,17 +44,7 @@ CUDA_KERNELS = {"cuda-mma-tiled": "mma-tiled", "cuda-wmma": "wmma"}
 
 @pytest.fixture(autouse=True)
 def _pinned_cuda_kernel(request):
-    params = request.node.callspec.params
-    kernel = CUDA_KERNELS.get(params["provider"])
-    if kernel is None:
-        yield
-        return
-    skip_if_excluded("cuda")
-    if params["mode"] == "fwd":
-        pytest.skip("the forward is provider cuda's whatever the backward kernel")
-    from crate_kernels.ops import cuda_ext
-
-    with cuda_ext.pinned_kernels(mssa=kernel):
+    with pinned_cuda_kernel(request, CUDA_KERNELS, "mssa"):
         yield
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -23,7 +22,6 @@ from . import checkpoint, whitebox
 from .errors import ConfigError, DatasetError, TrainError
 from .models.pretrained import load_pretrained
 from .models.registry import FAMILY_NAMES, MODELS
-from .ops.backend import BACKENDS
 from .pipeline import distributed, flags
 from .pipeline.data import (
     IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, EvalTransform, TrainTransform, normalize, read_image,
@@ -35,9 +33,8 @@ DEFAULTS = dict(checkpoint=None, images=[], model=None, norm_pix_loss=False, inp
                 device="auto", backend=None, threads=0, seed=0)
 
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
+    **flags.COMMON_FLAGS,
+    **flags.CHECKPOINT_FLAGS,
     "norm_pix_loss": ("bool", "the checkpoint regresses per-patch normalised pixels (release checkpoints; a run's "
                               "own setting takes precedence)", None),
     "input_size": (int, "image side (unset: the checkpoint's pretraining size)", None),
@@ -50,9 +47,6 @@ FLAGS = {
                   tuple(name for name in MODELS if name.startswith("mae_vit"))),
     "output_dir": (str, "where the figures go (unset: analysis/ beside the checkpoint: in its run directory, or "
                         "its folder)", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
-    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
-                BACKENDS),
     "threads": (int, "CPU threads for compute (0: torch's default)", None),
     "seed": (int, "seed of the random crops and of the masks", None),
 }
@@ -332,16 +326,7 @@ def run(cfg: dict, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.analyze``: 0 done, 1 failed, 2 bad arguments; errors are one line."""
-    try:
-        cfg = resolve(argv)
-        run(cfg)
-    except ConfigError as e:
-        print(f"crate-analyze: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError) as e:
-        print(f"crate-analyze: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return flags.command_main("crate-analyze", resolve, run, argv)
 
 
 if __name__ == "__main__":

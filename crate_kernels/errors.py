@@ -1,8 +1,9 @@
 """The exceptions every layer may raise (the one module all layers import; it imports nothing of the package).
 
 Each is an error meant for the user: the commands print its message as one line, without a traceback, and exit 1
-(2 for ``ConfigError``). ``TrainError`` is the general one: a checkpoint that cannot be read or does not fit the
-model, a run that cannot go on; the models raise it too, not only training.
+(2 for ``ConfigError``; 128 + the signal for ``StopRequested``, a run stopped by a signal; see
+``pipeline.flags.command_main``). ``TrainError`` is the general one: a checkpoint that cannot be read or does not
+fit the model, a run that cannot go on; the models raise it too, not only training.
 """
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ class UnreadableImage(DatasetError):
 
     def __reduce__(self):  # picklable across data-loading worker processes
         return type(self), (self.path, self.reason)
+
+
+class StopRequested(Exception):
+    """SIGTERM (a scheduler's preemption, ``kill``) or SIGINT (Ctrl-C) arrived: the run saved its state and stopped."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

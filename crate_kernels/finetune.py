@@ -7,7 +7,7 @@ RandomResizedCrop(0.08, 1), RandAugment (MAE's rand-m9-mstd0.5-inc1: 2 operation
 erasing (p 0.25) and mixup 0.8 / cutmix 1.0 (one of the two per batch, switch probability 0.5), evaluated on centre
 crops of 0.875. Top-1 and top-5 on the test split after every epoch; the best model is kept. It runs on the
 pretraining engine (``crate_kernels.pipeline.run``): the same atomic checkpoints, exact resume, stop signals, AMP,
-torchrun/DDP and logs.
+torchrun/DDP and logs. The recipe's pieces live in ``crate_kernels.pipeline.recipe``; this module holds the command.
 
 MAE's command-line flags are accepted where they mean the same thing: ``--finetune PATH`` (the positional checkpoint),
 ``--global_pool`` / ``--cls_token`` (``--pool mean`` / ``cls``), ``--nb_classes`` (checked against the data), ``--aa
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 
 import torch
@@ -30,27 +29,23 @@ from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
 from .models.classifier import EncoderClassifier
 from .models.pretrained import Pretrained, load_pretrained
-from .models.registry import DEMO_MODELS, MODELS
-from .ops.backend import BACKENDS, get_backend
+from .models.registry import DEMO_MODELS
+from .ops.backend import get_backend
 from .pipeline import distributed, flags, run
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, LABELLED_DATASETS, EvalTransform, LabelledTrainViews, LabelledViews,
+    EvalTransform, LabelledTrainViews, LabelledViews,
     TrainTransform, UnreadableImages, build_labelled, collate_labelled, collate_views, counted, default_num_workers,
     labels_of, normalize, resolve_labelled, stop_workers,
 )
+from .pipeline.recipe import ImageAugment, layer_decay_groups, mix_batch, randaug_settings
 
 # MAE's fine-tuning defaults (main_finetune.py); the recipe-dependent ones are None and resolved per model and size.
 DEFAULTS = dict(
-    checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls",
-    batch_size=64, accum_iter=1, epochs=50, max_steps=0, warmup_epochs=5.0, warmup_steps=None,
-    blr=1e-3, lr=None, min_lr=1e-6, weight_decay=0.05, layer_decay=None, clip_grad=None,
+    flags.ENGINE_DEFAULTS, checkpoint="./output_dir", model=None, input_size=None, pool="cls",
+    epochs=50, warmup_epochs=5.0, blr=1e-3, min_lr=1e-6, layer_decay=None,
     smoothing=0.1, mixup=None, cutmix=None, mixup_switch_prob=0.5, recipe="auto", randaug_m=None, randaug_n=2,
-    randaug_mstd=None, randaug_inc=None, reprob=None, max_unreadable=0.01, nb_classes=None, eval=False,
-    dist_eval=True, start_epoch=0,
-    output_dir=None, log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None, device="auto", threads=0,
-    seed=0, resume=None,
-    auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000, save_every_epochs=20,
-    backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
+    randaug_mstd=None, randaug_inc=None, reprob=None, nb_classes=None, eval=False, dist_eval=True, start_epoch=0,
+    output_dir=None,
 )
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
@@ -69,38 +64,23 @@ RECIPES = {
 FULL_RECIPE_SIZE = 128  # --recipe auto: mae at this input size and above, small below it
 
 # Settings a resumed fine-tuning run must share with the interrupted one.
-RECIPE_KEYS = ("checkpoint", "model", "dataset", "data_path", "input_size", "pool", "batch_size", "accum_iter",
+RESUME_KEYS = ("checkpoint", "model", "dataset", "data_path", "input_size", "pool", "batch_size", "accum_iter",
                "epochs", "max_steps", "warmup_epochs", "warmup_steps", "blr", "lr", "min_lr", "weight_decay",
                "layer_decay", "clip_grad", "smoothing", "mixup", "cutmix", "mixup_switch_prob", "recipe",
                "randaug_m", "randaug_n", "randaug_mstd", "randaug_inc", "reprob", "seed", "amp")
 
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
-    "dataset": (str, "labelled dataset; auto: the bundled digits without --data_path, else the layout found there",
-                LABELLED_DATASETS),
-    "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
-                       "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
-                       "annotations/)", None),
+    **flags.ENGINE_FLAGS,
+    **flags.CHECKPOINT_FLAGS,
+    **flags.LABELLED_FLAGS,
     "input_size": (int, "image side (unset: the checkpoint's pretraining size; the position table is "
                         "interpolated)", None),
     "pool": (str, "what the head sees: [CLS] after the final norm (cls: the paper's CRATE-MAE protocol takes the "
                   "encoder's [CLS] output as the image feature) or the fc-normed mean patch token (mean, MAE's "
                   "--global_pool, main_finetune.py's default)", ("cls", "mean")),
-    "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
-    "accum_iter": (int, "iterations accumulated per optimizer step", None),
-    "epochs": (int, "training epochs", None),
-    "max_steps": (int, "train exactly this many optimizer steps, overriding --epochs (0: off)", None),
-    "warmup_epochs": (float, "linear lr warmup length in epochs", None),
-    "warmup_steps": (int, "linear lr warmup length in optimizer steps (overrides --warmup_epochs)", None),
-    "blr": (float, "base lr: lr = blr x effective batch / 256", None),
-    "lr": (float, "absolute lr (overrides --blr)", None),
-    "min_lr": (float, "lr at the end of the cosine schedule", None),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls token)", None),
     "layer_decay": (float, "layer-wise lr decay: layer l of L gets lr x decay^(L + 1 - l) (unset: 0.65 for base "
                            "models, else 0.75)", None),
-    "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
     "smoothing": (float, "label smoothing", None),
     "mixup": (float, "mixup alpha (0: off; unset: the recipe's, 0.8 or 0)", None),
     "cutmix": (float, "cutmix alpha (0: off; unset: the recipe's, 1.0 or 0)", None),
@@ -123,28 +103,8 @@ FLAGS = {
     "max_unreadable": (float, "fraction of image reads allowed to fail (a training image is replaced by another "
                               "with its own label, a test image is left out) before the run stops", None),
     "output_dir": (str, "where checkpoints, logs and results go (unset: finetune/ beside the checkpoint)", None),
-    "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
-    "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
-    "log_wandb": ("bool", "log to Weights & Biases (the extra wandb; WANDB_PROJECT, WANDB_MODE=offline ...)", None),
-    "push_to_hub": (str, "push the final output_dir/hf folder to this Hugging Face Hub repo (the extra hub)", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
-    "threads": (int, "CPU threads per process for compute (0: torch's default)", None),
     "seed": (int, "seed of the head's initialisation, data order, augmentation and mixing", None),
     "resume": (str, "a fine-tuning checkpoint to continue (its run's settings are required)", None),
-    "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists", None),
-    "num_workers": (int, "data-loading worker processes (None: the cores per process less one, 1 to 10)", None),
-    "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
-    "log_every": (int, "optimizer steps between log lines", None),
-    "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
-    "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
-    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
-                BACKENDS),
-    "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
-                 "off on CPU", ("auto", "bf16", "fp16", "off")),
-    "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
-    "compile": ("bool", "run the training step's model under torch.compile", None),
-    "grad_checkpointing": ("bool", "recompute each encoder layer in backward instead of keeping its activations "
-                                   "(less memory, about one more forward pass)", None),
     "eval": ("bool", "MAE's --eval: test a fine-tuned checkpoint (--resume PATH, else the positional one: a "
                      "crate-finetune run, its model.safetensors, model-best.safetensors or checkpoint-*.pth) on the "
                      "test split, print top-1 (and top-5) and exit; nothing is trained or written", None),
@@ -203,45 +163,6 @@ def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     return cfg
 
 
-AA_GRAMMAR = "timm's rand[-m<magnitude 0-10>][-n<operations>][-mstd<std>][-inc<0|1>], e.g. rand-m9-mstd0.5-inc1"
-
-
-def randaug_settings(aa: str, given: dict) -> dict:
-    """MAE's ``--aa`` (timm's RandAugment string) -> {randaug_m, randaug_n, randaug_mstd, randaug_inc}: 'rand' then
-    '-'-separated parts m<int> (magnitude, timm's 0-10 scale), n<int> (operations), mstd<float> (magnitude std),
-    inc<0|1> (increasing operations); parts left out take timm's defaults (m 10, n 2, mstd 0, inc 0). 'none' is
-    RandAugment off. An unknown part, or a setting also given by its own flag with another value, is an error naming
-    --aa and the grammar."""
-    if aa.lower() in ("none", "off", ""):
-        parsed = {"randaug_m": 0}
-    else:
-        parts = aa.split("-")
-        if parts[0] != "rand":
-            raise ConfigError(f"--aa {aa!r}: only RandAugment strings are supported ({AA_GRAMMAR}), or 'none'")
-        parsed = {"randaug_m": 10, "randaug_n": 2, "randaug_mstd": 0.0, "randaug_inc": False}
-        for part in parts[1:]:
-            key = next((k for k in ("mstd", "inc", "m", "n") if part.startswith(k)), None)
-            value = part[len(key):] if key else ""
-            try:
-                if key == "mstd":
-                    parsed["randaug_mstd"] = float(value)
-                elif key == "inc" and value in ("0", "1"):
-                    parsed["randaug_inc"] = value == "1"
-                elif key in ("m", "n"):
-                    parsed["randaug_" + key] = int(value)
-                else:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"--aa {aa!r}: cannot read the part {part!r}; expected {AA_GRAMMAR}") from None
-    if not 0 <= parsed["randaug_m"] <= 10 or parsed.get("randaug_n", 1) < 1 or parsed.get("randaug_mstd", 0) < 0:
-        raise ConfigError(f"--aa {aa!r}: the magnitude must lie in 0..10 (timm's scale), the operations be at least 1 "
-                          f"and the std >= 0; expected {AA_GRAMMAR}")
-    for key, value in parsed.items():
-        if key in given and given[key] != value:
-            raise ConfigError(f"--aa sets --{key} {value}, but --{key} {given[key]} is given too; give one of them")
-    return parsed
-
-
 def complete(cfg: dict, pretrained: Pretrained) -> dict:
     """The settings that depend on the checkpoint: the demo preset after a demo pretraining (flags given still
     win), the input size, the layer decay, the augmentation recipe, the absolute lr and the output directory; under
@@ -277,126 +198,11 @@ def complete(cfg: dict, pretrained: Pretrained) -> dict:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------- the recipe
-def layer_decay_groups(model: EncoderClassifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with MAE's layer-wise lr decay: the embedding (patch_embed, cls_token, pos_embed) is layer 0,
-    block i is layer i + 1, the rest (norm, fc_norm, head) layer L = depth + 1; a group's ``lr_scale`` is
-    layer_decay^(L - layer). No weight decay on 1-D parameters (biases, norms) and the cls token. Frozen parameters
-    are left out; each group carries ``param_names``."""
-    depth = len(model.blocks)
-    top = depth + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = top
-        decay = not (p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
-        group = groups.setdefault((layer, decay), {
-            "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (top - layer),
-        })
-        group["params"].append(p)
-        group["param_names"].append(name)
-    return [groups[key] for key in sorted(groups)]
-
-
-def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """(B,) int labels -> (B, classes) targets: 1 - smoothing + smoothing / classes on the label, smoothing /
-    classes elsewhere."""
-    off = smoothing / num_classes
-    targets = torch.full((len(labels), num_classes), off, device=labels.device)
-    return targets.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
-
-
-def mix_batch(imgs: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
-              switch_prob: float, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's batch-mode Mixup/CutMix (MAE's fine-tuning): each image is mixed with the batch's mirror image
-    (``flip(0)``) by lam ~ Beta(alpha, alpha); cutmix (chosen with ``switch_prob`` when both are on) pastes a box of
-    area 1 - lam, and lam becomes the unpasted area. Returns (images, soft targets (B, classes)) with the targets
-    lam x y + (1 - lam) x y_mirror of smoothed one-hot labels; every row sums to 1. Random draws come from torch's
-    global generator (kept in checkpoints)."""
-    targets = smoothed_one_hot(labels, num_classes, smoothing)
-    if mixup <= 0 and cutmix <= 0:
-        return imgs, targets
-    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < switch_prob)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha)).sample())
-    mirror = imgs.flip(0)
-    if use_cutmix:
-        h, w = imgs.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-        top, bottom = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
-        left, right = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
-        imgs = imgs.clone()
-        imgs[..., top:bottom, left:right] = mirror[..., top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / (h * w)
-    else:
-        imgs = imgs * lam + mirror * (1.0 - lam)
-    return imgs, targets * lam + targets.flip(0) * (1.0 - lam)
-
-
-class ImageAugment:
-    """Per-image RandAugment and random erasing of uint8 (3, H, W) views, in the data-loading workers (kornia's
-    operations on floats, back to uint8): RandAugment draws ``n`` operations per image at magnitude ``m`` on timm's
-    0-10 scale (kornia's 0-30 scale x 3; 0: off), or with ``mstd`` > 0 at a magnitude drawn per image from
-    N(m, mstd^2) clipped to 0..10 (``mstd`` >= 100: uniform in 0..m, timm's 'inf'); ``inc``: the colour, contrast,
-    brightness and sharpness factors grow from 1 to 1.9 with the magnitude (timm's increasing operations; timm also
-    flips their direction at random, and its solarize threshold falls with the magnitude, which kornia's cannot);
-    random erasing (probability ``reprob``, area 0.02-1/3, aspect 0.3-3.3) fills its box with the mean colour, 0
-    after normalisation. ``augment(view, seed)`` is a function of the seed: kornia draws from torch's global
-    generator, forked and seeded here."""
-
-    def __init__(self, n: int, m: int, reprob: float, mstd: float = 0.0, inc: bool = False):
-        try:
-            import kornia.augmentation as K
-            from kornia.augmentation.auto import RandAugment
-            from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
-        except ImportError as e:
-            raise TrainError("RandAugment and random erasing need kornia: pip install 'crate_kernels[analysis]' "
-                             "(or --randaug_m 0 --reprob 0)") from e
-        policy = None
-        if inc:
-            policy = [[(op[0][0], 1.0, 1.9)] if op[0][0] in ("color", "contrast", "brightness", "sharpness") else op
-                      for op in default_policy]
-        self.m, self.mstd = m, mstd
-        # kornia's magnitude lies in (0, 30) when built; each call sets it from the (drawn) magnitude
-        self.randaug = RandAugment(n=n, m=min(29, 3 * m), policy=policy) if m else None
-        self.erase = K.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0.0) if reprob else None
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-    def __call__(self, view: torch.Tensor, seed: int) -> torch.Tensor:
-        x = view.unsqueeze(0).float() / 255.0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if self.randaug is not None:
-                self.randaug.m = 3 * self.magnitude()
-                x = self.randaug(x).clamp(0, 1)
-            if self.erase is not None:
-                x = self.erase((x - self.mean) / self.std) * self.std + self.mean
-        return (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8)
-
-    def magnitude(self) -> float:
-        """This image's magnitude on timm's 0-10 scale: ``m``, or drawn around it (``mstd``), from torch's
-        generator."""
-        if self.mstd <= 0:
-            return float(self.m)
-        if self.mstd >= 100:
-            return float(torch.rand(())) * self.m
-        return min(10.0, max(0.0, self.m + self.mstd * float(torch.randn(()))))
-
-
-class Finetuning(run.Run):
+class Finetuner(run.Run):
     """One fine-tuning run (one process of it under torchrun)."""
 
     program = "crate-finetune"
-    recipe_keys = RECIPE_KEYS
+    recipe_keys = RESUME_KEYS
     strict_recipe = True
     betas = (0.9, 0.999)
 
@@ -606,7 +412,7 @@ def finetune(cfg: dict) -> dict:
     cfg = complete(dict(cfg), pretrained)
     if cfg["eval"]:
         return evaluate_only(cfg, pretrained)
-    return run.launch(cfg, functools.partial(Finetuning, pretrained=pretrained))
+    return run.launch(cfg, functools.partial(Finetuner, pretrained=pretrained))
 
 
 def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
@@ -619,7 +425,7 @@ def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
     job = None
     try:
         run.check_backend(cfg["backend"], dist.device)
-        job = Finetuning(cfg, dist, pretrained)
+        job = Finetuner(cfg, dist, pretrained)
         scores = job.measure()
         job.say(f"crate-finetune --eval: {pretrained.source} ({job.model.describe()}); test: {job.test_desc}\n"
                 f"  {job.score_line(scores)}"
@@ -634,7 +440,8 @@ def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.finetune``: 0 done, 1 failed, 2 bad arguments, 128 + signal when stopped."""
-    return run.main("crate-finetune", resolve, finetune, argv)
+    return flags.command_main("crate-finetune", lambda a: resolve(a, distributed.world_size_from_env()), finetune, argv,
+                              flags.RESUME_HINT)
 
 
 if __name__ == "__main__":

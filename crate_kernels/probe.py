@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -30,13 +29,13 @@ from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
 from .models.classifier import EncoderClassifier, make_head
 from .models.pretrained import Pretrained, load_pretrained
-from .models.registry import MODELS
-from .ops.backend import BACKENDS
 from .pipeline import distributed, flags
 from .pipeline.data import (
-    LABELLED_DATASETS, EvalTransform, LabelledViews, UnreadableImages, build_labelled,
-    collate_labelled, counted, default_num_workers, labels_of, normalize, resolve_labelled,
+    EvalTransform, LabelledViews, UnreadableImages, build_labelled,
+    collate_labelled, default_num_workers, labels_of, normalize, resolve_labelled,
 )
+from .pipeline.run import amp_dtype, lr_at
+from .whitebox import fit_logistic, topk_accuracy
 
 DEFAULTS = dict(
     checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls", layer=-1,
@@ -46,14 +45,9 @@ DEFAULTS = dict(
 )
 
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
-    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
-    "dataset": (str, "labelled dataset; auto: the bundled digits without --data_path, else the layout found there",
-                LABELLED_DATASETS),
-    "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
-                       "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
-                       "annotations/)", None),
+    **flags.COMMON_FLAGS,
+    **flags.CHECKPOINT_FLAGS,
+    **flags.LABELLED_FLAGS,
     "input_size": (int, "image side for the features (unset: the checkpoint's pretraining size)", None),
     "pool": (str, "feature: the [CLS] token after the final norm (cls: the paper's CRATE-MAE protocol probes the "
                   "[CLS] feature, and MAE's main_linprobe.py defaults to it) or the fc-normed mean of the patch tokens "
@@ -80,11 +74,8 @@ FLAGS = {
     "max_unreadable": (float, "fraction of images allowed to fail to decode (each is skipped, with its label, and "
                               "counted) before the probe stops", None),
     "num_workers": (int, "data-loading worker processes (unset: the cores less one, 1 to 10)", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
     "amp": (str, "feature extraction precision; auto: bf16 on GPUs that support it, else off",
             ("auto", "bf16", "off")),
-    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
-                BACKENDS),
     "threads": (int, "CPU threads for compute (0: torch's default)", None),
     "seed": (int, "seed of the (first) random model, the held-out split and the torch head", None),
     **flags.MAE_ALIASES,
@@ -92,7 +83,6 @@ FLAGS = {
 
 SKLEARN_LIMIT = 1e8  # training images x max(feature dim, classes) that auto leaves to scikit-learn
 SMALL_FIT = 1e7  # training features (images x dim) up to which the logistic regression runs on one BLAS thread
-C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 FORMAT = 1  # bump when the features a key describes change
 
 
@@ -212,79 +202,11 @@ def cached_features(clf: EncoderClassifier, splits: dict, cfg: dict, device, amp
 
 
 # ---------------------------------------------------------------------------------------------- classifiers
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` highest scores; column j of ``scores`` is class classes[j]."""
-    top = classes[np.argsort(-scores, axis=1)[:, :k]]
-    return float((top == labels[:, None]).any(axis=1).mean())
-
-
-def _scores(name: str, top1: float, top5: float | None, extra: dict) -> dict:
-    return {"classifier": name, "top1": 100 * top1, **({"top5": 100 * top5} if top5 is not None else {}), **extra}
-
-
-def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                 c: float | None = None, seed: int = 0, topk: bool = True, blas_threads: int | None = None) -> dict:
-    """Logistic regression (L2, lbfgs) on standardised features; C from ``C_GRID`` by accuracy on a stratified
-    held-out 20% of the training features when ``c`` is None (ties: the smaller C), then refit on all.
-    ``blas_threads`` caps the BLAS threads (small problems run fastest on one: several threads on a busy machine
-    made a 1,200 x 128 fit 40x slower here). Returns {'top1', 'top5' (percent, top5 when ``topk``), 'C',
-    'selection': {C: held-out top-1}, ...}."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError as e:
-        raise TrainError("--classifier sklearn needs scikit-learn: pip install 'crate_kernels[analysis]' "
-                         "(or use --classifier torch)") from e
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return _fit_logistic(x_train, y_train, x_test, y_test, c, seed, topk)
-
-
-def _fit_logistic(x_train, y_train, x_test, y_test, c, seed, topk) -> dict:
-    try:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import train_test_split
-        from sklearn.preprocessing import StandardScaler
-    except ImportError as e:
-        raise TrainError("--classifier sklearn needs scikit-learn: pip install 'crate_kernels[analysis]' "
-                         "(or use --classifier torch)") from e
-    scaler = StandardScaler().fit(x_train)
-    xs_train, xs_test = scaler.transform(x_train), scaler.transform(x_test)
-    selection, notes = {}, []
-
-    def fit(x, y, c_value):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model = LogisticRegression(C=c_value, max_iter=2000).fit(x, y)
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            notes.append(f"lbfgs did not converge in 2000 iterations at C={c_value:g}")
-        return model
-
-    if c is None:
-        counts = np.bincount(y_train)
-        if counts[counts > 0].min() < 2:
-            c, notes = 1.0, ["a class has one training image: no held-out split, C fixed at 1"]
-        else:
-            fit_x, val_x, fit_y, val_y = train_test_split(xs_train, y_train, test_size=0.2, stratify=y_train,
-                                                          random_state=seed)
-            for value in C_GRID:
-                selection[value] = 100 * float(fit(fit_x, fit_y, value).score(val_x, val_y))
-            c = max(C_GRID, key=lambda v: (selection[v], -v))
-            if c in (C_GRID[0], C_GRID[-1]):
-                notes.append(f"C={c:g} is at the edge of the searched range {C_GRID[0]:g}-{C_GRID[-1]:g}")
-    model = fit(xs_train, y_train, c)
-    scores = model.predict_proba(xs_test)
-    top5 = topk_accuracy(scores, y_test, model.classes_, 5) if topk else None
-    return _scores("sklearn logistic regression", topk_accuracy(scores, y_test, model.classes_, 1), top5,
-                   {"C": c, "selection": {f"{k:g}": v for k, v in selection.items()}, "notes": notes})
-
-
 def fit_torch_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                    num_classes: int, cfg: dict, device: torch.device, topk: bool = True) -> dict:
     """MAE's linear-probe head (BatchNorm1d without affine, then Linear with std 0.01) trained on the features:
     SGD (momentum 0.9, --weight_decay), per-step linear warmup then half-cycle cosine, --epochs of shuffled batches of
     --head_batch_size; returns top-1 (and top-5) on the test features, in percent."""
-    from .pipeline.run import lr_at
-
     gen = torch.Generator().manual_seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     head = make_head(x_train.shape[1], num_classes, linear_probe=True).to(device)
@@ -310,9 +232,9 @@ def fit_torch_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     with torch.no_grad():
         scores = head(x_test.to(device)).float().cpu().numpy()
     classes, labels = np.arange(num_classes), y_test.numpy()
-    top5 = topk_accuracy(scores, labels, classes, 5) if topk else None
-    return _scores("torch linear-probe head", topk_accuracy(scores, labels, classes, 1), top5,
-                   {"lr": lr, "epochs": cfg["epochs"], "batch": batch, "final_train_loss": loss.item()})
+    return {"classifier": "torch linear-probe head", "top1": 100 * topk_accuracy(scores, labels, classes, 1),
+            **({"top5": 100 * topk_accuracy(scores, labels, classes, 5)} if topk else {}),
+            "lr": lr, "epochs": cfg["epochs"], "batch": batch, "final_train_loss": loss.item()}
 
 
 def choose_classifier(cfg: dict, samples: int, dim: int, num_classes: int) -> str:
@@ -347,9 +269,12 @@ def probe_model(clf: EncoderClassifier, source: str, stem: str, splits: dict, cf
     start = time.perf_counter()
     if kind == "sklearn":
         size = train["features"].numel()
-        result = fit_logistic(train["features"].numpy(), train["labels"].numpy(), test["features"].numpy(),
-                              test["labels"].numpy(), cfg["logreg_c"], cfg["seed"], topk,
-                              cfg["threads"] or (1 if size <= SMALL_FIT else None))
+        try:
+            result = fit_logistic(train["features"].numpy(), train["labels"].numpy(), test["features"].numpy(),
+                                  test["labels"].numpy(), cfg["logreg_c"], cfg["seed"], topk,
+                                  cfg["threads"] or (1 if size <= SMALL_FIT else None))
+        except ImportError as e:
+            raise TrainError(f"--classifier sklearn: {e} (or use --classifier torch)") from e
     else:
         result = fit_torch_head(train["features"], train["labels"], test["features"], test["labels"], num_classes,
                                 cfg, device, topk)
@@ -387,7 +312,7 @@ def run(cfg: dict, log=print) -> dict:
         raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of the checkpoint's patch size "
                           f"({pretrained.patch_size})")
     device = distributed.resolve_device(cfg["device"], 0)
-    amp = _amp(cfg["amp"], device)
+    amp = amp_dtype(cfg["amp"], device, auto_fp16=False)
     splits = load_splits(cfg, cfg["input_size"])
     num_classes = len(splits["train"].classes)
     flags.check_nb_classes(cfg["nb_classes"], num_classes, splits["train"].describe())
@@ -458,28 +383,9 @@ def _warn(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _amp(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if amp == "bf16" else None
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.probe``: 0 done, 1 failed, 2 bad arguments; errors are one line."""
-    try:
-        cfg = resolve(argv)
-    except ConfigError as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError) as e:
-        print(f"crate-probe: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return flags.command_main("crate-probe", resolve, run, argv)
 
 
 if __name__ == "__main__":

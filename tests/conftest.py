@@ -36,6 +36,28 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny crate-train run (the demo model at 16 px, 2 steps) for the commands that read one (probe, finetune,
+    analyze); one per test module."""
+    from crate_kernels.train import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    args = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
+            "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0", "--output_dir", str(out)]
+    assert train_main(args) == 0
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one thread (two, on a busy 2-core machine, made these steps 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different seed per test (fresh random inputs), reproducible from the test's id and the shift; hypothesis

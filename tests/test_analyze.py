@@ -2,8 +2,6 @@
 encoder-only checkpoints, and bad inputs refused before anything is written."""
 import json
 import os
-import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -13,19 +11,9 @@ from PIL import Image
 from crate_kernels import CRATEMAE, whitebox
 from crate_kernels.analyze import main
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
-from crate_kernels.train import main as train_main
 
 QUIET = ["--threads", "0", "--crops", "2"]
 FIGURES = {"whitebox.png", "attention.png", "pca.png", "reconstructions.png"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("analyze") / "run"
-    args = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
-            "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0", "--output_dir", str(out)]
-    assert train_main(args) == 0
-    return out
 
 
 def _vit(path, decoder=True):
@@ -114,13 +102,6 @@ def test_bad_inputs_are_one_message_before_any_output(run_dir, tmp_path, case, c
     assert not out.exists()
 
 
-def test_module_entry_point(monkeypatch, tmp_path, capsys):
-    """``python -m crate_kernels.analyze`` runs main() and exits with its status (run in this interpreter)."""
-    monkeypatch.setattr(sys, "argv", ["crate_kernels.analyze", str(tmp_path / "none.pth")])
-    monkeypatch.delitem(sys.modules, "crate_kernels.analyze")  # run_module executes a fresh copy as __main__
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("crate_kernels.analyze", run_name="__main__", alter_sys=True)
-    assert exit_info.value.code == 1 and "crate-analyze: error: checkpoint" in capsys.readouterr().err
 
 
 def test_maps_carry_colour_bars_and_each_reconstruction_its_own_mse(tmp_path):

@@ -11,36 +11,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from image_folders import colour_folder
 from PIL import Image
 from safetensors.torch import load_file
 
 from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
-from crate_kernels.finetune import (
-    ImageAugment, layer_decay_groups, main, mix_batch, randaug_settings, resolve, smoothed_one_hot,
-)
+from crate_kernels.finetune import main, resolve
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
-from crate_kernels.train import main as train_main
+from crate_kernels.pipeline.recipe import (
+    ImageAugment, layer_decay_groups, mix_batch, randaug_settings, smoothed_one_hot,
+)
 
-TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
-            "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0"]
 # Fine-tuning settings of the end-to-end tests: batches of 8, logged every step; workers left at their default.
 TINY = ["--batch_size", "8", "--epochs", "2", "--warmup_steps", "2", "--log_every", "1", "--no_tensorboard",
         "--blr", "1e-2", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finetune") / "run"
-    assert train_main(TINY_RUN + ["--output_dir", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _records(folder, kind):
@@ -158,18 +142,6 @@ def test_end_to_end_on_the_default_digits_writes_scores_best_model_and_resumes_t
     assert again.returncode == 0 and len(_records(out, "train")) == 2 * steps_per_epoch
 
 
-def _colour_folder(root, splits=(("train", 8), ("val", 4)), classes=("red", "green", "blue")):
-    gen = np.random.default_rng(0)
-    for split, count in splits:
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = gen.integers(0, 90, (20, 20, 3))
-                pixels[..., c] += 160
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.jpg")
-    return root
-
-
 def _cifar10(root):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -210,7 +182,7 @@ def _pets(root):
 
 @pytest.mark.parametrize("layout", ["imagefolder", "cifar10", "flowers102", "pets"])
 def test_each_dataset_layout_end_to_end(run_dir, tmp_path, layout, one_thread):
-    data = {"imagefolder": _colour_folder, "cifar10": _cifar10, "flowers102": _flowers, "pets": _pets}[layout](
+    data = {"imagefolder": colour_folder, "cifar10": _cifar10, "flowers102": _flowers, "pets": _pets}[layout](
         tmp_path / "data")
     out = tmp_path / "ft"
     assert main([str(run_dir), "--data_path", str(data), "--batch_size", "4", "--max_steps", "3", "--no_tensorboard",
@@ -282,7 +254,7 @@ def test_bad_inputs_are_one_message_before_anything_is_written(run_dir, tmp_path
     assert "neither a CRATE-MAE nor a ViT-MAE" in capsys.readouterr().err
     assert main([str(run_dir), "--data_path", str(tmp_path), "--output_dir", str(out)]) == 1
     assert "none of the labelled layouts" in capsys.readouterr().err
-    _colour_folder(tmp_path / "mismatch", (("train", 2), ("val", 1)))
+    colour_folder(tmp_path / "mismatch", (("train", 2), ("val", 1)))
     (tmp_path / "mismatch" / "val" / "purple").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "mismatch" / "val" / "purple" / "0.png")
     assert main([str(run_dir), "--data_path", str(tmp_path / "mismatch"), "--output_dir", str(out)]) == 1

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from tolerance import assert_close, assert_ista_close, ista_math, rel_err
+from triton_launches import triton_launches
 
 import crate_kernels
 from crate_kernels import ops
@@ -277,28 +278,6 @@ def test_dictionary_matrix_fp32_under_autocast():
 # ------------------------------------------------------------------------------------------------------------
 # limits: grids, 32-bit offsets, empty inputs (each works or raises before launching)
 # ------------------------------------------------------------------------------------------------------------
-def _launches(run_launchers):
-    """[(kernel name, grid)] of the Triton launches ``run_launchers()`` makes, intercepted (nothing runs)."""
-    from triton.runtime.autotuner import Autotuner
-
-    from crate_kernels.ops import aot
-
-    names, launches = {key: name for key, (_, name) in aot.registry().items()}, []
-
-    def run(self, *args, grid, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
-        config = self.prune_configs(kwargs)[0] if len(self.configs) > 1 else self.configs[0]
-        self.nargs = None
-        launches.append((names[id(self)], grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid))
-
-    original, Autotuner.run = Autotuner.run, run
-    try:
-        run_launchers()
-    finally:
-        Autotuner.run = original
-    return launches
-
-
 def _run_every_variant(x, m):
     _, packed = launcher("ista_forward", "triton")(x, m, 0.1, 0.5)
     for name in BACKWARD_VARIANTS:
@@ -315,7 +294,7 @@ def test_grids_and_past_2_31_elements_launch():
     (tests/test_aot_compile.py checks the kernels' IR)."""
     x, m = torch.empty(2_800_000, 768, device="meta", dtype=torch.bfloat16), torch.empty(768, 768, device="meta")
     assert x.numel() > 2 ** 31
-    launches = _launches(lambda: _run_every_variant(x, m))
+    launches = triton_launches(lambda: _run_every_variant(x, m))
     assert {name for name, _ in launches} == set(triton_v1.TRITON_KERNELS) | set(ista_variants.TRITON_KERNELS)
     for name, grid in launches:
         assert 0 < grid[0] < 2 ** 31 and all(0 < g < 65536 for g in grid[1:]), (name, grid)
@@ -326,11 +305,11 @@ def test_limits_raise_before_launching(name):
     """d past 46,340 (M's offsets are int32) raises a ValueError naming the limit before any launch."""
     x, m = torch.empty(4, 46341, device="meta"), torch.empty(46341, 46341, device="meta")
     with pytest.raises(ValueError, match="d must be at most 46340"):
-        _launches(lambda: launcher("ista_forward", "triton")(x, m, 0.1, 0.5))
+        triton_launches(lambda: launcher("ista_forward", "triton")(x, m, 0.1, 0.5))
     ops.set_variant("ista_backward", name)
     try:
         with pytest.raises(ValueError, match="d must be at most 46340"):
-            _launches(lambda: launcher("ista_backward", "triton")(x, x, m, torch.empty(4, 5793, dtype=torch.uint8,
+            triton_launches(lambda: launcher("ista_backward", "triton")(x, x, m, torch.empty(4, 5793, dtype=torch.uint8,
                                                                                    device="meta"), 0.1, True, True))
     finally:
         ops.set_variant("ista_backward", None)

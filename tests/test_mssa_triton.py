@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 from tolerance import assert_close, assert_mssa_close, mssa_cond, mssa_math, rel_err
+from triton_launches import triton_launches
 
 import crate_kernels
 from crate_kernels import ops
 from crate_kernels.models.crate import MSSA
 from crate_kernels.ops import mssa as mssa_ops
-from crate_kernels.ops import mssa_attention, mssa_reference
+from crate_kernels.ops import mssa_attention
 from crate_kernels.ops.backend import launcher, launcher_backends, resolve_backend
 from crate_kernels.ops.mssa import triton_common, triton_v1
 from crate_kernels.ops.mssa import triton_variants as mssa_variants
@@ -327,29 +328,6 @@ def test_variants_low_precision_cuda(b, h, n, p, other_variants):
 # ------------------------------------------------------------------------------------------------------------
 # limits: grids, 32-bit offsets, empty inputs, head dims (each works or raises before launching)
 # ------------------------------------------------------------------------------------------------------------
-def _launches(run_launchers):
-    """[(kernel name, grid)] of the Triton launches ``run_launchers()`` makes, intercepted (nothing runs); the grid
-    evaluated with the config the autotuner would run first."""
-    from triton.runtime.autotuner import Autotuner
-
-    from crate_kernels.ops import aot
-
-    names, launches = {key: name for key, (_, name) in aot.registry().items()}, []
-
-    def run(self, *args, grid, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
-        config = self.prune_configs(kwargs)[0] if len(self.configs) > 1 else self.configs[0]
-        self.nargs = None
-        launches.append((names[id(self)], grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid))
-
-    original, Autotuner.run = Autotuner.run, run
-    try:
-        run_launchers()
-    finally:
-        Autotuner.run = original
-    return launches
-
-
 def _run_every_variant(w):
     for fwd, bwd in VARIANT_PAIRS:
         ops.set_variant("mssa_forward", fwd)
@@ -365,7 +343,7 @@ def test_grids_take_batch_times_heads_past_65535():
     """batch x heads = 70,000 (past grid y/z's 65,535): every kernel of every variant launches a 1-D grid (x may reach
     2^31 - 1), one program per row block per head, or persistent programs that loop over heads."""
     w = torch.empty(35000, 17, 2, 32, device="meta").transpose(1, 2)
-    launches = _launches(lambda: _run_every_variant(w))
+    launches = triton_launches(lambda: _run_every_variant(w))
     assert {name for name, _ in launches} == set(triton_v1.TRITON_KERNELS) | set(mssa_variants.TRITON_KERNELS)
     for name, grid in launches:
         assert len(grid) == 1 and 0 < grid[0] < 2 ** 31, (name, grid)
@@ -378,7 +356,7 @@ def test_past_2_31_elements_launch():
     heads are 64-bit (tests/test_aot_compile.py checks the kernels' IR), offsets within a head 32-bit."""
     w = torch.empty(14200, 197, 12, 64, device="meta", dtype=torch.bfloat16).transpose(1, 2)
     assert w.numel() > 2 ** 31
-    assert len(_launches(lambda: _run_every_variant(w))) >= 2 * len(VARIANT_PAIRS)
+    assert len(triton_launches(lambda: _run_every_variant(w))) >= 2 * len(VARIANT_PAIRS)
 
 
 def test_variants_run_v1_past_their_head_dims_and_lengths():
@@ -389,7 +367,7 @@ def test_variants_run_v1_past_their_head_dims_and_lengths():
         ops.set_variant("mssa_backward", pair[1])
         try:
             w = torch.empty(shape, device="meta", dtype=torch.bfloat16)
-            return {name for name, _ in _launches(lambda: _run_launchers(w))}
+            return {name for name, _ in triton_launches(lambda: _run_launchers(w))}
         finally:
             ops.set_variant("mssa_forward", None)
             ops.set_variant("mssa_backward", None)
@@ -415,15 +393,15 @@ def test_limits_raise_before_launching(pair):
     try:
         wide = torch.empty_strided((1, 1, 2 ** 20, 64), (0, 0, 2 ** 12, 1), device="meta")
         with pytest.raises(ValueError, match=r"within one head in int32: \(N - 1\) \* stride_N"):
-            _launches(lambda: launcher("mssa_forward", "triton")(wide, 0.1))
+            triton_launches(lambda: launcher("mssa_forward", "triton")(wide, 0.1))
         with pytest.raises(ValueError, match=r"within one head in int32"):
-            _launches(lambda: launcher("mssa_backward", "triton")(wide, wide, wide, torch.empty(1, 1, 2 ** 20,
+            triton_launches(lambda: launcher("mssa_backward", "triton")(wide, wide, wide, torch.empty(1, 1, 2 ** 20,
                                                                                             device="meta"), 0.1))
         many = torch.empty(2 ** 27, 1, 256, 16, device="meta")
         with pytest.raises(ValueError, match=r"programs, which must stay below 2\^31"):
-            _launches(lambda: launcher("mssa_forward", "triton")(many, 0.1))
+            triton_launches(lambda: launcher("mssa_forward", "triton")(many, 0.1))
         with pytest.raises(ValueError, match="head dims up to 256"):
-            _launches(lambda: launcher("mssa_forward", "triton")(torch.empty(1, 1, 4, 257, device="meta"), 0.1))
+            triton_launches(lambda: launcher("mssa_forward", "triton")(torch.empty(1, 1, 4, 257, device="meta"), 0.1))
     finally:
         ops.set_variant("mssa_forward", None)
         ops.set_variant("mssa_backward", None)

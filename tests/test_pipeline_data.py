@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from crate_kernels.errors import DatasetError, UnreadableImage
-from crate_kernels.pipeline import data
+from crate_kernels.pipeline.data import datasets
 from crate_kernels.pipeline.data import (
     CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, EvalTransform, ImageFolder, MaskedViews,
     ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImages, build_dataset,
@@ -80,7 +80,7 @@ def test_jpegs_decode_at_reduced_size_when_the_crop_allows_and_stay_close_to_the
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", observed_draft)
-    monkeypatch.setattr(data, "_SIMPLEJPEG", False)  # PIL's decoder (simplejpeg's is compared with it below)
+    monkeypatch.setattr(datasets, "_SIMPLEJPEG", False)  # PIL's decoder (simplejpeg's is compared with it below)
     for name, size, expect_reduced in [("big.jpg", 64, True), ("small.jpg", 224, False), ("big.jpg", 224, None)]:
         ds = ImageFolder(str(tmp_path), TrainTransform(size))
         index = [p for p, _ in ds.samples].index(str(tmp_path / name))
@@ -232,7 +232,7 @@ def test_unreadable_images_are_replaced_by_a_deterministic_other_sample(tmp_path
 
 @pytest.mark.parametrize("decoder", ["simplejpeg", "PIL"])
 def test_an_unreadable_images_warning_names_the_file_and_the_reason_in_words(tmp_path, monkeypatch, decoder):
-    monkeypatch.setattr(data, "_SIMPLEJPEG", decoder == "simplejpeg" and data._SIMPLEJPEG)
+    monkeypatch.setattr(datasets, "_SIMPLEJPEG", decoder == "simplejpeg" and datasets._SIMPLEJPEG)
     ds = _folder_with_bad_files(tmp_path, good=2, bad=("b/bad.jpg", "a/truncated.png"))
     reasons = {}
     for index, (path, _) in enumerate(ds.samples):
@@ -306,7 +306,7 @@ def test_simplejpeg_and_pil_decode_the_same_views(tmp_path, monkeypatch):
     for size in (224, 64):
         views = {}
         for fast in (True, False):
-            monkeypatch.setattr(data, "_SIMPLEJPEG", fast)
+            monkeypatch.setattr(datasets, "_SIMPLEJPEG", fast)
             ds = ImageFolder(str(tmp_path), TrainTransform(size))
             kinds = [type(ds.open(i)).__name__ for i in range(len(ds))]
             assert ("EncodedJPEG" in kinds) == fast

@@ -2,54 +2,24 @@
 a release-format checkpoint, ViT-MAE), the feature cache, unreadable images, and bad inputs."""
 import json
 import os
-import runpy
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_folders import colour_folder
 
 from crate_kernels import CRATEMAE
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.probe import fit_logistic, fit_torch_head, main, random_spread, resolve, topk_accuracy
-from crate_kernels.train import main as train_main
 
-TINY_RUN = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "2",
-            "--eval_every", "0", "--num_workers", "0", "--no_tensorboard", "--threads", "0"]
 QUIET = ["--num_workers", "0", "--threads", "0"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe") / "run"
-    assert train_main(TINY_RUN + ["--output_dir", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
     """An image-folder dataset of 3 classes told apart by colour (red, green, blue noise), 6 train / 3 val each."""
-    root = tmp_path_factory.mktemp("colours")
-    gen = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 3)):
-        for c, name in enumerate(("red", "green", "blue")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = gen.integers(0, 90, (20, 20, 3))
-                pixels[..., c] += 160
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny problems: one thread (two, on a busy 2-core machine, made these steps 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return colour_folder(tmp_path_factory.mktemp("colours"), (("train", 6), ("val", 3)), suffix=".png")
 
 
 def test_classifiers_reach_100_percent_on_linearly_separable_features(one_thread):
@@ -195,10 +165,3 @@ def test_missing_checkpoint_is_named(tmp_path, capsys):
     assert f"checkpoint {tmp_path / 'none.pth'} does not exist" in capsys.readouterr().err
 
 
-def test_module_entry_point(monkeypatch, tmp_path, capsys):
-    """``python -m crate_kernels.probe`` runs main() and exits with its status (run in this interpreter)."""
-    monkeypatch.setattr(sys, "argv", ["crate_kernels.probe", str(tmp_path / "none.pth")])
-    monkeypatch.delitem(sys.modules, "crate_kernels.probe")  # run_module executes a fresh copy as __main__
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("crate_kernels.probe", run_name="__main__", alter_sys=True)
-    assert exit_info.value.code == 1 and "crate-probe: error: checkpoint" in capsys.readouterr().err

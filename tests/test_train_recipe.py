@@ -6,7 +6,7 @@ import torch
 
 from crate_kernels import CRATEMAE
 from crate_kernels.pipeline.run import amp_dtype, lr_at
-from crate_kernels.train.loop import freeze_unused, param_groups
+from crate_kernels.train.trainer import freeze_unused, param_groups
 
 
 def test_lr_schedule_warmup_then_half_cosine():

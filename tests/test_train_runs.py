@@ -17,7 +17,7 @@ from crate_kernels import CRATEMAE, checkpoint, load_checkpoint
 from crate_kernels.checkpoint import OutputLock
 from crate_kernels.train import load_run, main
 from crate_kernels.train.config import resolve
-from crate_kernels.train.loop import build_model
+from crate_kernels.train.trainer import build_model
 
 pytestmark = pytest.mark.e2e  # whole training runs: python -m crate_kernels.train, torchrun, or main() in process
 # 16x16 images, 16 patches, the demo architecture (3 + 3 layers); batches of 4 from 24 crops per epoch.
@@ -402,7 +402,7 @@ def test_the_step_loop_reads_the_loss_only_at_reports(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA synchronisation exists only on a GPU")
 def test_cuda_train_steps_never_synchronise(tmp_path, monkeypatch):
-    from crate_kernels.train.loop import Trainer
+    from crate_kernels.train.trainer import Trainer
 
     step = Trainer.train_step
     calls = []

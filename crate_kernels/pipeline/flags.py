@@ -1,18 +1,93 @@
-"""Command-line flags shared by every command (train, probe, analyze): MAE's flag names with underscores (hyphenated
-spellings accepted), ``--no_<flag>`` for booleans, a YAML ``--config`` whose keys are the flag names, and
-``ConfigError`` messages that name the flag.
+"""Command-line flags of every command (train, finetune, probe, analyze): MAE's flag names with underscores
+(hyphenated spellings accepted), ``--no_<flag>`` for booleans, a YAML ``--config`` whose keys are the flag names,
+``ConfigError`` messages that name the flag, and ``command_main``, the one entry point (error lines, exit codes).
 
-A flag table maps name -> (type, help, choices); type ``"bool"`` gives ``--name`` / ``--no_name``.
+A flag table maps name -> (type, help, choices); type ``"bool"`` gives ``--name`` / ``--no_name``. The flags that
+several commands share are defined once here: ``COMMON_FLAGS`` (every command), ``CHECKPOINT_FLAGS`` (the commands
+that read a pretrained checkpoint), ``LABELLED_FLAGS`` (probe and finetune) and ``ENGINE_FLAGS`` (the training
+engine's, train and finetune); a command's table is ``{**shared, **own}``, its own entries overriding.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import shlex
+import sys
 from collections.abc import Callable
 
 import yaml
 
 from ..checkpoint import atomic_write
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError, StopRequested, TrainError
+from ..models.hub import hub_available
+from ..models.registry import MODELS
+from ..ops.backend import BACKENDS
+from .data import LABELLED_DATASETS
+
+COMMON_FLAGS = {
+    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
+    "device": (str, "auto, cpu, cuda or cuda:N", None),
+    "backend": (str, "CRATE operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto",
+                BACKENDS),
+}
+
+CHECKPOINT_FLAGS = {
+    "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
+              tuple(MODELS)),
+}
+
+LABELLED_FLAGS = {
+    "dataset": (str, "labelled dataset; auto: the bundled digits without --data_path, else the layout found there",
+                LABELLED_DATASETS),
+    "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
+                       "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
+                       "annotations/)", None),
+}
+
+# The training engine's flags (crate_kernels.pipeline.run), the same for train and finetune; their defaults that
+# agree are ENGINE_DEFAULTS, those that differ (epochs, warmup, blr, min_lr) stay with each command.
+ENGINE_FLAGS = {
+    **COMMON_FLAGS,
+    "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
+    "accum_iter": (int, "iterations accumulated per optimizer step", None),
+    "epochs": (int, "training epochs", None),
+    "max_steps": (int, "train exactly this many optimizer steps, overriding --epochs (0: off)", None),
+    "warmup_epochs": (float, "linear lr warmup length in epochs", None),
+    "warmup_steps": (int, "linear lr warmup length in optimizer steps (overrides --warmup_epochs)", None),
+    "blr": (float, "base lr: lr = blr x effective batch / 256", None),
+    "lr": (float, "absolute lr (overrides --blr)", None),
+    "min_lr": (float, "lr at the end of the cosine schedule", None),
+    "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
+    "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
+    "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
+    "log_wandb": ("bool", "log to Weights & Biases (the extra wandb; WANDB_PROJECT, WANDB_MODE=offline ...)", None),
+    "push_to_hub": (str, "push the final output_dir/hf folder to this Hugging Face Hub repo (the extra hub)", None),
+    "threads": (int, "CPU threads per process for compute (0: torch's default); on a small or shared machine "
+                     "one thread avoids threads waiting on each other", None),
+    "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists (it takes precedence "
+                            "over --resume, so re-running a command continues it)", None),
+    "num_workers": (int, "data-loading worker processes (None: fit the machine, the cores per process less one, "
+                         "1 to 10)", None),
+    "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
+    "log_every": (int, "optimizer steps between log lines", None),
+    "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
+    "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
+    "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
+                 "off on CPU", ("auto", "bf16", "fp16", "off")),
+    "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
+    "compile": ("bool", "run the training step's model under torch.compile (compiled once, on the first step)", None),
+    "grad_checkpointing": ("bool", "recompute each layer in backward instead of keeping its activations (less "
+                                   "memory, about one more forward pass)", None),
+}
+
+ENGINE_DEFAULTS = dict(
+    batch_size=64, accum_iter=1, max_steps=0, warmup_steps=None, lr=None, weight_decay=0.05, clip_grad=None,
+    data_path=None, dataset="auto", max_unreadable=0.01, log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None,
+    device="auto", threads=0,
+    seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000,
+    save_every_epochs=20, backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
+)
 
 
 def spellings(name: str) -> list[str]:
@@ -171,3 +246,40 @@ def check_nb_classes(nb_classes: int | None, classes: int, description: str) -> 
     if nb_classes is not None and nb_classes != classes:
         raise ConfigError(f"--nb_classes {nb_classes} disagrees with the data: {description} holds {classes} classes "
                           f"(pass --nb_classes {classes}, or leave it out to take the data's)")
+
+RESUME_HINT = "interrupted; run the same command again to resume from checkpoint-last.pth"
+
+
+def command_main(program: str, resolve: Callable[[list[str] | None], dict], run: Callable[[dict], object],
+                 argv: list[str] | None = None, interrupted: str = "interrupted") -> int:
+    """A command's entry point: ``resolve(argv) -> cfg``, then ``run(cfg)``; an error is one line prefixed with
+    ``program`` (under torchrun a run's failure is printed by rank 0 alone). Exit status: 0 done, 1 failed
+    (``TrainError``, ``DatasetError``), 2 bad arguments (``ConfigError``), 128 + signal when a stop signal ended
+    the run (``StopRequested``), 130 on Ctrl-C (``interrupted`` is printed)."""
+    try:
+        cfg = resolve(argv)
+        if cfg.get("push_to_hub") and not hub_available():
+            raise ConfigError("--push_to_hub needs huggingface_hub, the optional extra 'hub': "
+                              "pip install 'crate_kernels[hub]'")
+        if cfg.get("log_wandb") and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--log_wandb needs wandb, the optional extra 'wandb': pip install 'crate_kernels[wandb]'")
+    except ConfigError as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return 2
+    if "push_to_hub" in cfg:  # a training command: its model card names the command line
+        cfg["command"] = shlex.join([program, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return 2
+    except (TrainError, DatasetError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{program}: error: {e}", file=sys.stderr)
+        return 1
+    except StopRequested as e:
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"{program}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0

@@ -5,16 +5,15 @@ lr scales under warmup + cosine, AMP and loss scaling, gradient accumulation und
 waits for the device between reports, atomic checksummed checkpoints with exact resume (model, optimizer, scaler,
 step, RNG states and data position), stop signals that save the step, non-finite-loss checks, the logs. A command
 subclasses it and supplies the model, the data, the loss of a batch, its evaluation and its final outputs.
-``launch(cfg, RunClass)`` runs one with the output directory locked; ``main(...)`` is a command's entry point.
+``launch(cfg, RunClass)`` runs one with the output directory locked; ``flags.command_main`` is a command's entry
+point.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
-from ..errors import ConfigError, DatasetError, TrainError
+from ..errors import DatasetError, StopRequested, TrainError
 from ..models.hub import hub_available
 from ..models.pretrained import load_checkpoint
 from ..ops import tuning
@@ -42,12 +41,13 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_ste
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs, off (None) elsewhere."""
+def amp_dtype(amp: str, device: torch.device, auto_fp16: bool = True) -> torch.dtype | None:
+    """``auto``: bf16 on GPUs that support it, fp16 on other GPUs (off with ``auto_fp16=False``: what runs without
+    a loss scaler, e.g. the probe's feature extraction), off (None) elsewhere."""
     if amp == "auto":
         if device.type != "cuda":
             return None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if auto_fp16 else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
@@ -100,14 +100,6 @@ class LossMeter:
         self.epoch.zero_()
         self.epoch_steps = 0
         return mean
-
-
-class StopRequested(Exception):
-    """SIGTERM (a scheduler's preemption, ``kill``) or SIGINT (Ctrl-C) arrived: the run saved its state and stopped."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 def leave_stop_signals_to_the_main(worker_id: int) -> None:
@@ -452,7 +444,8 @@ class Run:
         first_bad = self.dist.minimum(self.losses.first_bad).item()
         if math.isfinite(first_bad):
             where = (f"the last good checkpoint, {os.path.join(self.out, 'checkpoint-last.pth')} (step "
-                     f"{self.last_saved}), was kept" if self.last_saved is not None else "no checkpoint had been written")
+                     f"{self.last_saved}), was kept" if self.last_saved is not None
+                     else "no checkpoint had been written")
             raise TrainError(f"training diverged: the loss is not finite at step {int(first_bad)} "
                              f"(epoch {(int(first_bad) - 1) // self.steps_per_epoch}); stopped without saving; {where}")
 
@@ -640,7 +633,8 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
                 os.makedirs(cfg["output_dir"], exist_ok=True)
                 if not lock.acquire():
                     error = (f"output directory {cfg['output_dir']} is in use by another run (process "
-                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another --output_dir")
+                             f"{lock.holder()} holds {lock.path}); wait for it to finish or choose another "
+                             "--output_dir")
             except OSError as e:
                 error = f"cannot use output directory {cfg['output_dir']}: {e}"
         if not dist.all_true(error is None):
@@ -661,35 +655,3 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
                     break
                 os.rmdir(folder)
         distributed.shutdown()
-
-
-def main(program: str, resolve, run, argv: list[str] | None = None) -> int:
-    """A training command's entry point: ``resolve(argv, world_size) -> cfg``, then ``run(cfg)``; errors are one
-    line prefixed with ``program``. Exit status: 0 done, 1 failed, 2 bad arguments, 128 + signal when stopped."""
-    try:
-        cfg = resolve(argv, distributed.world_size_from_env())
-        if cfg.get("push_to_hub") and not hub_available():
-            raise ConfigError("--push_to_hub needs huggingface_hub, the optional extra 'hub': "
-                              "pip install 'crate_kernels[hub]'")
-        if cfg.get("log_wandb") and importlib.util.find_spec("wandb") is None:
-            raise ConfigError("--log_wandb needs wandb, the optional extra 'wandb': pip install 'crate_kernels[wandb]'")
-    except ConfigError as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        return 2
-    cfg["command"] = shlex.join([program, *(sys.argv[1:] if argv is None else argv)])  # for the model card
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        return 2
-    except (TrainError, DatasetError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{program}: error: {e}", file=sys.stderr)
-        return 1
-    except StopRequested as e:
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted; run the same command again to resume from checkpoint-last.pth",
-              file=sys.stderr)
-        return 130
-    return 0

@@ -2,7 +2,7 @@
 
 With no arguments it trains the small ``demo`` model on scikit-image's bundled photographs on CPU in a few
 minutes. ``--model crate_mae_base --data_path /path/to/imagenet`` (under torchrun for several GPUs) runs the
-MAE recipe. Submodules: config (flags, presets) and loop (the masked autoencoder's part of the run), on top of the
+MAE recipe. Submodules: config (flags, presets) and trainer (the masked autoencoder's part of the run), on top of the
 shared layer crate_kernels.pipeline (the training engine run, data, checkpoint, distributed, monitor, flags), which
 fine-tuning (crate_kernels.finetune) shares.
 ``load_run(output_dir)`` gives back the model a run trained.
@@ -14,7 +14,7 @@ import os
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 run failed, 2 bad arguments)."""
-    from .loop import main as run  # imported here so that importing crate_kernels.train stays light
+    from .trainer import main as run  # imported here so that importing crate_kernels.train stays light
 
     return run(argv)
 
@@ -30,7 +30,7 @@ def load_run(output_dir: str, backend: str | None = None):
     from ..errors import TrainError
     from ..models.pretrained import load_checkpoint
     from .config import resolve
-    from .loop import build_model
+    from .trainer import build_model
 
     args = os.path.join(output_dir, "args.yaml")
     if not os.path.isfile(args):

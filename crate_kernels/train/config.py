@@ -10,21 +10,15 @@ import argparse
 
 from ..errors import ConfigError
 from ..models.registry import DEMO_MODELS, MODELS
-from ..ops.backend import BACKENDS
 from ..pipeline import flags
 from ..pipeline.data import DATASETS
 from ..pipeline.flags import add_flags
 
 # The MAE / CRATE-MAE ImageNet-1K recipe (MAE's main_pretrain.py defaults); the model sizes use it as is.
 DEFAULTS = dict(
-    model="demo", input_size=224, patch_size=16, mask_ratio=0.75, norm_pix_loss=False,
-    batch_size=64, accum_iter=1, epochs=800, max_steps=0, warmup_epochs=40.0, warmup_steps=None,
-    blr=1.5e-4, lr=None, min_lr=0.0, weight_decay=0.05, clip_grad=None,
-    data_path=None, dataset="auto", epoch_size=4096, eval_images=8, max_unreadable=0.01,
-    output_dir="./output_dir", log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None,
-    device="auto", threads=0, seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True,
-    log_every=50, save_every=1000, save_every_epochs=20, eval_every=5000,
-    backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
+    flags.ENGINE_DEFAULTS, model="demo", input_size=224, patch_size=16, mask_ratio=0.75, norm_pix_loss=False,
+    epochs=800, warmup_epochs=40.0, blr=1.5e-4, min_lr=0.0, epoch_size=4096, eval_images=8,
+    output_dir="./output_dir", eval_every=5000,
 )
 
 # What ``--model NAME`` changes besides the architecture. ``demo`` is the default with no arguments:
@@ -43,24 +37,14 @@ _NON_NEGATIVE = ("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight
 
 # name: (type, help, choices); type "bool" gives --name / --no_name.
 FLAGS = {
-    "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
+    **flags.ENGINE_FLAGS,
     "model": (str, "architecture and preset: CRATE-MAE (demo, crate_mae_*) or the ViT-MAE baselines (mae_vit_*); "
                    "'demo' (default) trains on CPU in minutes", tuple(MODELS)),
     "input_size": (int, "image side in pixels", None),
     "patch_size": (int, "patch side in pixels", None),
     "mask_ratio": (float, "fraction of patches masked", None),
     "norm_pix_loss": ("bool", "regress per-patch normalised pixels", None),
-    "batch_size": (int, "images per process per iteration (effective batch: x accum_iter x processes)", None),
-    "accum_iter": (int, "iterations accumulated per optimizer step", None),
-    "epochs": (int, "training epochs", None),
-    "max_steps": (int, "train exactly this many optimizer steps, overriding --epochs (0: off)", None),
-    "warmup_epochs": (float, "linear lr warmup length in epochs", None),
-    "warmup_steps": (int, "linear lr warmup length in optimizer steps (overrides --warmup_epochs)", None),
-    "blr": (float, "base lr: lr = blr x effective batch / 256", None),
-    "lr": (float, "absolute lr (overrides --blr)", None),
-    "min_lr": (float, "lr at the end of the cosine schedule", None),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls/mask tokens)", None),
-    "clip_grad": (float, "clip the gradient norm to this value (None: no clipping)", None),
     "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), a folder of "
                        "unlabelled images, a folder holding cifar-10-batches-py / cifar-100-python, or an Oxford "
                        "Flowers-102 or Oxford-IIIT Pets root (their photos)", None),
@@ -70,33 +54,11 @@ FLAGS = {
     "max_unreadable": (float, "fraction of image reads allowed to fail (each unreadable image is skipped with a "
                               "warning and replaced by another sample) before the run stops", None),
     "output_dir": (str, "where checkpoints, logs and images go", None),
-    "log_dir": (str, "TensorBoard folder (None: --output_dir)", None),
-    "tensorboard": ("bool", "write TensorBoard events when tensorboard is installed", None),
-    "log_wandb": ("bool", "log to Weights & Biases (the extra wandb; WANDB_PROJECT, WANDB_MODE=offline ...)", None),
-    "push_to_hub": (str, "push the final output_dir/hf folder to this Hugging Face Hub repo (the extra hub)", None),
-    "device": (str, "auto, cpu, cuda or cuda:N", None),
-    "threads": (int, "CPU threads per process for compute (0: torch's default); on a small or shared machine "
-                     "one thread avoids threads waiting on each other", None),
     "seed": (int, "seed of initialisation, data order, augmentation and masking", None),
     "resume": (str, "checkpoint to start from: a training checkpoint continues its run, a weights-only one "
                     "(e.g. a release checkpoint) initialises the model", None),
-    "auto_resume": ("bool", "continue from <output_dir>/checkpoint-last.pth when it exists (it takes precedence "
-                            "over --resume, so re-running a command continues it)", None),
-    "num_workers": (int, "data-loading worker processes (None: fit the machine, the cores per process less one, "
-                         "1 to 10)", None),
-    "pin_mem": ("bool", "pin host memory of batches (CUDA only)", None),
-    "log_every": (int, "optimizer steps between log lines", None),
-    "save_every": (int, "optimizer steps between checkpoint-last.pth writes (also written at each epoch end)", None),
-    "save_every_epochs": (int, "epochs between numbered checkpoint-<epoch>.pth files (also the last)", None),
     "eval_every": (int, "optimizer steps between coding-rate/sparsity measurements and reconstructions "
                         "(0: off)", None),
-    "backend": (str, "operator backend (crate_kernels.ops); unset: $CRATE_KERNELS_BACKEND, else auto", BACKENDS),
-    "amp": (str, "mixed precision; auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, "
-                 "off on CPU", ("auto", "bf16", "fp16", "off")),
-    "dist_backend": (str, "process-group backend; auto: nccl on CUDA, gloo otherwise", ("auto", "nccl", "gloo")),
-    "compile": ("bool", "run the training step's model under torch.compile (compiled once, on the first step)", None),
-    "grad_checkpointing": ("bool", "recompute each layer in backward instead of keeping its activations (less "
-                                   "memory, about one more forward pass)", None),
 }
 
 
@@ -147,7 +109,8 @@ def validate(cfg: dict) -> None:
     if not 0.0 <= cfg["mask_ratio"] < 1.0:
         raise ConfigError(f"--mask_ratio must lie in [0, 1), got {cfg['mask_ratio']}")
     if cfg["input_size"] % cfg["patch_size"]:
-        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of --patch_size ({cfg['patch_size']})")
+        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of --patch_size "
+                          f"({cfg['patch_size']})")
     if cfg["model"] not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {cfg['model']!r}")
     if not cfg["output_dir"]:

@@ -8,15 +8,10 @@ With G = dOut * [out > 0] the backward is two token products plus d x d work:
     dx = G + eta * G M^T,     dM = eta * x^T G,     dW = dM - W (dM + dM^T)
 
 The autograd.Function saves x, W, M and the activation mask packed to bits (one byte per eight
-outputs); every backend shares it, backends differ in the launchers they register with the backend registry
-(crate_kernels.ops.backend.register_launcher):
-
-    torch_impl       the reference math, the packed mask and the "torch" launchers
-    triton_common    what the Triton modules share: tiles and their pruning, dtype and launch checks, grids
-    triton_v1        the first Triton kernels: the "v1" variants and the "triton" and "cuda" backends
-    triton_variants  the other Triton kernel variants
-
-This module imports only torch_impl; crate_kernels.ops imports the Triton modules where triton is installed.
+outputs); every backend shares it, backends differ in the launchers they register with
+``crate_kernels.ops.backend.register_launcher``. The package is laid out as every operator's (see
+``crate_kernels.ops``); ``torch_impl`` holds the reference math and the packed mask as well, and this module imports
+nothing else of it (the Triton modules register themselves when ``crate_kernels.ops`` imports them).
 """
 from __future__ import annotations
 

@@ -140,27 +140,40 @@ def _dx(dout, packed_mask, m, x, step_size, g=None):
     return dx
 
 
-def _backward_bytemask(dout, x, m, packed_mask, step_size, need_dx, need_dm):
-    """dx = G + eta G M^T (x's dtype) and dM = eta x^T G (fp32), G = dOut * mask; None where not needed."""
+def _backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, dm_of, keep_g):
+    """The variants' common frame: dx from the bytemask dx kernel (which also writes G when ``keep_g`` and dM is
+    needed), then dM = ``dm_of(dout, x, m, packed_mask, step_size, g)`` with that G or None."""
     check_triton_dtype(x)
     rows, d = x.shape
     dout = dout.to(x.dtype)
     check_launch(rows, d)
-    dx = dm = None
+    dx = dm = g = None
     with device_guard(x):
         if need_dx:
-            dx = _dx(dout, packed_mask, m, x, step_size)
+            g = torch.empty((rows, d), dtype=x.dtype, device=x.device) if keep_g and need_dm else None
+            dx = _dx(dout, packed_mask, m, x, step_size, g)
         if need_dm:
-            n_chunks, chunk = dm_chunks(rows, d, x.device)
-            part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-            if part.numel():  # rows = 0 still writes zeros
-                _ista_dm_bytemask_kernel[tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=upcast(x.dtype), PRECISION=fp32_dot_precision(x),
-                )
-            dm = part[0] if n_chunks == 1 else part.sum(dim=0)
+            dm = dm_of(dout, x, m, packed_mask, step_size, g)
     return dx, dm
+
+
+def _dm_bytemask(dout, x, m, packed_mask, step_size, g):
+    """dM = eta x^T G (fp32) from the bytemask dM kernel: row chunks' partial products, summed."""
+    rows, d = x.shape
+    n_chunks, chunk = dm_chunks(rows, d, x.device)
+    part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
+    if part.numel():  # rows = 0 still writes zeros
+        _ista_dm_bytemask_kernel[tiles_grid(d, d, n_chunks)](
+            x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+            UPCAST=upcast(x.dtype), PRECISION=fp32_dot_precision(x),
+        )
+    return part[0] if n_chunks == 1 else part.sum(dim=0)
+
+
+def _backward_bytemask(dout, x, m, packed_mask, step_size, need_dx, need_dm):
+    """dx = G + eta G M^T (x's dtype) and dM = eta x^T G (fp32), G = dOut * mask; None where not needed."""
+    return _backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, _dm_bytemask, keep_g=False)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -170,22 +183,16 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _dm_gstore(dout, x, m, packed_mask, step_size, g):
+    """dM = eta x^T G as one cuBLAS product, G the dx kernel's (or formed here when dx was not needed)."""
+    if g is None:
+        g = dout * unpack_mask(packed_mask, x.shape[1])
+    return _mm_fp32(x.t(), g).mul_(step_size).to(m.dtype)
+
+
 def _backward_gstore(dout, x, m, packed_mask, step_size, need_dx, need_dm):
     """As "bytemask", with G written by the dx kernel and dM = eta x^T G as one cuBLAS product."""
-    check_triton_dtype(x)
-    rows, d = x.shape
-    dout = dout.to(x.dtype)
-    check_launch(rows, d)
-    dx = dm = None
-    with device_guard(x):
-        if need_dx:
-            g = torch.empty((rows, d), dtype=x.dtype, device=x.device) if need_dm else None
-            dx = _dx(dout, packed_mask, m, x, step_size, g)
-        if need_dm:
-            if not need_dx:
-                g = dout * unpack_mask(packed_mask, d)
-            dm = _mm_fp32(x.t(), g).mul_(step_size).to(m.dtype)
-    return dx, dm
+    return _backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, _dm_gstore, keep_g=True)
 
 
 register_variant("ista_backward", "bytemask", _backward_bytemask)

@@ -346,19 +346,16 @@ def _matmul_supports(backward: bool):
     return supports
 
 
+# name: (forward, backward, supports(backward) -> the check of one direction), in the order backend torch tries them
+_LAUNCHERS = {
+    "sdpa-flash": (_flash_forward, _flash_backward, functools.partial(_sdpa_supports, "sdpa-flash")),
+    "sdpa-cudnn": (_cudnn_forward, _cudnn_backward, functools.partial(_sdpa_supports, "sdpa-cudnn")),
+    "sdpa-efficient": (_efficient_forward, _efficient_backward, functools.partial(_sdpa_supports, "sdpa-efficient")),
+    "cpu-flash": (_cpu_flash_forward, _cpu_flash_backward, _cpu_flash_supports),
+    "matmul": (_matmul_forward, _matmul_backward, _matmul_supports),
+}
 CANDIDATES = {
-    "mssa_forward": {
-        "sdpa-flash": Candidate(_flash_forward, _sdpa_supports("sdpa-flash", False)),
-        "sdpa-cudnn": Candidate(_cudnn_forward, _sdpa_supports("sdpa-cudnn", False)),
-        "sdpa-efficient": Candidate(_efficient_forward, _sdpa_supports("sdpa-efficient", False)),
-        "cpu-flash": Candidate(_cpu_flash_forward, _cpu_flash_supports(False)),
-        "matmul": Candidate(_matmul_forward, _matmul_supports(False)),
-    },
-    "mssa_backward": {
-        "sdpa-flash": Candidate(_flash_backward, _sdpa_supports("sdpa-flash", True)),
-        "sdpa-cudnn": Candidate(_cudnn_backward, _sdpa_supports("sdpa-cudnn", True)),
-        "sdpa-efficient": Candidate(_efficient_backward, _sdpa_supports("sdpa-efficient", True)),
-        "cpu-flash": Candidate(_cpu_flash_backward, _cpu_flash_supports(True)),
-        "matmul": Candidate(_matmul_backward, _matmul_supports(True)),
-    },
+    f"mssa_{direction}": {name: Candidate(launchers[backward], supports(bool(backward)))
+                          for name, (*launchers, supports) in _LAUNCHERS.items()}
+    for backward, direction in enumerate(("forward", "backward"))
 }

@@ -182,8 +182,9 @@ def _mssa_bwd_kernel(
              acc.to(DW.dtype.element_ty), mask=mask_md)
 
 
-def forward_v1(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (B, H, N, p), any strides -> out (w's dtype and layout), lse (B, H, N) fp32 (fp64 for fp64 w).
+def launch_forward(kernel, w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward kernel of v1's signature (v1's, or a variant's) on w (B, H, N, p), any strides -> out (w's dtype
+    and layout), lse (B, H, N) fp32 (fp64 for fp64 w).
 
     fp32 products are exact ("ieee") unless torch.set_float32_matmul_precision allows TF32."""
     meta = triton_meta(w)
@@ -193,10 +194,15 @@ def forward_v1(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tenso
     if out.numel():
         check_launch(w, out)
         with device_guard(w):
-            _mssa_fwd_kernel[head_grid(b * h, n)](
+            kernel[head_grid(b * h, n)](
                 w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, tuning_bucket(b * h), **meta
             )
     return out, lse
+
+
+def forward_v1(w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """v1's forward kernel through ``launch_forward``."""
+    return launch_forward(_mssa_fwd_kernel, w, scale)
 
 
 def backward_v1(dout, w, out, lse, scale):

@@ -36,7 +36,7 @@ from .triton_common import (
     LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, softmax_step, tile_configs,
     tile_of, triton_meta,
 )
-from .triton_v1 import backward_v1, forward_v1
+from .triton_v1 import backward_v1, forward_v1, launch_forward
 
 __all__ = ["SYMMETRIC_MAX_N", "VARIANT_MAX_HEAD_DIM"]
 
@@ -156,17 +156,7 @@ def _forward_launcher(kernel):
         head dims past VARIANT_MAX_HEAD_DIM run v1."""
         if w.shape[-1] > VARIANT_MAX_HEAD_DIM:
             return forward_v1(w, scale)
-        meta = triton_meta(w)
-        b, h, n, p = w.shape
-        out = torch.empty_like(w)
-        lse = torch.empty((b, h, n), dtype=accumulate_dtype(w.dtype), device=w.device)
-        if out.numel():
-            check_launch(w, out)
-            with device_guard(w):
-                kernel[head_grid(b * h, n)](
-                    w, out, lse, *w.stride(), *out.stride(), h, n, p, scale, tuning_bucket(b * h), **meta
-                )
-        return out, lse
+        return launch_forward(kernel, w, scale)
     return forward
 
 

@@ -11,7 +11,7 @@ from .. import checkpoint, whitebox
 from ..models.crate import CRATEMAE
 from ..models.registry import build_mae
 from ..ops.backend import get_backend
-from ..pipeline import run
+from ..pipeline import distributed, flags, run
 from ..pipeline.data import (
     EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
     resolve_dataset,
@@ -21,7 +21,7 @@ from .config import resolve, save_yaml
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 # Settings whose change on resume means the run no longer continues the interrupted one exactly.
-_RECIPE_KEYS = ("model", "input_size", "patch_size", "mask_ratio", "norm_pix_loss", "batch_size", "accum_iter",
+RESUME_KEYS = ("model", "input_size", "patch_size", "mask_ratio", "norm_pix_loss", "batch_size", "accum_iter",
                 "epochs", "max_steps", "warmup_epochs", "warmup_steps", "blr", "lr", "min_lr", "weight_decay",
                 "clip_grad", "data_path", "dataset", "epoch_size", "seed", "amp")
 
@@ -87,7 +87,7 @@ class Trainer(run.Run):
     """One MAE pretraining run (one process of it under torchrun)."""
 
     program = "crate-train"
-    recipe_keys = _RECIPE_KEYS
+    recipe_keys = RESUME_KEYS
     betas = (0.9, 0.95)
 
     # ------------------------------------------------------------------ set-up
@@ -183,8 +183,9 @@ class Trainer(run.Run):
             f"{len(m.decoder_blocks)} layers, width {m.cls_token.shape[-1]}, {cfg['input_size']}px, "
             f"patch {cfg['patch_size']}, backend {cfg['backend'] or get_backend()})\n"
             f"  data: {self.data_desc}, {counted(self.num_workers, 'loading worker')}\n"
-            f"  {counted(self.dist.world_size, 'process')} on {self.device}, amp {amp}; effective batch {self.global_batch}, "
-            f"lr {cfg['lr']:.3g}, {counted(self.total_steps, 'step')} ({self.steps_per_epoch} per epoch), "
+            f"  {counted(self.dist.world_size, 'process')} on {self.device}, amp {amp}; effective batch "
+            f"{self.global_batch}, lr {cfg['lr']:.3g}, {counted(self.total_steps, 'step')} "
+            f"({self.steps_per_epoch} per epoch), "
             f"warmup {self.warmup_steps}, mask ratio {cfg['mask_ratio']}\n"
             f"  eval: {self.eval_desc or 'off'}\n"
             f"  output: {self.out}" + (f" (resuming at step {self.step})" if self.step else "")
@@ -203,4 +204,5 @@ def train(cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m crate_kernels.train`` / ``crate-train``: parse flags, train, report errors as one line."""
-    return run.main("crate-train", resolve, train, argv)
+    return flags.command_main("crate-train", lambda a: resolve(a, distributed.world_size_from_env()), train, argv,
+                              flags.RESUME_HINT)
