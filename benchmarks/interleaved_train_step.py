@@ -18,9 +18,9 @@ import argparse
 import time
 
 import torch
+from bench_utils import saved_bytes, synchronize
 
 import crate_kernels
-from bench_utils import saved_bytes, synchronize
 
 # products a step executes, by profiler op name: (group, FLOPs from the recorded input shapes)
 _PRODUCTS = {

@@ -21,10 +21,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crate_kernels.pipeline.data import datasets
 from crate_kernels.pipeline.data import (
-    SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, ImageFolder, MaskedViews, ShardedBatchSampler, TrainTransform, collate_views,
-    read_image, skimage_data_dir,
+    SKIMAGE_HELD_OUT,
+    SKIMAGE_PHOTOS,
+    ImageFolder,
+    MaskedViews,
+    ShardedBatchSampler,
+    TrainTransform,
+    collate_views,
+    datasets,
+    read_image,
+    skimage_data_dir,
 )
 
 SIZE = 224

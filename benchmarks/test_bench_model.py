@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
+from bench_utils import CUDA, crate_mae_train_flops, matmul_flops_per_second, peak_memory, record, saved_bytes
 
 import crate_kernels
-from bench_utils import CUDA, crate_mae_train_flops, matmul_flops_per_second, peak_memory, record, saved_bytes
 
 DEVICE = "cuda" if CUDA else "cpu"
 BATCH = int(os.environ.get("CRATE_BENCH_BATCH", 128 if CUDA else 8))

@@ -20,11 +20,18 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-
 from bench_utils import (
-    chosen_variant, peak_memory, pinned_cuda_kernel, record, requires_cuda, saved_bytes, skip_if_excluded, synchronize,
+    chosen_variant,
+    peak_memory,
+    pinned_cuda_kernel,
+    record,
+    requires_cuda,
+    saved_bytes,
+    skip_if_excluded,
+    synchronize,
     variant_providers,
 )
+
 from crate_kernels.ops import mssa_attention, mssa_reference
 
 pytestmark = requires_cuda

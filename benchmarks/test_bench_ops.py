@@ -7,8 +7,8 @@ test_bench_mssa_gpu.py and test_bench_ista_gpu.py.
 """
 import pytest
 import torch
-
 from bench_utils import CUDA, record, saved_bytes, synchronize
+
 from crate_kernels import ops
 
 DEVICE = "cuda" if CUDA else "cpu"

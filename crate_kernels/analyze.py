@@ -24,8 +24,15 @@ from .models.pretrained import load_pretrained
 from .models.registry import FAMILY_NAMES, MODELS
 from .pipeline import distributed, flags
 from .pipeline.data import (
-    IMAGENET_MEAN, IMAGENET_STD, SKIMAGE_HELD_OUT, EvalTransform, TrainTransform, normalize, read_image,
-    seed_for, skimage_data_dir,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SKIMAGE_HELD_OUT,
+    EvalTransform,
+    TrainTransform,
+    normalize,
+    read_image,
+    seed_for,
+    skimage_data_dir,
 )
 
 DEFAULTS = dict(checkpoint=None, images=[], model=None, norm_pix_loss=False, input_size=None, layer=-1,

@@ -33,9 +33,20 @@ from .models.registry import DEMO_MODELS
 from .ops.backend import get_backend
 from .pipeline import distributed, flags, run
 from .pipeline.data import (
-    EvalTransform, LabelledTrainViews, LabelledViews,
-    TrainTransform, UnreadableImages, build_labelled, collate_labelled, collate_views, counted, default_num_workers,
-    labels_of, normalize, resolve_labelled, stop_workers,
+    EvalTransform,
+    LabelledTrainViews,
+    LabelledViews,
+    TrainTransform,
+    UnreadableImages,
+    build_labelled,
+    collate_labelled,
+    collate_views,
+    counted,
+    default_num_workers,
+    labels_of,
+    normalize,
+    resolve_labelled,
+    stop_workers,
 )
 from .pipeline.recipe import ImageAugment, layer_decay_groups, mix_batch, randaug_settings
 

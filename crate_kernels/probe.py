@@ -31,8 +31,15 @@ from .models.classifier import EncoderClassifier, make_head
 from .models.pretrained import Pretrained, load_pretrained
 from .pipeline import distributed, flags
 from .pipeline.data import (
-    EvalTransform, LabelledViews, UnreadableImages, build_labelled,
-    collate_labelled, default_num_workers, labels_of, normalize, resolve_labelled,
+    EvalTransform,
+    LabelledViews,
+    UnreadableImages,
+    build_labelled,
+    collate_labelled,
+    default_num_workers,
+    labels_of,
+    normalize,
+    resolve_labelled,
 )
 from .pipeline.run import amp_dtype, lr_at
 from .whitebox import fit_logistic, topk_accuracy

@@ -88,7 +88,10 @@ def test_reconstruction_grid_layout(model, norm_pix):
     noise = torch.rand(3, 16)
     grid = whitebox.reconstruction_grid(model, imgs, mask_ratio=0.75, noise=noise, pad=2, labels=False)
     assert grid.shape == (3, 4 * 18 + 2, 3 * 18 + 2) and 0 <= grid.min() and grid.max() <= 1
-    cell = lambda r, c: grid[:, 2 + r * 18: 2 + r * 18 + 16, 2 + c * 18: 2 + c * 18 + 16]
+
+    def cell(r, c):
+        return grid[:, 2 + r * 18: 2 + r * 18 + 16, 2 + c * 18: 2 + c * 18 + 16]
+
     mask = model.unpatchify(model.random_masking(3, 16, 0.75, noise, "cpu").unsqueeze(-1).expand(-1, -1, 48), (4, 4))
     for c in range(3):
         visible = mask[c] == 0

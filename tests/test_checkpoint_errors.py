@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_kernels import CRATEMAE, analyze, classifier_from_pretrained, finetune, load_checkpoint, probe
+from crate_kernels import CRATEMAE, analyze, checkpoint, classifier_from_pretrained, finetune, load_checkpoint, probe
 from crate_kernels import train as train_command
-from crate_kernels.models.pretrained import load_pretrained
-from crate_kernels import checkpoint
 from crate_kernels.errors import TrainError
+from crate_kernels.models.pretrained import load_pretrained
 
 TINY = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "8", "--batch_size", "4", "--max_steps", "1",
         "--eval_every", "0", "--num_workers", "0", "--no_tensorboard"]

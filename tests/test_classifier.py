@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crate_kernels import CRATEClassifier, CRATEMAE, ViTClassifier, classifier_from_pretrained
+from crate_kernels import CRATEMAE, CRATEClassifier, ViTClassifier, classifier_from_pretrained
 from crate_kernels.errors import TrainError
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 

@@ -10,8 +10,17 @@ from scipy.io import savemat
 
 from crate_kernels.errors import DatasetError
 from crate_kernels.pipeline.data import (
-    CIFAR, BundledArrays, EvalTransform, Flowers102, ImageFolder, LabelledViews, OxfordPets,
-    build_labelled, collate_labelled, labels_of, resolve_labelled,
+    CIFAR,
+    BundledArrays,
+    EvalTransform,
+    Flowers102,
+    ImageFolder,
+    LabelledViews,
+    OxfordPets,
+    build_labelled,
+    collate_labelled,
+    labels_of,
+    resolve_labelled,
 )
 
 T = EvalTransform(8)

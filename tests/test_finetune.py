@@ -19,7 +19,11 @@ from crate_kernels import CRATEClassifier, ViTClassifier, checkpoint
 from crate_kernels.finetune import main, resolve
 from crate_kernels.models.vit_mae import MaskedAutoencoderViT
 from crate_kernels.pipeline.recipe import (
-    ImageAugment, layer_decay_groups, mix_batch, randaug_settings, smoothed_one_hot,
+    ImageAugment,
+    layer_decay_groups,
+    mix_batch,
+    randaug_settings,
+    smoothed_one_hot,
 )
 
 # Fine-tuning settings of the end-to-end tests: batches of 8, logged every step; workers left at their default.

@@ -16,7 +16,8 @@ from crate_kernels.ops import ista
 from crate_kernels.ops.backend import launcher
 from crate_kernels.ops.ista import pack_mask, unpack_mask
 
-triton_common = pytest.importorskip("crate_kernels.ops.ista.triton_common", reason="the triton package is not installed")
+triton_common = pytest.importorskip("crate_kernels.ops.ista.triton_common",
+                                    reason="the triton package is not installed")
 triton_v1 = pytest.importorskip("crate_kernels.ops.ista.triton_v1")
 ista_variants = pytest.importorskip("crate_kernels.ops.ista.triton_variants")
 pytestmark = [

@@ -72,7 +72,8 @@ def test_mssa_saves_no_square_matrix():
 
 
 # ------------------------------------------------------------------ ISTA
-@pytest.mark.parametrize("rows,d,lambd,eta", [(1, 32, 0.5, 0.1), (17, 48, 0.1, 1.0), (197, 64, 0.0, 0.1), (50, 96, 0.5, 1.0)])
+@pytest.mark.parametrize("rows,d,lambd,eta",
+                         [(1, 32, 0.5, 0.1), (17, 48, 0.1, 1.0), (197, 64, 0.0, 0.1), (50, 96, 0.5, 1.0)])
 def test_ista_torch_matches_float64_reference(rows, d, lambd, eta):
     x = torch.randn(rows, d)
     weight = torch.empty(d, d)
@@ -363,7 +364,8 @@ except RuntimeError as e:
 
 
 # ------------------------------------------------------------------ kernel variants, and no fallback
-needs_triton = pytest.mark.skipif(not ops.kernel_variants()["mssa_forward"], reason="the triton package is not installed")
+needs_triton = pytest.mark.skipif(not ops.kernel_variants()["mssa_forward"],
+                                  reason="the triton package is not installed")
 interpreter_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 

@@ -1,4 +1,5 @@
-"""Data: uint8 MAE transforms (JPEGs decoded at reduced size where the crop allows), datasets (scikit-image photos, ImageFolder, CIFAR), deterministic sampler."""
+"""Data: uint8 MAE transforms (JPEGs decoded at reduced size where the crop allows), datasets (scikit-image photos,
+ImageFolder, CIFAR), deterministic sampler."""
 import os
 import pickle
 
@@ -9,11 +10,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 from crate_kernels.errors import DatasetError, UnreadableImage
-from crate_kernels.pipeline.data import datasets
 from crate_kernels.pipeline.data import (
-    CIFAR, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, EvalTransform, ImageFolder, MaskedViews,
-    ShardedBatchSampler, SkimagePhotos, TrainTransform, UnreadableImages, build_dataset,
-    collate_views, default_num_workers, fixed_batch, normalize, read_image, resolve_dataset, skimage_data_dir,
+    CIFAR,
+    SKIMAGE_HELD_OUT,
+    SKIMAGE_PHOTOS,
+    EvalTransform,
+    ImageFolder,
+    MaskedViews,
+    ShardedBatchSampler,
+    SkimagePhotos,
+    TrainTransform,
+    UnreadableImages,
+    build_dataset,
+    collate_views,
+    datasets,
+    default_num_workers,
+    fixed_batch,
+    normalize,
+    read_image,
+    resolve_dataset,
+    skimage_data_dir,
 )
 
 

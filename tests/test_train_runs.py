@@ -21,8 +21,9 @@ from crate_kernels.train.trainer import build_model
 
 pytestmark = pytest.mark.e2e  # whole training runs: python -m crate_kernels.train, torchrun, or main() in process
 # 16x16 images, 16 patches, the demo architecture (3 + 3 layers); batches of 4 from 24 crops per epoch.
-TINY = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "24", "--batch_size", "4", "--eval_every", "0", "--no_tensorboard",
-        "--num_workers", "0", "--log_every", "1", "--seed", "5", "--warmup_steps", "3", "--blr", "1e-2"]
+TINY = ["--input_size", "16", "--patch_size", "4", "--epoch_size", "24", "--batch_size", "4", "--eval_every", "0",
+        "--no_tensorboard", "--num_workers", "0", "--log_every", "1", "--seed", "5", "--warmup_steps", "3",
+        "--blr", "1e-2"]
 IN_PROCESS = TINY + ["--threads", "0"]  # leave the test process's thread count alone
 
 
@@ -293,7 +294,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     args = IN_PROCESS + ["--max_steps", "20", "--save_every", "4", "--log_every", "10", "--output_dir", str(out)]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "the loss is not finite at step 11 (epoch 1)" in err and f"{out}/checkpoint-last.pth (step 8), was kept" in err
+    assert "the loss is not finite at step 11 (epoch 1)" in err
+    assert f"{out}/checkpoint-last.pth (step 8), was kept" in err
     ckpt = checkpoint.load(str(out / "checkpoint-last.pth"))
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (out / "model.safetensors").exists()
@@ -328,7 +330,8 @@ def test_resume_from_weights_alone_initialises_the_model(tmp_path, capsys, form)
 def test_backend_the_device_cannot_run_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest sets it for the kernel tests
     out = tmp_path / "run"
-    assert main(IN_PROCESS + ["--max_steps", "1", "--backend", "cuda", "--device", "cpu", "--output_dir", str(out)]) == 1
+    args = IN_PROCESS + ["--max_steps", "1", "--backend", "cuda", "--device", "cpu", "--output_dir", str(out)]
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert "--backend cuda cannot run on cpu" in err and "needs CUDA tensors" in err and "backend 'torch'" in err
     assert not out.exists()
@@ -436,8 +439,12 @@ def test_grad_checkpointing_and_compile_train_the_same_steps(tmp_path, monkeypat
     torch.testing.assert_close(_losses(str(tmp_path / "ckpt")), _losses(str(tmp_path / "plain")), rtol=1e-6, atol=0)
     compile_ = torch.compile
     compiled = []
-    monkeypatch.setattr(torch, "compile",
-                        lambda model, **kw: compiled.append(model) or compile_(model, backend="aot_eager", fullgraph=True))
+
+    def eager_compile(model, **kw):
+        compiled.append(model)
+        return compile_(model, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
     torch._dynamo.reset()
     capsys.readouterr()
     assert main(base + ["--compile", "--output_dir", str(tmp_path / "compiled")]) == 0

@@ -12,7 +12,8 @@ import crate_kernels.models.registry
 from crate_kernels import MaskedAutoencoderViT, load_checkpoint, whitebox
 from crate_kernels.errors import TrainError
 from crate_kernels.models.pretrained import load_pretrained
-from crate_kernels.train import load_run, main as train_main
+from crate_kernels.train import load_run
+from crate_kernels.train import main as train_main
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=2,
             decoder_num_heads=3)
@@ -162,7 +163,8 @@ def test_fair_releases_are_recognised_by_shape():
         state = crate_kernels.models.registry.build_mae("mae_vit_base_patch16").state_dict()
     assert crate_kernels.models.pretrained._infer_model(state, "visualize.pth") == "mae_vit_base_patch16"
     encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask"))}
-    assert crate_kernels.models.pretrained._infer_model(encoder, "pretrain.pth") in ("mae_vit_base", "mae_vit_base_patch16")
+    inferred = crate_kernels.models.pretrained._infer_model(encoder, "pretrain.pth")
+    assert inferred in ("mae_vit_base", "mae_vit_base_patch16")
 
 
 def test_train_accepts_the_vit_models(tmp_path, capsys):

@@ -83,9 +83,9 @@ ENGINE_FLAGS = {
 
 ENGINE_DEFAULTS = dict(
     batch_size=64, accum_iter=1, max_steps=0, warmup_steps=None, lr=None, weight_decay=0.05, clip_grad=None,
-    data_path=None, dataset="auto", max_unreadable=0.01, log_dir=None, tensorboard=True, log_wandb=False, push_to_hub=None,
-    device="auto", threads=0,
-    seed=0, resume=None, auto_resume=True, num_workers=None, pin_mem=True, log_every=50, save_every=1000,
+    data_path=None, dataset="auto", max_unreadable=0.01, log_dir=None, tensorboard=True,
+    log_wandb=False, push_to_hub=None, device="auto", threads=0, seed=0, resume=None, auto_resume=True,
+    num_workers=None, pin_mem=True, log_every=50, save_every=1000,
     save_every_epochs=20, backend=None, amp="auto", dist_backend="auto", compile=False, grad_checkpointing=False,
 )
 

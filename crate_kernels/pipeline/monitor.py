@@ -5,9 +5,9 @@ output_dir/wandb-run-id, so a resumed run continues the same W&B run).
 log.txt holds one JSON object per line with a ``type``: ``train`` (every --log_every steps: step, epoch,
 loss, lr, img_s, elapsed, unreadable_reads: image reads that failed so far and were replaced, data_wait: the
 fraction of the time the step waited for the data loader, and on CUDA peak_mem_gib and mfu: model FLOPs
-utilisation against the GPU's datasheet bf16/fp16 peak), ``eval`` (every --eval_every steps: eval_loss and per-layer coding_rate/sparsity
-with their std; fine-tuning: top1, top5, eval_loss) or ``epoch`` (epoch-end summary). A resumed run first drops the lines past its checkpoint,
-so the log reads as if the run had never stopped.
+utilisation against the GPU's datasheet bf16/fp16 peak), ``eval`` (every --eval_every steps: eval_loss and
+per-layer coding_rate/sparsity with their std; fine-tuning: top1, top5, eval_loss) or ``epoch`` (epoch-end summary).
+A resumed run first drops the lines past its checkpoint, so the log reads as if the run had never stopped.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import sys
 import time
 
 from ..checkpoint import atomic_write
-
 
 _LABELS = {"data_wait": "data wait", "peak_mem_gib": "peak mem GiB", "mfu": "MFU", "first_step_s": "first step s"}
 _FORMATS = {"data_wait": ".0%", "peak_mem_gib": ".1f", "mfu": ".1%", "first_step_s": ".1f"}

@@ -13,7 +13,14 @@ from ..models.registry import build_mae
 from ..ops.backend import get_backend
 from ..pipeline import distributed, flags, run
 from ..pipeline.data import (
-    EvalTransform, MaskedViews, TrainTransform, build_dataset, collate_views, counted, fixed_batch, normalize,
+    EvalTransform,
+    MaskedViews,
+    TrainTransform,
+    build_dataset,
+    collate_views,
+    counted,
+    fixed_batch,
+    normalize,
     resolve_dataset,
 )
 from .config import resolve, save_yaml

@@ -12,7 +12,6 @@ Backward (crate_kernels.ops.ista): G = dOut * [out > 0], dx = G + eta G M^T, dM 
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
 

@@ -12,11 +12,26 @@ import triton.language as tl
 
 from .. import cuda_ext
 from ..backend import (
-    accumulate_dtype, config_pruning, device_guard, register_triton_backends, register_variant, tuning_bucket,
+    accumulate_dtype,
+    config_pruning,
+    device_guard,
+    register_triton_backends,
+    register_variant,
+    tuning_bucket,
 )
 from .triton_common import (
-    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, softmax_step, tile_configs,
-    tile_of, triton_meta,
+    LN2,
+    LOG2E,
+    ROW_BYTES_LARGE,
+    TUNING_KEY,
+    check_launch,
+    exact_fp32,
+    head_grid,
+    row_bytes,
+    softmax_step,
+    tile_configs,
+    tile_of,
+    triton_meta,
 )
 
 __all__ = ["forward_v1", "backward_v1", "TRITON_KERNELS", "aot_launches"]

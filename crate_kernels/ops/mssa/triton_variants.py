@@ -33,8 +33,18 @@ import triton.language as tl
 
 from ..backend import accumulate_dtype, config_pruning, device_guard, register_variant, tuning_bucket
 from .triton_common import (
-    LN2, LOG2E, ROW_BYTES_LARGE, TUNING_KEY, check_launch, exact_fp32, head_grid, row_bytes, softmax_step, tile_configs,
-    tile_of, triton_meta,
+    LN2,
+    LOG2E,
+    ROW_BYTES_LARGE,
+    TUNING_KEY,
+    check_launch,
+    exact_fp32,
+    head_grid,
+    row_bytes,
+    softmax_step,
+    tile_configs,
+    tile_of,
+    triton_meta,
 )
 from .triton_v1 import backward_v1, forward_v1, launch_forward
 

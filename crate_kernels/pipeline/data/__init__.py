@@ -15,16 +15,40 @@ This package re-exports the names the rest of crate_kernels uses.
 from __future__ import annotations
 
 from .datasets import (
-    CIFAR, DATASETS, SKIMAGE_HELD_OUT, SKIMAGE_PHOTOS, Flowers102, ImageDataset, ImageFolder, OxfordPets,
-    SkimagePhotos, build_dataset, counted, resolve_dataset, skimage_data_dir,
+    CIFAR,
+    DATASETS,
+    SKIMAGE_HELD_OUT,
+    SKIMAGE_PHOTOS,
+    Flowers102,
+    ImageDataset,
+    ImageFolder,
+    OxfordPets,
+    SkimagePhotos,
+    build_dataset,
+    counted,
+    resolve_dataset,
+    skimage_data_dir,
 )
 from .images import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, normalize, read_image
 from .labelled import (
-    LABELLED_DATASETS, BundledArrays, LabelledViews, build_labelled, collate_labelled, labels_of, resolve_labelled,
+    LABELLED_DATASETS,
+    BundledArrays,
+    LabelledViews,
+    build_labelled,
+    collate_labelled,
+    labels_of,
+    resolve_labelled,
 )
 from .sampling import (
-    LabelledTrainViews, MaskedViews, ShardedBatchSampler, UnreadableImages, collate_views, default_num_workers,
-    fixed_batch, seed_for, stop_workers,
+    LabelledTrainViews,
+    MaskedViews,
+    ShardedBatchSampler,
+    UnreadableImages,
+    collate_views,
+    default_num_workers,
+    fixed_batch,
+    seed_for,
+    stop_workers,
 )
 
 __all__ = [

@@ -11,7 +11,14 @@ import torch
 
 from ...errors import DatasetError, UnreadableImage
 from .datasets import (
-    CIFAR, Flowers102, ImageDataset, ImageFolder, OxfordPets, _find_root, counted, skimage_data_dir,
+    CIFAR,
+    Flowers102,
+    ImageDataset,
+    ImageFolder,
+    OxfordPets,
+    _find_root,
+    counted,
+    skimage_data_dir,
 )
 
 # The labelled datasets of the evaluation commands (probe, analyze, finetune), each with its official split.
