@@ -25,6 +25,9 @@ from ..models.registry import MODELS
 from ..ops.backend import BACKENDS
 from .data import LABELLED_DATASETS
 
+# Every flag table is rows of one shape, "name": (type, help, choices); a flag two commands share with the same
+# meaning lives in one of the tables below, so the rows alike in shape across the commands' tables (as
+# `duplicates` pairs them) are different flags, not repeated code.
 COMMON_FLAGS = {
     "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
     "device": (str, "auto, cpu, cuda or cuda:N", None),
