@@ -156,7 +156,7 @@ class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module, HubMixin):
     """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
 
     # The keyword names are the public constructor of FAIR's MAE, spelled out as in ViT-MAE's (models.vit_mae): the two
-    # signatures look alike on purpose (one config fits both); only the defaults and a few extras differ.
+    # signatures look alike on purpose (MAE's keyword names carry over); the defaults and a few extras differ.
     def __init__(
         self,
         img_size: int = 224,

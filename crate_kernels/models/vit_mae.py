@@ -77,7 +77,7 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module, HubMixin):
     """FAIR's masked autoencoder with a ViT encoder (visible patches only) and a lighter ViT decoder."""
 
     # The keyword names are the public constructor of FAIR's MAE, spelled out as in CRATE-MAE's (models.crate): the two
-    # signatures look alike on purpose (one config fits both); only the defaults and a few extras differ.
+    # signatures look alike on purpose (MAE's keyword names carry over); the defaults and a few extras differ.
     def __init__(
         self,
         img_size: int = 224,
