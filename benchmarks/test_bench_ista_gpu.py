@@ -18,27 +18,17 @@ before the call, and saved_bytes_unique/total (eager providers, passes that run 
 """
 from contextlib import nullcontext
 
+import bench_utils as bu
 import pytest
 import torch
-from bench_utils import (
-    chosen_variant,
-    peak_memory,
-    pinned_cuda_kernel,
-    record,
-    requires_cuda,
-    saved_bytes,
-    skip_if_excluded,
-    synchronize,
-    variant_providers,
-)
 
 from crate_kernels.ops import ista_reference, ista_step
 
-pytestmark = requires_cuda
+pytestmark = bu.requires_cuda
 
 ROWS, D, DTYPE = 256 * 197, 768, torch.bfloat16
 STEP_SIZE, LAMBD = 0.1, 0.5
-VARIANTS = variant_providers(("ista_forward", "ista_backward"), {"ista_forward": "fwd", "ista_backward": "bwd"})
+VARIANTS = bu.variant_providers(("ista_forward", "ista_backward"), {"ista_forward": "fwd", "ista_backward": "bwd"})
 PROVIDERS = ["triton", *VARIANTS, "cublas-floor", "reference", "compile-reference", "cuda", "cuda-wmma", "torch"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 CASES = [(provider, mode) for provider in PROVIDERS for mode in MODES
@@ -50,7 +40,7 @@ CUDA_KERNELS = {"cuda-wmma": "wmma"}
 
 @pytest.fixture(autouse=True)
 def _pinned_cuda_kernel(request):
-    with pinned_cuda_kernel(request, CUDA_KERNELS, "ista"):
+    with bu.pinned_cuda_kernel(request, CUDA_KERNELS, "ista"):
         yield
 
 
@@ -89,7 +79,7 @@ def _cublas_step(mode: str, x, m, dout):
 
 @pytest.mark.parametrize("provider, mode", CASES, ids=["-".join(case) for case in CASES])
 def test_ista(benchmark, provider, mode):
-    skip_if_excluded(provider)
+    bu.skip_if_excluded(provider)
     benchmark.group = f"ista {mode} rows={ROWS} d={D} bf16"
     torch.manual_seed(0)
     x = torch.randn(ROWS, D, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -98,7 +88,7 @@ def test_ista(benchmark, provider, mode):
     weight = weight.to(DTYPE).requires_grad_(True)
     dout = torch.randn_like(x)
 
-    with chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
+    with bu.chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
         if provider == "cublas-floor":
             m = (weight - weight.t() @ weight).detach()
             step = _cublas_step(mode, x.detach(), m, dout)
@@ -118,16 +108,16 @@ def test_ista(benchmark, provider, mode):
 
         try:
             step()  # warm-up: compiles and autotunes kernels
-            synchronize()
+            bu.synchronize()
         except RuntimeError as exc:
             if provider in ("cuda", *CUDA_KERNELS):
                 pytest.skip(f"the CUDA extension cannot run here: {str(exc).splitlines()[0][:200]}")
             raise
-        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
+        benchmark.extra_info["peak_memory_bytes"] = bu.peak_memory(step)
         if provider not in ("compile-reference", "cublas-floor") and mode != "bwd":
-            unique, total, _ = saved_bytes(lambda: fn(x, weight))
+            unique, total, _ = bu.saved_bytes(lambda: fn(x, weight))
             benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
 
-        seconds = record(benchmark, step, rounds=5)
+        seconds = bu.record(benchmark, step, rounds=5)
     if seconds:
         benchmark.extra_info.update(_figures(mode, seconds))

@@ -17,27 +17,17 @@ saved_bytes_unique/total (eager providers only).
 """
 from contextlib import nullcontext
 
+import bench_utils as bu
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import (
-    chosen_variant,
-    peak_memory,
-    pinned_cuda_kernel,
-    record,
-    requires_cuda,
-    saved_bytes,
-    skip_if_excluded,
-    synchronize,
-    variant_providers,
-)
 
 from crate_kernels.ops import mssa_attention, mssa_reference
 
-pytestmark = requires_cuda
+pytestmark = bu.requires_cuda
 
 SHAPES = {"base-n197": (256, 12, 197, 64), "long-n1024": (16, 12, 1024, 64), "long-n4096": (2, 12, 4096, 64)}
-VARIANTS = variant_providers(("mssa_forward", "mssa_backward"), {"mssa_forward": "fwd", "mssa_backward": "bwd"})
+VARIANTS = bu.variant_providers(("mssa_forward", "mssa_backward"), {"mssa_forward": "fwd", "mssa_backward": "bwd"})
 PROVIDERS = ["triton", *VARIANTS, "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "reference", "compile-reference",
              "cuda", "cuda-mma-tiled", "cuda-wmma", "sdpa-math"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
@@ -51,7 +41,7 @@ CUDA_KERNELS = {"cuda-mma-tiled": "mma-tiled", "cuda-wmma": "wmma"}
 
 @pytest.fixture(autouse=True)
 def _pinned_cuda_kernel(request):
-    with pinned_cuda_kernel(request, CUDA_KERNELS, "mssa"):
+    with bu.pinned_cuda_kernel(request, CUDA_KERNELS, "mssa"):
         yield
 
 
@@ -98,7 +88,7 @@ def _figures(mode: str, b: int, h: int, n: int, p: int, seconds: float) -> dict:
 
 @pytest.mark.parametrize("shape, provider, mode", CASES, ids=["-".join(case) for case in CASES])
 def test_mssa(benchmark, shape, provider, mode):
-    skip_if_excluded(provider)
+    bu.skip_if_excluded(provider)
     b, h, n, p = SHAPES[shape]
     benchmark.group = f"mssa {mode} {shape} B={b} H={h} n={n} p={p} bf16"
     torch.manual_seed(0)
@@ -106,21 +96,21 @@ def test_mssa(benchmark, shape, provider, mode):
     dout = torch.randn_like(w)
     fn = _provider(provider, p ** -0.5)
 
-    with chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
+    with bu.chosen_variant(benchmark, VARIANTS.get(provider)) if provider.startswith("triton") else nullcontext():
         try:
             step = _step(fn, w, dout, mode)
             step()  # warm-up: compiles and autotunes kernels
-            synchronize()
+            bu.synchronize()
         except RuntimeError as exc:
             if provider.startswith("sdpa") or provider in ("compile-reference", "cuda", *CUDA_KERNELS):
                 pytest.skip(f"{provider} cannot run this shape: {str(exc).splitlines()[0][:200]}")
             raise
 
-        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
+        benchmark.extra_info["peak_memory_bytes"] = bu.peak_memory(step)
         if provider != "compile-reference" and mode != "bwd":
-            unique, total, _ = saved_bytes(lambda: fn(w))
+            unique, total, _ = bu.saved_bytes(lambda: fn(w))
             benchmark.extra_info.update(saved_bytes_unique=unique, saved_bytes_total=total)
 
-        seconds = record(benchmark, step, rounds=5)
+        seconds = bu.record(benchmark, step, rounds=5)
     if seconds:
         benchmark.extra_info.update(_figures(mode, b, h, n, p, seconds))

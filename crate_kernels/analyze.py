@@ -44,7 +44,6 @@ FLAGS = {
     **flags.CHECKPOINT_FLAGS,
     "norm_pix_loss": ("bool", "the checkpoint regresses per-patch normalised pixels (release checkpoints; a run's "
                               "own setting takes precedence)", None),
-    "input_size": (int, "image side (unset: the checkpoint's pretraining size)", None),
     "layer": (int, "encoder layer of the attention maps and PCA, 0-based; -1: the last", None),
     "mask_ratio": (float, "fraction of patches masked in the reconstructions", None),
     "crops": (int, "random crops per image added to the views the layer-wise statistics average over", None),

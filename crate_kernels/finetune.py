@@ -84,11 +84,6 @@ FLAGS = {
     **flags.ENGINE_FLAGS,
     **flags.CHECKPOINT_FLAGS,
     **flags.LABELLED_FLAGS,
-    "input_size": (int, "image side (unset: the checkpoint's pretraining size; the position table is "
-                        "interpolated)", None),
-    "pool": (str, "what the head sees: [CLS] after the final norm (cls: the paper's CRATE-MAE protocol takes the "
-                  "encoder's [CLS] output as the image feature) or the fc-normed mean patch token (mean, MAE's "
-                  "--global_pool, main_finetune.py's default)", ("cls", "mean")),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls token)", None),
     "layer_decay": (float, "layer-wise lr decay: layer l of L gets lr x decay^(L + 1 - l) (unset: 0.65 for base "
                            "models, else 0.75)", None),

@@ -55,10 +55,6 @@ FLAGS = {
     **flags.COMMON_FLAGS,
     **flags.CHECKPOINT_FLAGS,
     **flags.LABELLED_FLAGS,
-    "input_size": (int, "image side for the features (unset: the checkpoint's pretraining size)", None),
-    "pool": (str, "feature: the [CLS] token after the final norm (cls: the paper's CRATE-MAE protocol probes the "
-                  "[CLS] feature, and MAE's main_linprobe.py defaults to it) or the fc-normed mean of the patch tokens "
-                  "(mean, MAE's --global_pool)", ("cls", "mean")),
     "layer": (int, "encoder layer whose output is probed, 0-based; -1: the last (with the final norm)", None),
     "classifier": (str, "sklearn: logistic regression; torch: MAE's linear-probe head; auto: sklearn while "
                         "training images x max(feature dim, classes) <= 1e8, else torch", ("auto", "sklearn", "torch")),

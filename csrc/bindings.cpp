@@ -7,6 +7,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 
@@ -33,11 +34,20 @@ cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(stream.native_handle());
 }
 
-void check_on(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "crate_kernels CUDA extension: ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.device() == device, "crate_kernels CUDA extension: ", name, " is on ", t.device(),
-              ", expected ", device);
+// A tensor argument and its name in the error messages.
+struct Named {
+  const at::Tensor& t;
+  const char* name;
+};
+
+// Each tensor a CUDA tensor on `device`.
+void check_on(std::initializer_list<Named> tensors, const at::Device& device) {
+  for (const Named& a : tensors) {
+    TORCH_CHECK(a.t.is_cuda(), "crate_kernels CUDA extension: ", a.name, " must be a CUDA tensor, got device ",
+                a.t.device());
+    TORCH_CHECK(a.t.device() == device, "crate_kernels CUDA extension: ", a.name, " is on ", a.t.device(),
+                ", expected ", device);
+  }
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
@@ -47,9 +57,11 @@ void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref, co
               t.scalar_type(), ", ", ref_name, " has ", ref.scalar_type());
 }
 
-void check_unit_last(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "crate_kernels CUDA extension: ", name,
-              " must have unit stride along its last dimension, got strides ", t.strides());
+// Each tensor with unit stride along its last dimension (or at most one element there).
+void check_unit_last(std::initializer_list<Named> tensors) {
+  for (const Named& a : tensors)
+    TORCH_CHECK(a.t.size(-1) <= 1 || a.t.stride(-1) == 1, "crate_kernels CUDA extension: ", a.name,
+                " must have unit stride along its last dimension, got strides ", a.t.strides());
 }
 
 ck_strides3 strides_bhn(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -89,22 +101,27 @@ bool strides_aligned(const at::Tensor& t, int dims) {
 // Row stride of a 2-D tensor; any value is fine for fewer than two rows.
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
+// The checks the backward entry points open with: `ref` has `dims` dimensions (`layout` in the message), every
+// tensor of `all` is a CUDA tensor on ref's device, those of `like_ref` have ref's shape and dtype; -> ref's dtype.
+ck_dtype check_inputs(const Named& ref, int64_t dims, const char* layout, std::initializer_list<Named> all,
+                      std::initializer_list<Named> like_ref) {
+  TORCH_CHECK(ref.t.dim() == dims, "crate_kernels CUDA extension: ", ref.name, " must be ", layout, ", got shape ",
+              ref.t.sizes());
+  check_on(all, ref.t.device());
+  const ck_dtype dtype = to_ck_dtype(ref.t, ref.name);
+  for (const Named& a : like_ref) check_same(a.t, a.name, ref.t, ref.name);
+  return dtype;
+}
+
 // dw (B, H, N, p) of out = softmax(scale w w^T) w from dout, w, out (B, H, N, p) and lse (B, H, N) fp32;
 // any strides along B, H, N (the kernels read and write through them), unit stride along p.
 at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::Tensor& out, const at::Tensor& lse,
                          double scale, const std::string& kernel_name) {
-  TORCH_CHECK(w.dim() == 4, "crate_kernels CUDA extension: w must be (B, H, N, p), got shape ", w.sizes());
+  const ck_dtype dtype = check_inputs({w, "w"}, 4, "(B, H, N, p)",
+                                      {{w, "w"}, {dout, "dout"}, {out, "out"}, {lse, "lse"}},
+                                      {{dout, "dout"}, {out, "out"}});
   const at::Device device = w.device();
-  check_on(w, "w", device);
-  check_on(dout, "dout", device);
-  check_on(out, "out", device);
-  check_on(lse, "lse", device);
-  const ck_dtype dtype = to_ck_dtype(w, "w");
-  check_same(dout, "dout", w, "w");
-  check_same(out, "out", w, "w");
-  check_unit_last(w, "w");
-  check_unit_last(dout, "dout");
-  check_unit_last(out, "out");
+  check_unit_last({{w, "w"}, {dout, "dout"}, {out, "out"}});
   const int64_t b = w.size(0), h = w.size(1), n = w.size(2), p = w.size(3);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == b && lse.size(1) == h &&
                   lse.size(2) == n && lse.is_contiguous(),
@@ -139,14 +156,10 @@ at::Tensor mssa_backward(const at::Tensor& dout, const at::Tensor& w, const at::
 std::tuple<at::Tensor, at::Tensor> ista_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& m,
                                                  const at::Tensor& packed_mask, double step_size, bool need_dx,
                                                  bool need_dm, const std::string& kernel_name) {
-  TORCH_CHECK(x.dim() == 2, "crate_kernels CUDA extension: x must be (rows, d), got shape ", x.sizes());
+  const ck_dtype dtype = check_inputs({x, "x"}, 2, "(rows, d)",
+                                      {{x, "x"}, {dout, "dout"}, {m, "m"}, {packed_mask, "packed_mask"}},
+                                      {{dout, "dout"}});
   const at::Device device = x.device();
-  check_on(x, "x", device);
-  check_on(dout, "dout", device);
-  check_on(m, "m", device);
-  check_on(packed_mask, "packed_mask", device);
-  const ck_dtype dtype = to_ck_dtype(x, "x");
-  check_same(dout, "dout", x, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   TORCH_CHECK(d >= 1, "crate_kernels CUDA extension: x must have d >= 1 columns, got shape ", x.sizes());
   TORCH_CHECK(m.scalar_type() == at::kFloat && m.dim() == 2 && m.size(0) == d && m.size(1) == d,
@@ -156,10 +169,7 @@ std::tuple<at::Tensor, at::Tensor> ista_backward(const at::Tensor& dout, const a
                   packed_mask.size(1) == (d + 7) / 8,
               "crate_kernels CUDA extension: packed_mask must be a uint8 (rows, ceil(d / 8)) = (", rows, ", ",
               (d + 7) / 8, ") tensor, got ", packed_mask.scalar_type(), " of shape ", packed_mask.sizes());
-  check_unit_last(x, "x");
-  check_unit_last(dout, "dout");
-  check_unit_last(m, "m");
-  check_unit_last(packed_mask, "packed_mask");
+  check_unit_last({{x, "x"}, {dout, "dout"}, {m, "m"}, {packed_mask, "packed_mask"}});
   TORCH_CHECK(step_size > 0, "crate_kernels CUDA extension: step_size must be positive, got ", step_size);
   const ck_kernel kernel = to_ck_kernel(kernel_name, false);
 

@@ -22,24 +22,26 @@
 
 namespace ck {
 
+// Between float and the kernels' element types (float, __half, __nv_bfloat16); to a 16-bit type it rounds to nearest
+// even, as torch's .to(dtype) does.
 template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline constexpr bool is_element_v =
+    std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-// Round to nearest even, as torch's .to(dtype) does.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  static_assert(is_element_v<To> && is_element_v<From> && (std::is_same_v<To, float> || std::is_same_v<From, float>),
+                "convert: float to or from float, __half or __nv_bfloat16");
+  if constexpr (std::is_same_v<To, From>) return v;
+  else if constexpr (std::is_same_v<From, __half>) return __half2float(v);
+  else if constexpr (std::is_same_v<From, __nv_bfloat16>) return __bfloat162float(v);
+  else if constexpr (std::is_same_v<To, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
 template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float to_f32(T v) { return convert<float>(v); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float v) { return convert<T>(v); }
 
 __host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }

@@ -57,6 +57,20 @@ def test_bundled_sets_have_fixed_disjoint_stratified_splits():
     assert sorted(set(labels_of(faces["test"]))) == [0, 1] and faces["test"][0][0].shape == (3, 8, 8)
 
 
+def _found_and_named(parent, folder, make, name, cls, classes, value):
+    """(root, make's result, train, test) for a set that `make` writes to parent/folder: 'auto' under `parent`
+    resolves to `name` and builds train (a `cls` with these `classes`); test is built by name from the root; each
+    test image's pixel is `value` * (its label + 1)."""
+    root = parent / folder
+    made = make(root)
+    assert resolve_labelled("auto", str(parent)) == name
+    train = build_labelled("auto", str(parent), T, "train")
+    test = build_labelled(name, str(root), T, "test")
+    assert isinstance(train, cls) and train.classes == classes
+    assert all(_pixel(test, i) == value * (labels_of(test)[i] + 1) for i in range(len(test)))
+    return root, made, train, test
+
+
 def _flowers(root, n=12):
     labels = [1 + i % 3 for i in range(n)]  # 3 classes
     for i in range(1, n + 1):
@@ -68,15 +82,10 @@ def _flowers(root, n=12):
 
 
 def test_flowers102_official_splits_and_labels(tmp_path):
-    root = tmp_path / "flowers-102"
-    labels = _flowers(root)
-    assert resolve_labelled("auto", str(tmp_path)) == "flowers102"
-    train = build_labelled("auto", str(tmp_path), T, "train")
-    test = build_labelled("flowers102", str(root), T, "test")
-    assert isinstance(train, Flowers102) and train.classes == ["1", "2", "3"]
+    root, labels, train, test = _found_and_named(tmp_path, "flowers-102", _flowers, "flowers102", Flowers102,
+                                                 ["1", "2", "3"], value=20)
     assert [p.rsplit("_", 1)[1] for p, _ in train.samples] == [f"{i:05d}.jpg" for i in range(1, 7)]
     assert len(test) == 6 and labels_of(test) == [c - 1 for c in labels[6:]]
-    assert all(_pixel(test, i) == 20 * (labels_of(test)[i] + 1) for i in range(len(test)))
     (root / "jpg" / "image_00008.jpg").unlink()
     with pytest.raises(DatasetError, match=r"setid.mat lists 1 image that do not exist, e.g. .*image_00008.jpg"):
         build_labelled("flowers102", str(root), T, "test")
@@ -99,14 +108,9 @@ def _pets(root):
 
 
 def test_oxford_pets_official_splits_and_labels(tmp_path):
-    root = tmp_path / "oxford-iiit-pet"
-    rows = _pets(root)
-    assert resolve_labelled("auto", str(tmp_path)) == "pets"
-    train = build_labelled("auto", str(tmp_path), T, "train")
-    test = build_labelled("pets", str(root), T, "test")
-    assert isinstance(train, OxfordPets) and train.classes == ["Abyssinian", "beagle", "Bombay"]
+    root, rows, train, test = _found_and_named(tmp_path, "oxford-iiit-pet", _pets, "pets", OxfordPets,
+                                               ["Abyssinian", "beagle", "Bombay"], value=30)
     assert labels_of(train) == [cid - 1 for _, cid in rows["trainval"]] and len(test) == 4
-    assert all(_pixel(test, i) == 30 * (labels_of(test)[i] + 1) for i in range(len(test)))
     with open(root / "annotations" / "test.txt", "a") as f:
         f.write("beagle_13 3 2 3\n")
     with pytest.raises(DatasetError, match="class id 3 is given to both Bombay and beagle"):

@@ -54,6 +54,16 @@ class MaskedImageModel(GradCheckpointing):
     Needs ``self.patch_embed`` (a ``PatchEmbed``), ``self.in_chans`` and ``self.norm_pix_loss``.
     """
 
+    def _embedding(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm_pix_loss: bool) -> int:
+        """Set ``in_chans``, ``norm_pix_loss``, ``patch_embed`` and ``cls_token`` (1, 1, embed_dim); -> the number of
+        patches N of an img_size image."""
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        return self.patch_embed.num_patches
+
     @property
     def patch_size(self) -> int:
         return self.patch_embed.patch_size

@@ -22,7 +22,7 @@ from torch import nn
 from ..ops import ista_step, mssa_attention
 from ..ops.backend import check_backend_name, get_backend
 from ..ops.layer_norm_linear import layer_norm_linear
-from .base import MaskedImageModel, PatchEmbed
+from .base import MaskedImageModel
 from .hub import HubMixin
 from .pos_embed import resize_table
 
@@ -155,6 +155,8 @@ class DecoderBlock(nn.Module):
 class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module, HubMixin):
     """CRATE masked autoencoder (white-box encoder and decoder, mask tokens in the encoder)."""
 
+    # The keyword names are the public constructor of FAIR's MAE, spelled out as in ViT-MAE's (models.vit_mae): the two
+    # signatures look alike on purpose (MAE's keyword names carry over); the defaults and a few extras differ.
     def __init__(
         self,
         img_size: int = 224,
@@ -185,13 +187,8 @@ class CRATEMAE(CRATELayers, MaskedImageModel, nn.Module, HubMixin):
         for name, heads in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
             if embed_dim % heads:
                 raise ValueError(f"embed_dim ({embed_dim}) must be divisible by {name} ({heads})")
-        if img_size % patch_size:
-            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
 
-        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        n = self._embedding(img_size, patch_size, in_chans, embed_dim, norm_pix_loss)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)  # unused, as released
         self.blocks = nn.ModuleList(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MaskedImageModel, PatchEmbed
+from .base import MaskedImageModel
 from .hub import HubMixin
 from .pos_embed import resize_table
 
@@ -76,6 +76,8 @@ class Block(nn.Module):
 class MaskedAutoencoderViT(MaskedImageModel, nn.Module, HubMixin):
     """FAIR's masked autoencoder with a ViT encoder (visible patches only) and a lighter ViT decoder."""
 
+    # The keyword names are the public constructor of FAIR's MAE, spelled out as in CRATE-MAE's (models.crate): the two
+    # signatures look alike on purpose (MAE's keyword names carry over); the defaults and a few extras differ.
     def __init__(
         self,
         img_size: int = 224,
@@ -98,12 +100,7 @@ class MaskedAutoencoderViT(MaskedImageModel, nn.Module, HubMixin):
             if dim % heads:
                 raise ValueError(f"{'decoder_embed_dim' if name.startswith('decoder') else 'embed_dim'} ({dim}) must "
                                  f"be divisible by {name} ({heads})")
-        if img_size % patch_size:
-            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
-        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        n = self._embedding(img_size, patch_size, in_chans, embed_dim, norm_pix_loss)
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)

@@ -25,6 +25,9 @@ from ..models.registry import MODELS
 from ..ops.backend import BACKENDS
 from .data import LABELLED_DATASETS
 
+# Every flag table is rows of one shape, "name": (type, help, choices); a flag two commands share with the same
+# meaning lives in one of the tables below, so the rows alike in shape across the commands' tables (as
+# `duplicates` pairs them) are different flags, not repeated code.
 COMMON_FLAGS = {
     "config": (str, "YAML file of flag values (keys as the flag names); command-line flags override it", None),
     "device": (str, "auto, cpu, cuda or cuda:N", None),
@@ -35,6 +38,8 @@ COMMON_FLAGS = {
 CHECKPOINT_FLAGS = {
     "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
               tuple(MODELS)),
+    "input_size": (int, "image side, a multiple of the checkpoint's patch size (unset: its pretraining size; the "
+                        "position table is interpolated)", None),
 }
 
 LABELLED_FLAGS = {
@@ -43,6 +48,9 @@ LABELLED_FLAGS = {
     "data_path": (str, "dataset root: train/ and val/ class folders, cifar-10-batches-py / cifar-100-python, "
                        "Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat) or Oxford-IIIT Pets (images/, "
                        "annotations/)", None),
+    "pool": (str, "the image feature: [CLS] after the final norm (cls: the paper's CRATE-MAE protocol; MAE's "
+                  "main_linprobe.py default) or the fc-normed mean patch token (mean: MAE's --global_pool, "
+                  "main_finetune.py's default)", ("cls", "mean")),
 }
 
 # The training engine's flags (crate_kernels.pipeline.run), the same for train and finetune; their defaults that
