@@ -104,6 +104,7 @@ from crate_kernels import ops
 from crate_kernels.ops import backend, tuning
 import test_tuning
 test_tuning.install_fakes()
+torch.set_num_threads({threads})  # the CPU tuning key holds the thread count: the same as the first process
 torch.manual_seed(0)
 ops.mssa_attention(torch.randn(*test_tuning.SHAPE), backend="auto")
 print(json.dumps({{"stats": tuning.tuning_stats(), "calls": test_tuning.calls}}))
@@ -113,7 +114,7 @@ print(json.dumps({{"stats": tuning.tuning_stats(), "calls": test_tuning.calls}})
 def test_a_second_process_reads_the_cache_and_times_nothing(fakes):
     ops.mssa_attention(torch.randn(*SHAPE), backend="auto")
     assert tuning.tuning_stats()["measured"] == 1
-    code = SECOND_PROCESS.format(tests=os.path.dirname(__file__))
+    code = SECOND_PROCESS.format(tests=os.path.dirname(__file__), threads=torch.get_num_threads())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
