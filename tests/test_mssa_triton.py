@@ -226,13 +226,14 @@ def test_small_model_matches_reference(device):
 
 @pytest.mark.skipif(CUDA, reason="interpreter-only: the bf16 dot-operand upcast path")
 def test_bf16_under_interpreter(variants):
-    """bf16 runs under the interpreter (operands upcast for tl.dot); its fp32->bf16 casts truncate (PyTorch's
-    round to nearest), hence k = 3 instead of tolerance.K."""
+    """bf16 runs under the interpreter (operands upcast for tl.dot); its fp32->bf16 casts truncate where PyTorch (and
+    a GPU) round to nearest: up to twice the error per cast, and the backward rounds twice in a chain (P, then dS,
+    to bf16), hence k = 2 x 2 = 4 instead of tolerance.K (k = 3 failed at seed shift 17: v1-symmetric's dw)."""
     w = torch.randn(2, 2, 50, 48, dtype=torch.bfloat16)
     dout = torch.randn_like(w)
     out, dw = run(w, dout)
     assert out.dtype == dw.dtype == torch.bfloat16
-    assert_mssa_close(w, dout, 48 ** -0.5, out, dw, k=3)
+    assert_mssa_close(w, dout, 48 ** -0.5, out, dw, k=4)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
