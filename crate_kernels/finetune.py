@@ -441,6 +441,7 @@ def evaluate_only(cfg: dict, pretrained: Pretrained) -> dict:
     finally:
         if job is not None:
             job.close()
+        job = None  # its DDP wrapper holds the process group: shutdown() below frees both
         distributed.shutdown()
 
 

@@ -648,6 +648,7 @@ def launch(cfg: dict, run_class: type[Run]) -> dict:
     finally:
         if job is not None:
             job.close()
+        job = None  # its DDP wrapper holds the process group: shutdown() below frees both
         if lock.file is not None:  # however the run ended; a start that wrote nothing leaves no folder it made
             lock.release(remove=True)
             for folder in created:
