@@ -1,8 +1,10 @@
 """Test set-up: without a GPU, Triton kernels run under the interpreter (set before any kernel import)."""
 import os
+import random
 import tempfile
 import zlib
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -64,11 +66,20 @@ def _fresh_seed(request):
     tests draw their examples from the same seed (hypothesis.seed), so the shift changes those too."""
     seed = seed_of(request.node.nodeid)
     torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # also numpy's and Python's global generators (a Generator: the rng fixture)
+    random.seed(seed)
     if hasattr(request.function, "hypothesis"):
         import hypothesis
 
         hypothesis.seed(seed)(request.function)
     yield
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A numpy Generator seeded like the test (``np.random.default_rng()`` takes fresh OS entropy: its failure
+    could not be rerun)."""
+    return np.random.default_rng(seed_of(request.node.nodeid))
 
 
 def pytest_report_header(config):

@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import seed_of
 from PIL import Image
 
 from crate_kernels import CRATEMAE, analyze, checkpoint, classifier_from_pretrained, finetune, load_checkpoint, probe
@@ -29,10 +30,10 @@ def _demo() -> CRATEMAE:
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
+def bad_files(tmp_path_factory, request):
     """{case: (path, what its one-line error must say)} for four files that are not a usable checkpoint."""
     root = tmp_path_factory.mktemp("bad")
-    gen = np.random.default_rng()
+    gen = np.random.default_rng(seed_of(request.node.nodeid))
     words = " ".join(gen.choice(["loss", "step", "epoch", "lr"], size=12))
     (root / "notes.txt").write_text(words + "\n")
     Image.fromarray(gen.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "photo.png")

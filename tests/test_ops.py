@@ -430,7 +430,8 @@ def test_a_failing_kernel_is_no_fallback_explicit_triton_raises_and_auto_never_r
         rows = {r["candidate"]: r for r in ops.tuning_table() if r["kind"] == "mssa_forward"}
     assert ran == []
     assert rows["triton-v1"]["status"] == "unsupported: Triton kernels need CUDA tensors, got device cpu"
-    assert rows["torch"]["chosen"]
+    chosen = [name for name, row in rows.items() if row["chosen"]]  # the fastest of PyTorch's paths: timing decides
+    assert len(chosen) == 1 and not chosen[0].startswith("triton") and rows[chosen[0]]["status"] == "ok", rows
     torch.testing.assert_close(out, ops.mssa_reference(w, 32 ** -0.5))
 
 

@@ -75,8 +75,8 @@ def test_probe_end_to_end_with_random_baseline_and_feature_cache(run_dir, colour
 
 
 @pytest.mark.parametrize("trial", range(5))
-def test_random_spread_places_the_pretrained_probe_against_the_seeds(trial):
-    gen = np.random.default_rng()
+def test_random_spread_places_the_pretrained_probe_against_the_seeds(trial, rng):
+    gen = rng
     randoms = list(gen.uniform(20, 80, gen.integers(2, 7)))
     low, high = min(randoms), max(randoms)
     for pretrained, position in ((high + gen.uniform(0.01, 5), "above"), (low - gen.uniform(0.01, 5), "below"),
