@@ -6,6 +6,10 @@
   PIL's decoder and with simplejpeg's (used when installed).
   extra_info: img_per_s_per_core, and for the current path ``vs_earlier``, the speed ratio from rounds of the two
   paths taken in turn in the same run (robust to a machine whose speed drifts).
+- ``test_source_per_core``: one core, no worker process: MAE's training samples (read, decode, view, masking noise)
+  from the JPEG folder (sharded sampler, one file per image) and from the same JPEGs written as WebDataset shards
+  (``python -m crate_kernels.pipeline.shards``; read as a stream through a shuffle buffer). extra_info
+  img_per_s_per_core.
 - ``test_loader_workers``: the training DataLoader (MaskedViews, sharded sampler, uint8 collation) with 1..N worker
   processes; extra_info img_per_s and img_per_s_per_worker. A GPU needs (its training img/s) / (img/s per core)
   cores of input processing.
@@ -27,11 +31,13 @@ from crate_kernels.pipeline.data import (
     ImageFolder,
     MaskedViews,
     ShardedBatchSampler,
+    ShardStream,
     TrainTransform,
     collate_views,
     datasets,
     read_image,
     skimage_data_dir,
+    write_shards,
 )
 
 SIZE = 224
@@ -98,6 +104,33 @@ def test_transform_per_core(benchmark, jpeg_folder, monkeypatch, path):
             benchmark.extra_info["vs_earlier"] = round(sorted(ratios)[1], 2)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
+def test_source_per_core(benchmark, jpeg_folder, tmp_path, source):
+    benchmark.group = f"training samples {SIZE}px from ~500x375 JPEGs, one core: files vs WebDataset shards"
+    patches = (SIZE // 16) ** 2
+    if source == "webdataset":
+        pytest.importorskip("webdataset", reason="webdataset is not installed (the webdataset extra)")
+        summary = write_shards(jpeg_folder, str(tmp_path / "shards"), shard_size=27)
+        stream = ShardStream(str(tmp_path / "shards" / summary["pattern"]), TrainTransform(SIZE), patches, 1)
+        images = stream.num_batches
+        epoch = lambda: list(stream)  # noqa: E731
+    else:
+        dataset = MaskedViews(ImageFolder(jpeg_folder, TrainTransform(SIZE)), patches)
+        sampler = ShardedBatchSampler(len(dataset), batch_size=1, seed=0)
+        images = sampler.num_batches
+        epoch = lambda: [dataset[key] for batch in sampler for key in batch]  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    if not benchmark.stats:
+        return
+    benchmark.extra_info.update(provider=source, images=images, decoder="simplejpeg" if datasets._SIMPLEJPEG else "PIL",
+                                img_per_s_per_core=round(images / benchmark.stats.stats.median, 1))
 
 
 @pytest.mark.parametrize("workers", WORKERS)

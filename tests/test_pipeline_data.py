@@ -190,6 +190,31 @@ def test_cifar_pickle_folders(tmp_path):
     assert len(build_dataset("cifar100", str(tmp_path), EvalTransform(32))) == 5
 
 
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # 2: the release files' (Python 2, numpy 1)
+def test_cifar_files_are_read_with_a_restricted_unpickler_that_refuses_a_crafted_one(tmp_path, protocol):
+    data = torch.randint(0, 256, (3, 3072), dtype=torch.uint8).numpy()
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": b"training batch 1 of 5", b"labels": [1, 2, 3], b"data": data,
+                         b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+    test = build_dataset("cifar10", str(tmp_path), EvalTransform(32), train=False)
+    assert torch.equal(test.load(2)[0], torch.from_numpy(data[2].reshape(3, 32, 32))) and test.load(2)[1] == 3
+
+    marker = tmp_path / "ran"
+
+    class Payload:  # what a crafted archive does: a pickle that calls a function when loaded
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"labels": [0], b"data": Payload()}, f, protocol=protocol)
+    with pytest.raises(DatasetError, match=r"test_batch: it names posix\.mkdir, which CIFAR's files never hold"):
+        build_dataset("cifar10", str(tmp_path), EvalTransform(32), train=False)
+    assert not marker.exists()
+
+
 def test_sampler_is_a_function_of_seed_and_epoch_and_shards_global_batches():
     single = ShardedBatchSampler(50, batch_size=8, seed=3, accum_iter=2)
     assert single.num_batches == 6  # 50 // 8 = 6 batches, a multiple of accum_iter

@@ -180,8 +180,9 @@ class Run:
         unreadable-image tally, and the schedule's lengths."""
         cfg, dist = self.cfg, self.dist
         self.data_desc = description
-        self.sampler = ShardedBatchSampler(len(views), cfg["batch_size"], dist.world_size, dist.rank, cfg["seed"],
-                                           cfg["accum_iter"])
+        stream = isinstance(views, torch.utils.data.IterableDataset)  # WebDataset shards: the stream is its own order
+        self.sampler = views if stream else ShardedBatchSampler(len(views), cfg["batch_size"], dist.world_size,
+                                                                dist.rank, cfg["seed"], cfg["accum_iter"])
         self.global_batch = cfg["batch_size"] * cfg["accum_iter"] * dist.world_size
         if self.sampler.num_batches == 0:
             raise DatasetError(
@@ -189,9 +190,13 @@ class Run:
                 f"batch_size x accum_iter x processes = {self.global_batch} images"
             )
         self.num_workers = default_num_workers() if cfg["num_workers"] is None else cfg["num_workers"]
+        if stream:  # at most one worker per shard of this process; each epoch starts them anew with its order
+            self.num_workers = views.set_workers(self.num_workers)
+        batching = {"batch_size": cfg["batch_size"]} if stream else {"batch_sampler": self.sampler}
         self.loader = torch.utils.data.DataLoader(
-            views, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate,
-            pin_memory=cfg["pin_mem"] and self.device.type == "cuda", persistent_workers=self.num_workers > 0,
+            views, **batching, num_workers=self.num_workers, collate_fn=collate,
+            pin_memory=cfg["pin_mem"] and self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0 and not stream,
             generator=torch.Generator().manual_seed(cfg["seed"]), worker_init_fn=leave_stop_signals_to_the_main,
         )
         self.unreadable = UnreadableImages(cfg["max_unreadable"], self.warn)

@@ -49,7 +49,8 @@ FLAGS = {
                        "unlabelled images, a folder holding cifar-10-batches-py / cifar-100-python, or an Oxford "
                        "Flowers-102 or Oxford-IIIT Pets root (their photos)", None),
     "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
-    "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset", None),
+    "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset; images per epoch of WebDataset "
+                        "shards that have no shards.json", None),
     "eval_images": (int, "images in the fixed evaluation batch (held-out images where the dataset has them)", None),
     "max_unreadable": (float, "fraction of image reads allowed to fail (each unreadable image is skipped with a "
                               "warning and replaced by another sample) before the run stops", None),

@@ -15,10 +15,12 @@ from ..pipeline import distributed, flags, run
 from ..pipeline.data import (
     EvalTransform,
     MaskedViews,
+    ShardStream,
     TrainTransform,
     build_dataset,
     collate_views,
     counted,
+    first_samples,
     fixed_batch,
     normalize,
     resolve_dataset,
@@ -102,8 +104,14 @@ class Trainer(run.Run):
         cfg = self.cfg
         size, grid = cfg["input_size"], cfg["input_size"] // cfg["patch_size"]
         self.num_patches = grid * grid
-        dataset = build_dataset(cfg["dataset"], cfg["data_path"], TrainTransform(size), True, cfg["epoch_size"])
-        self.make_loader(MaskedViews(dataset, self.num_patches), collate_views, dataset.describe())
+        if resolve_dataset(cfg["dataset"], cfg["data_path"]) == "webdataset":
+            stream = ShardStream(cfg["data_path"], TrainTransform(size), self.num_patches, cfg["batch_size"],
+                                 self.dist.world_size, self.dist.rank, cfg["seed"], cfg["accum_iter"],
+                                 cfg["epoch_size"])
+            self.make_loader(stream, collate_views, stream.describe())
+        else:
+            dataset = build_dataset(cfg["dataset"], cfg["data_path"], TrainTransform(size), True, cfg["epoch_size"])
+            self.make_loader(MaskedViews(dataset, self.num_patches), collate_views, dataset.describe())
         self.eval_batch, self.eval_desc = None, None
         if self.dist.is_main and cfg["eval_every"]:
             self._build_eval_batch(size)
@@ -113,7 +121,9 @@ class Trainer(run.Run):
         out of training, a val/ folder, CIFAR's test split), as seeded random crops when there are fewer images
         than --eval_images, else centre crops."""
         cfg = self.cfg
-        eval_set = build_dataset(cfg["dataset"], cfg["data_path"], EvalTransform(size), False)
+        kind = resolve_dataset(cfg["dataset"], cfg["data_path"])
+        eval_set = (first_samples(cfg["data_path"], EvalTransform(size), cfg["eval_images"]) if kind == "webdataset"
+                    else build_dataset(cfg["dataset"], cfg["data_path"], EvalTransform(size), False))
         crops = len(eval_set) < cfg["eval_images"]
         if crops:
             eval_set.transform = TrainTransform(size)
@@ -121,8 +131,7 @@ class Trainer(run.Run):
         for path, reason in dict(failures).items():
             self.warn(f"warning: the evaluation batch skipped unreadable image {path} ({reason})")
         self.eval_batch = normalize(imgs), noise
-        held_out = (resolve_dataset(cfg["dataset"], cfg["data_path"]) != "imagefolder"
-                    or os.path.isdir(os.path.join(cfg["data_path"], "val")))
+        held_out = kind not in ("imagefolder", "webdataset") or os.path.isdir(os.path.join(cfg["data_path"], "val"))
         self.eval_desc = (f"{cfg['eval_images']} {'random crops' if crops else 'centre crops'} of "
                           f"{eval_set.describe()}" + ("" if held_out else " (no val/ split: training images)"))
 

@@ -4,6 +4,7 @@
     datasets   the pretraining datasets (scikit-image photos, image folders, CIFAR, Flowers-102, Pets) and --dataset
     sampling   seeded views with masking noise, the sharded batch order, unreadable-read tallies, loader workers
     labelled   the evaluation commands' labelled sets with their official splits, and their views
+    shards     WebDataset tar shards: the training stream (exact resume) and the writer from an image folder
 
 Views are uint8: the transforms crop and resize with PIL (JPEGs decoded at reduced size where the crop allows),
 data-loading workers ship uint8 batches, and the training step normalises them on its device (``normalize``).
@@ -50,6 +51,7 @@ from .sampling import (
     seed_for,
     stop_workers,
 )
+from .shards import ShardStream, first_samples, write_shards
 
 __all__ = [
     "CIFAR", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "LABELLED_DATASETS", "SKIMAGE_HELD_OUT", "SKIMAGE_PHOTOS",
@@ -57,5 +59,5 @@ __all__ = [
     "LabelledViews", "MaskedViews", "OxfordPets", "ShardedBatchSampler", "SkimagePhotos", "TrainTransform",
     "UnreadableImages", "build_dataset", "build_labelled", "collate_labelled", "collate_views", "counted",
     "default_num_workers", "fixed_batch", "labels_of", "normalize", "read_image", "resolve_dataset",
-    "resolve_labelled", "seed_for", "skimage_data_dir", "stop_workers",
+    "resolve_labelled", "seed_for", "ShardStream", "first_samples", "skimage_data_dir", "stop_workers", "write_shards",
 ]

@@ -16,7 +16,7 @@ from ...errors import DatasetError, UnreadableImage
 from .images import EncodedJPEG, _pil, _pil_errors, _reason, normalize, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100", "flowers102", "pets")
+DATASETS = ("auto", "skimage", "imagefolder", "cifar10", "cifar100", "flowers102", "pets", "webdataset")
 
 # The colour photographs that ship inside the scikit-image wheel (no download); grey ones are left out.
 # Training crops come from the first seven; the last two are held out for the evaluation batch.
@@ -117,6 +117,20 @@ class SkimagePhotos(ImageDataset):
         return index % len(self.images)
 
 
+def open_encoded(data: bytes, extension: str):
+    """An encoded image's bytes, not yet decoded (the transform decodes, at reduced size where it can): an
+    ``EncodedJPEG`` for a JPEG in the colours simplejpeg decodes, when it is installed; else a lazily opened PIL
+    image. ``extension``: the file's, without the dot (``jpg``, ``png``, ...)."""
+    if _SIMPLEJPEG and extension.lower() in ("jpg", "jpeg"):
+        try:
+            jpeg = EncodedJPEG(data)
+        except ValueError:  # not a JPEG simplejpeg can read: PIL decides
+            jpeg = None
+        if jpeg is not None and jpeg.colorspace in ("RGB", "YCbCr", "Gray"):
+            return jpeg
+    return _pil().open(io.BytesIO(data))
+
+
 class FileImages(ImageDataset):
     """Images in files, ``self.samples`` = [(path, label)]: decoded lazily, JPEGs at reduced size where the view
     allows and with simplejpeg when it is installed."""
@@ -139,14 +153,7 @@ class FileImages(ImageDataset):
         path = self.samples[index][0]
         if _SIMPLEJPEG and path.lower().endswith((".jpg", ".jpeg")):
             with open(path, "rb") as f:
-                data = f.read()
-            try:
-                jpeg = EncodedJPEG(data)
-            except ValueError:  # not a JPEG simplejpeg can read: PIL decides
-                jpeg = None
-            if jpeg is not None and jpeg.colorspace in ("RGB", "YCbCr", "Gray"):
-                return jpeg
-            return _pil().open(io.BytesIO(data))
+                return open_encoded(f.read(), "jpg")
         return _pil().open(path)
 
     def label(self, index: int) -> int:
@@ -188,6 +195,23 @@ class ImageFolder(FileImages):
                 f"JPEG decoder {decoder})")
 
 
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR's python files hold and nothing else: dicts, lists, bytes, str and ints (built in,
+    no class lookup) and numpy arrays; any other class or function a pickle names is refused, so a crafted file
+    cannot run code (pickle.load would call whatever the file names)."""
+
+    ALLOWED = ({(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
+               | {(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")}  # pickle protocol 5
+               | {("numpy", "ndarray"), ("numpy", "dtype")}
+               | {("_codecs", "encode")})  # bytes, as Python 3 writes them at protocol 2
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR's files never hold (refused: a "
+                                         "pickle can run any function it names)")
+        return super().find_class(module, name)
+
+
 class CIFAR(ImageDataset):
     """CIFAR-10/100 from the standard python-pickle folders (cifar-10-batches-py, cifar-100-python); ``data`` is a
     uint8 (N, 32, 32, 3) tensor, as the bundled sets' ``data`` is a tensor."""
@@ -212,10 +236,12 @@ class CIFAR(ImageDataset):
         for path in files:
             try:
                 with open(path, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
+                    batch = _CIFARUnpickler(f, encoding="bytes").load()
                 data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels += list(batch[label_key])
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+            except pickle.UnpicklingError as e:
+                raise DatasetError(f"cannot read CIFAR file {path}: {e}") from e
+            except (OSError, KeyError, ValueError, EOFError, TypeError) as e:
                 raise DatasetError(f"cannot read CIFAR file {path}: {e!r}") from e
         self.data = torch.from_numpy(np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)))
         self.labels = labels
@@ -247,12 +273,14 @@ def _labelled_root(data_path: str) -> str | None:
 
 
 def resolve_dataset(name: str, data_path: str | None) -> str:
-    """``auto``: scikit-image photos without --data_path; CIFAR, Oxford-IIIT Pets or Flowers-102 when their files
-    are found; else an image folder."""
+    """``auto``: scikit-image photos without --data_path; WebDataset shards for a path or pattern ending in .tar;
+    CIFAR, Oxford-IIIT Pets or Flowers-102 when their files are found; else an image folder."""
     if name != "auto":
         return name
     if not data_path:
         return "skimage"
+    if data_path.endswith(".tar") or ".tar::" in data_path:
+        return "webdataset"
     for variant, (folder, *_rest) in CIFAR.LAYOUT.items():
         if os.path.basename(os.path.normpath(data_path)) == folder or os.path.isdir(os.path.join(data_path, folder)):
             return f"cifar{variant}"
@@ -275,6 +303,9 @@ def build_dataset(name: str, data_path: str | None, transform, train: bool = Tru
         return CIFAR(data_path, transform, train=train, num_classes=int(name[5:]))
     if name in ("flowers102", "pets"):
         return (Flowers102 if name == "flowers102" else OxfordPets)(data_path, transform, "train" if train else "test")
+    if name == "webdataset":
+        raise DatasetError("WebDataset shards are read as a stream (pipeline.data.shards.ShardStream), not as a "
+                           "dataset of indexed items")
     if name == "imagefolder":
         if _labelled_root(data_path) == "pets":
             raise DatasetError(
