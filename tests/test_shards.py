@@ -4,6 +4,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -146,3 +148,22 @@ def test_a_stopped_run_resumes_with_the_uninterrupted_runs_samples_across_an_epo
     assert records(victim) == expected  # bitwise, every step once
     final_a, final_b = load_file(reference / "model.safetensors"), load_file(victim / "model.safetensors")
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+@pytest.mark.e2e
+def test_two_processes_train_on_their_own_shards_under_torchrun(shards, tmp_path):
+    """Under torchrun each process reads its share of the shards with its own loading workers; both make the same
+    number of steps (none waits at an epoch's end), rank 0 evaluates on the first samples."""
+    out = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "crate_kernels.train", *TINY, "--data_path", _pattern(shards), "--max_steps", "9", "--eval_every", "9",
+         "--num_workers", "2", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "log.txt") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 10))  # 7 per epoch: into epoch 1
+    assert any(r["type"] == "eval" for r in records)
+    assert "2 processes" in proc.stdout and "2 loading workers" in proc.stdout

@@ -457,7 +457,7 @@ class Run:
     def close(self) -> None:
         """End the data-loading workers and close the logs (every way a run ends goes through here)."""
         if hasattr(self, "loader"):
-            stop_workers(self.loader)
+            stop_workers(self.loader, getattr(self, "batches", None))
         if self.monitor is not None:
             self.monitor.close()
 
@@ -510,7 +510,7 @@ class Run:
         while self.step < self.total_steps:
             epoch = self.step // spe
             self.sampler.set_epoch(epoch, self.step % spe * cfg["accum_iter"])
-            batches = iter(self.loader)
+            batches = self.batches = iter(self.loader)  # kept: close() ends its workers (a stream's are not persistent)
             while self.step < self.total_steps:
                 first = self.first_step_seconds is None
                 if first:

@@ -172,20 +172,22 @@ def default_num_workers() -> int:
     return max(1, min(10, per_process - 1))
 
 
-def stop_workers(loader: torch.utils.data.DataLoader) -> None:
-    """End a DataLoader's worker processes now and wait for them.
+def stop_workers(loader: torch.utils.data.DataLoader, iterator=None) -> None:
+    """End a DataLoader's worker processes now and wait for them: its persistent workers' iterator, or
+    ``iterator`` (one ``iter(loader)`` gave, whose workers are not persistent).
 
     The training workers ignore SIGTERM and SIGINT (a signal to the whole job is for the main process), so the
     exit hook of multiprocessing, which terminates daemonic children with SIGTERM and then joins them without a
     time limit, would wait forever for a worker still alive at exit. This shuts them down through the
     DataLoader's own protocol and kills any that did not end."""
-    iterator = getattr(loader, "_iterator", None)
+    iterator = iterator if iterator is not None else getattr(loader, "_iterator", None)
     if iterator is None:
         return
     workers = list(getattr(iterator, "_workers", ()))
     if hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
-    loader._iterator = None
+    if loader._iterator is iterator:
+        loader._iterator = None
     for worker in workers:
         if worker.is_alive():
             worker.kill()
