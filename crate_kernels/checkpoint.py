@@ -287,9 +287,11 @@ def load(path: str | os.PathLike) -> dict:
     ckpt = _torch_load(path, kind)
     if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {"model": ckpt}  # weights only
+    if isinstance(ckpt, dict) and "model" not in ckpt and isinstance(ckpt.get("state_dict"), Mapping):
+        ckpt = {"model": ckpt["state_dict"]}  # supervised CRATE's main.py: its optimizer is not this trainer's
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
         raise TrainError(f"{path} holds neither a training checkpoint nor model weights "
-                         "(expected {'model': state_dict, ...} or a state_dict)")
+                         "(expected {'model': state_dict, ...}, {'state_dict': ...} or a state_dict)")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt = {"model": ckpt["model"]}  # MAE's training script: its optimizer and flags are not this trainer's
     return ckpt

@@ -60,13 +60,14 @@ class CRATELayers:
 class MSSA(_BackendMixin, nn.Module):
     """Multi-head subspace self-attention: w = x U (shared q = k = v), softmax(w w^T / sqrt(p)) w, then to_out."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, project_out: bool = True):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         self.scale = dim_head ** -0.5
         inner = heads * dim_head
         self.qkv = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        # supervised CRATE's release has no output map for one head as wide as the model (heads=1, dim_head=dim)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> w (B, H, N, p), the shared query/key/value."""

@@ -23,10 +23,12 @@ from .vit_mae import MaskedAutoencoderViT
 
 
 def clean_state_dict(checkpoint: Mapping) -> dict:
-    """Unwrap {'model': state_dict, ...} and strip DDP's 'module.' prefixes."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    """Unwrap {'model': state_dict, ...} (CRATE-MAE's and MAE's release) or {'state_dict': ...} (supervised CRATE's
+    main.py) and strip DDP's 'module.' prefixes."""
+    state = (checkpoint.get("model", checkpoint.get("state_dict", checkpoint)) if isinstance(checkpoint, Mapping)
+             else None)
     if not isinstance(state, Mapping):
-        raise TypeError("checkpoint must be a state_dict or a dict holding one under 'model'")
+        raise TypeError("checkpoint must be a state_dict or a dict holding one under 'model' or 'state_dict'")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -38,7 +40,8 @@ def key_sample(keys, shown: int = 3) -> str:
 
 
 def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True):
-    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE or ViT-MAE).
+    """Load a release checkpoint (path to .pth/.safetensors, or a dict) into ``model`` (a CRATE-MAE, ViT-MAE or
+    supervised CRATE).
 
     Every mismatch is reported in one line before anything is copied: a checkpoint holding none of the model's
     tensors (with a sample of its keys), tensors of other shapes, and (``strict``) missing or extra tensors, counted

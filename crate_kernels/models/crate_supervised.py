@@ -1,0 +1,127 @@
+"""Supervised CRATE ("White-Box Transformers via Sparse Rate Reduction"), a drop-in for the release's
+``model/crate.py`` (Ma-Lab-Berkeley/CRATE): the same constructor, module tree, state_dict keys and numbers, its
+layers the CRATE-MAE encoder's (MSSA and ISTA through crate_kernels.ops, any backend).
+
+  patches (p1 p2 c order) -> LN -> Linear -> LN -> [CLS] + learned positions -> dropout
+  -> L x (z_half = z + MSSA(LN(z)); z = ISTA(LN(z_half)), eta = ista, lambda = 0.1)
+  -> [CLS] or the token mean -> mlp_head (LN, Linear) -> logits (B, num_classes)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .crate import ISTA, MSSA, CRATELayers, PreNorm
+
+__all__ = ["CRATE", "crate_tiny", "crate_small", "crate_base", "crate_large", "SUPERVISED_CONFIGS"]
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class Patches(nn.Module):
+    """(B, C, H, W) -> (B, N, p1 * p2 * C): non-overlapping patches in raster order, pixels (p1, p2, c) inside a
+    patch (the release's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``)."""
+
+    def __init__(self, patch_height: int, patch_width: int):
+        super().__init__()
+        self.patch_height, self.patch_width = patch_height, patch_width
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = img.shape
+        p1, p2 = self.patch_height, self.patch_width
+        x = img.reshape(b, c, h // p1, p1, w // p2, p2).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p1) * (w // p2), p1 * p2 * c)
+
+
+class Transformer(nn.Module):
+    """``depth`` CRATE layers: ``layers[i] = [PreNorm(MSSA), PreNorm(ISTA)]`` (the release's key names)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, dropout: float = 0.0, ista: float = 0.1):
+        super().__init__()
+        project_out = not (heads == 1 and dim_head == dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PreNorm(dim, MSSA(dim, heads, dim_head, dropout, project_out=project_out)),
+                           PreNorm(dim, ISTA(dim, step_size=ista, lambd=0.1))])
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ista in self.layers:
+            x = ista(attn(x) + x)
+        return x
+
+
+class CRATE(CRATELayers, nn.Module):
+    """The release's supervised CRATE; ``forward(img (B, C, H, W)) -> logits (B, num_classes)``."""
+
+    def __init__(self, *, image_size, patch_size, num_classes: int, dim: int, depth: int, heads: int,
+                 pool: str = "cls", channels: int = 3, dim_head: int = 64, dropout: float = 0.0,
+                 emb_dropout: float = 0.0, ista: float = 0.1, backend: str | None = None):
+        super().__init__()
+        (image_height, image_width), (patch_height, patch_width) = _pair(image_size), _pair(patch_size)
+        if image_height % patch_height or image_width % patch_width:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' ([CLS] token) or 'mean' (mean of the tokens), got {pool!r}")
+        self.config = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
+                           depth=depth, heads=heads, pool=pool, channels=channels, dim_head=dim_head,
+                           dropout=dropout, emb_dropout=emb_dropout, ista=ista)
+        num_patches = (image_height // patch_height) * (image_width // patch_width)
+        patch_dim = channels * patch_height * patch_width
+        self.image_size, self.channels = (image_height, image_width), channels
+        self.to_patch_embedding = nn.Sequential(Patches(patch_height, patch_width), nn.LayerNorm(patch_dim),
+                                                nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, dropout, ista)
+        self.pool = pool
+        self.to_latent = nn.Identity()
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        self.set_backend(backend)
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the last layer's tokens (B, 1 + N, dim), [CLS] first."""
+        if img.dim() != 4 or img.shape[1] != self.channels or tuple(img.shape[2:]) != self.image_size:
+            raise ValueError(f"img must be (B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}), got "
+                             f"{tuple(img.shape)}")
+        x = self.to_patch_embedding(img)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
+        return self.transformer(self.dropout(x))
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        feature = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+        return self.mlp_head(self.to_latent(feature))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+
+# The release's factories (CRATE_tiny ... CRATE_large): 224 px, patch 16, dim_head = dim / heads, no dropout.
+SUPERVISED_CONFIGS = {
+    "crate_tiny": dict(dim=384, depth=12, heads=6),
+    "crate_small": dict(dim=576, depth=12, heads=12),
+    "crate_base": dict(dim=768, depth=12, heads=12),
+    "crate_large": dict(dim=1024, depth=24, heads=16),
+}
+
+
+def _factory(name: str):
+    def build(num_classes: int = 1000, **kwargs) -> CRATE:
+        config = SUPERVISED_CONFIGS[name]
+        args = dict(image_size=224, patch_size=16, num_classes=num_classes, dim_head=config["dim"] // config["heads"],
+                    **config)
+        return CRATE(**{**args, **kwargs})
+
+    build.__name__ = name
+    build.__doc__ = (f"The release's CRATE_{name.split('_')[1]}: {SUPERVISED_CONFIGS[name]}, 224 px, patch 16 "
+                     "(keywords override, e.g. image_size=32, patch_size=4 for CIFAR).")
+    return build
+
+
+crate_tiny = _factory("crate_tiny")
+crate_small = _factory("crate_small")
+crate_base = _factory("crate_base")
+crate_large = _factory("crate_large")
