@@ -66,15 +66,17 @@ class _Measuring:
 
 def _grid(model, imgs: torch.Tensor) -> tuple[int, int]:
     p = model.patch_size
-    return imgs.shape[-2] // p, imgs.shape[-1] // p
+    ph, pw = p if isinstance(p, tuple) else (p, p)
+    return imgs.shape[-2] // ph, imgs.shape[-1] // pw
 
 
 def _layer_taps(block):
     """(module giving the attention's projections, module giving the layer's output, function from that projection
-    output to (q, k, v) of shape (B, H, n, p), attention scale) for one encoder layer of CRATE-MAE or ViT-MAE."""
+    output to (q, k, v) of shape (B, H, n, p), attention scale) for one encoder layer of CRATE-MAE, ViT-MAE or
+    supervised CRATE (whose layer is the pair [PreNorm(MSSA), PreNorm(ISTA)] itself)."""
     if hasattr(block, "attn"):  # ViT-MAE: timm's block; qkv holds q | k | v
         return block.attn.qkv, block, block.attn.split_heads, block.attn.scale
-    attn, ista = block.layers[0]
+    attn, ista = block.layers[0] if hasattr(block, "layers") else block
     mssa = attn.fn
 
     def heads(w: torch.Tensor):

@@ -142,3 +142,21 @@ def test_equals_the_releases_model_file_in_float64(pool):
             a, b = getattr(release, name)(num_classes=10), getattr(crate_kernels, name.lower())(num_classes=10)
         assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     assert math.isclose(ours.transformer.layers[0][1].fn.lambd, 0.1)
+
+
+def test_the_white_box_analysis_reads_supervised_crate():
+    """Per-layer coding rate and sparsity, and the [CLS] attention maps of the release's segmentation figures."""
+    from crate_kernels import analysis
+
+    model = CRATE(**SMALL)
+    img = torch.randn(2, 3, 12, 8)
+    stats = analysis.coding_rate_and_sparsity(model, img)
+    layers = analysis.encoder_activations(model, img)
+    assert len(layers) == 2 and layers[0][0].shape == (2, 3, 7, 8) and layers[1][1].shape == (2, 7, 24)
+    z = layers[1][1]
+    assert torch.equal(z, model.forward_features(img).detach())  # the last layer's output is the features
+    assert len(stats["coding_rate"]) == len(stats["sparsity"]) == 2
+    assert stats["sparsity"][1] == pytest.approx((z != 0).double().mean().item())  # the non-zero fraction of ISTA
+    w = layers[1][0]  # the last layer's MSSA projection: [CLS] row of softmax(w w^T / sqrt(p)), patches on the grid
+    cls_row = torch.softmax(w[:, :, :1] @ w.transpose(-1, -2) * 8 ** -0.5, dim=-1)[:, :, 0, 1:]
+    torch.testing.assert_close(analysis.attention_maps(model, img), cls_row.reshape(2, 3, 3, 2))

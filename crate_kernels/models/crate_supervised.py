@@ -71,6 +71,7 @@ class CRATE(CRATELayers, nn.Module):
         num_patches = (image_height // patch_height) * (image_width // patch_width)
         patch_dim = channels * patch_height * patch_width
         self.image_size, self.channels = (image_height, image_width), channels
+        self.patch_size = patch_height if patch_height == patch_width else (patch_height, patch_width)
         self.to_patch_embedding = nn.Sequential(Patches(patch_height, patch_width), nn.LayerNorm(patch_dim),
                                                 nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
@@ -81,6 +82,11 @@ class CRATE(CRATELayers, nn.Module):
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         self.set_backend(backend)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder layers, as the white-box analysis (crate_kernels.analysis) reads a model's ``blocks``."""
+        return self.transformer.layers
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the last layer's tokens (B, 1 + N, dim), [CLS] first."""
