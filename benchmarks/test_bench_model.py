@@ -87,3 +87,36 @@ def test_train_step(benchmark, name, provider, matmul_ceiling):
         img_per_s=BATCH / seconds, model_tflops=flops / seconds / 1e12,
         mfu=flops / seconds / matmul_ceiling, matmul_ceiling_tflops=matmul_ceiling / 1e12,
     )
+
+
+SUPERVISED = ["crate_base", "crate_small"] if CUDA else ["crate_tiny"]
+SUPERVISED_CASES = cases(SUPERVISED, PROVIDERS)
+
+
+@pytest.mark.parametrize("name, provider", SUPERVISED_CASES, ids=["-".join(case) for case in SUPERVISED_CASES])
+def test_supervised_train_step(benchmark, name, provider):
+    """Supervised CRATE (crate_kernels.CRATE, the release's model/crate.py): a cross-entropy training step (AdamW),
+    `reference` being the release's eager math and `compile-reference` torch.compile of it."""
+    benchmark.group = f"train step supervised {name} 224px batch {BATCH} {'bf16 autocast' if CUDA else 'fp32'}"
+    benchmark.extra_info.update(model=name, provider=provider)
+    torch.manual_seed(0)
+    backend = "reference" if provider == "compile-reference" else provider
+    model = getattr(crate_kernels, name)(num_classes=1000, backend=backend).to(DEVICE)
+    runner = torch.compile(model) if provider == "compile-reference" else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    imgs = torch.randn(BATCH, 3, 224, 224, device=DEVICE)
+    labels = torch.randint(1000, (BATCH,), device=DEVICE)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            loss = torch.nn.functional.cross_entropy(runner(imgs).float(), labels)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: optimizer state, kernel compilation
+    if CUDA:
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory(step)
+    seconds = record(benchmark, step, rounds=3, host_calls=1)
+    if seconds:
+        benchmark.extra_info["img_per_s"] = BATCH / seconds
