@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .crate import ISTA, MSSA, CRATELayers, PreNorm
+from .crate import CONFIGS, ISTA, MSSA, CRATELayers, PreNorm
 
 __all__ = ["CRATE", "crate_tiny", "crate_small", "crate_base", "crate_large", "SUPERVISED_CONFIGS"]
 
@@ -105,12 +105,11 @@ class CRATE(CRATELayers, nn.Module):
         return self.forward_head(self.forward_features(img))
 
 
-# The release's factories (CRATE_tiny ... CRATE_large): 224 px, patch 16, dim_head = dim / heads, no dropout.
+# The release's factories (CRATE_tiny ... CRATE_large): 224 px, patch 16, dim_head = dim / heads, no dropout; the
+# widths, depths and heads are CRATE-MAE's encoder's of the same name.
 SUPERVISED_CONFIGS = {
-    "crate_tiny": dict(dim=384, depth=12, heads=6),
-    "crate_small": dict(dim=576, depth=12, heads=12),
-    "crate_base": dict(dim=768, depth=12, heads=12),
-    "crate_large": dict(dim=1024, depth=24, heads=16),
+    name.replace("_mae", ""): dict(dim=c["embed_dim"], depth=c["depth"], heads=c["num_heads"])
+    for name, c in CONFIGS.items()
 }
 
 
