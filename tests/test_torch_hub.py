@@ -19,7 +19,7 @@ def test_hubconf_lists_every_entry_point():
     entries = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
     assert entries == set(hubconf.__all__) == {
         "crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large", "mae_vit_small", "mae_vit_base",
-        "crate_classifier", "vit_classifier"}
+        "crate_classifier", "vit_classifier", "crate_tiny", "crate_small", "crate_base", "crate_large"}
     assert hubconf.dependencies[0] == "torch"
 
 
@@ -40,3 +40,9 @@ def test_torch_hub_load_builds_the_factory_with_its_arguments(name, cls, width, 
 def test_torch_hub_load_builds_the_classifiers(name, cls):
     clf = torch.hub.load(ROOT, name, 10, source="local", embed_dim=64, depth=2, num_heads=4, **SMALL)
     assert type(clf) is cls and clf(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_torch_hub_load_builds_supervised_crate():
+    model = torch.hub.load(ROOT, "crate_small", 10, source="local", image_size=16, patch_size=4)
+    assert type(model).__name__ == "CRATE" and model.cls_token.shape[-1] == 576 and len(model.blocks) == 12
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
