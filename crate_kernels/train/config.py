@@ -46,8 +46,9 @@ FLAGS = {
     "norm_pix_loss": ("bool", "regress per-patch normalised pixels", None),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls/mask tokens)", None),
     "data_path": (str, "dataset root: ImageNet-style folder (with train/ and val/, or class folders), a folder of "
-                       "unlabelled images, a folder holding cifar-10-batches-py / cifar-100-python, or an Oxford "
-                       "Flowers-102 or Oxford-IIIT Pets root (their photos)", None),
+                       "unlabelled images, a folder holding cifar-10-batches-py / cifar-100-python, an Oxford "
+                       "Flowers-102 or Oxford-IIIT Pets root (their photos), or WebDataset tar shards (a pattern "
+                       "such as 'shards/train-{000000..000146}.tar'; the extra webdataset)", None),
     "dataset": (str, "dataset kind; auto: bundled scikit-image photos without --data_path, else detected", DATASETS),
     "epoch_size": (int, "random crops per epoch of the scikit-image photo dataset; images per epoch of WebDataset "
                         "shards that have no shards.json", None),
