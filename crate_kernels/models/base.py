@@ -12,7 +12,16 @@ from torch.utils.checkpoint import checkpoint
 
 from .pos_embed import sincos_2d_table
 
-__all__ = ["PatchEmbed", "GradCheckpointing", "MaskedImageModel"]
+__all__ = ["PatchEmbed", "GradCheckpointing", "MaskedImageModel", "patches"]
+
+
+def patches(imgs: torch.Tensor, patch_height: int, patch_width: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, ph * pw * C): non-overlapping patches in raster order, pixels (row, column, channel)
+    inside a patch: MAE's patchify, and supervised CRATE's patch rearrangement in the release."""
+    b, c, h, w = imgs.shape
+    rows, cols = h // patch_height, w // patch_width
+    x = imgs.reshape(b, c, rows, patch_height, cols, patch_width).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, rows * cols, patch_height * patch_width * c)
 
 
 class PatchEmbed(nn.Module):
@@ -82,10 +91,8 @@ class MaskedImageModel(GradCheckpointing):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), per-patch layout (p, q, c)."""
-        gh, gw = self._check_imgs(imgs)
-        p, c = self.patch_size, imgs.shape[1]
-        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], gh * gw, p * p * c)
+        self._check_imgs(imgs)
+        return patches(imgs, self.patch_size, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W); ``grid`` (rows, cols) defaults to a square grid."""

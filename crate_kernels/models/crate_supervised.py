@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import patches
 from .crate import CONFIGS, ISTA, MSSA, CRATELayers, PreNorm
 
 __all__ = ["CRATE", "crate_tiny", "crate_small", "crate_base", "crate_large", "SUPERVISED_CONFIGS"]
@@ -21,18 +22,14 @@ def _pair(value) -> tuple[int, int]:
 
 
 class Patches(nn.Module):
-    """(B, C, H, W) -> (B, N, p1 * p2 * C): non-overlapping patches in raster order, pixels (p1, p2, c) inside a
-    patch (the release's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``)."""
+    """(B, C, H, W) -> (B, N, p1 * p2 * C), the release's ``Rearrange`` (``models.base.patches``)."""
 
     def __init__(self, patch_height: int, patch_width: int):
         super().__init__()
         self.patch_height, self.patch_width = patch_height, patch_width
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = img.shape
-        p1, p2 = self.patch_height, self.patch_width
-        x = img.reshape(b, c, h // p1, p1, w // p2, p2).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, (h // p1) * (w // p2), p1 * p2 * c)
+        return patches(img, self.patch_height, self.patch_width)
 
 
 class Transformer(nn.Module):

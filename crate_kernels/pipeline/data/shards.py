@@ -68,16 +68,18 @@ def _is_local(url: str) -> bool:
 def shard_counts(urls: list[str]) -> dict[str, int] | None:
     """Samples per shard from the ``shards.json`` beside local shards (written by ``write_shards``); None when
     some shard is not listed."""
-    counts = {}
+    counts, listed = {}, {}  # listed: folder -> {shard name: samples}, each shards.json read once
     for url in urls:
-        path = os.path.join(os.path.dirname(url), COUNTS_FILE)
+        folder = os.path.dirname(url)
+        path = os.path.join(folder, COUNTS_FILE)
         if not _is_local(url) or not os.path.isfile(path):
             return None
-        with open(path) as f:
-            listed = {s["name"]: s["samples"] for s in json.load(f)["shards"]}
-        if os.path.basename(url) not in listed:
+        if folder not in listed:
+            with open(path) as f:
+                listed[folder] = {s["name"]: s["samples"] for s in json.load(f)["shards"]}
+        if os.path.basename(url) not in listed[folder]:
             return None
-        counts[url] = listed[os.path.basename(url)]
+        counts[url] = listed[folder][os.path.basename(url)]
     return counts
 
 
