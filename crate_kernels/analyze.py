@@ -1,4 +1,5 @@
-"""The paper's figures for a pretrained model: ``python -m crate_kernels.analyze CHECKPOINT_OR_RUN [images...]``.
+"""The paper's figures for a trained model (CRATE-MAE, ViT-MAE, or supervised CRATE: its [CLS] maps are the release's
+emergent segmentation; it has no reconstructions): ``python -m crate_kernels.analyze CHECKPOINT_OR_RUN [images...]``.
 
 Writes to ``--output_dir`` (default: ``analysis`` beside the checkpoint, inside a run directory):
   whitebox.png         (a) coding rate R^c and sparsity per encoder layer, mean and std over the image views
@@ -20,6 +21,7 @@ import torch
 
 from . import checkpoint, whitebox
 from .errors import ConfigError, DatasetError, TrainError
+from .models.classifier import supervised_classifier
 from .models.pretrained import load_pretrained
 from .models.registry import FAMILY_NAMES, MODELS
 from .pipeline import distributed, flags
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "attention maps, PCA maps, reconstructions.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN",
-                   help="a crate-train run directory, a checkpoint-*.pth, a model.safetensors, or a release .pth")
+                   help="a crate-train or crate-finetune run directory, a checkpoint-*.pth, a model.safetensors, or a "
+                        "release .pth (CRATE-MAE, ViT-MAE or supervised CRATE)")
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help=f"image files (default: scikit-image's {', '.join(SKIMAGE_HELD_OUT)}, held out of the "
                         "default pretraining)")
@@ -274,7 +277,9 @@ def run(cfg: dict, log=print) -> dict:
                               f"{p.source}")
     images, names = load_images(cfg["images"])
     device = distributed.resolve_device(cfg["device"], 0)
-    models = {_label(main): main.build(cfg["backend"]).to(device)}
+    built = (supervised_classifier(main, None, size, backend=cfg["backend"], log=None).eval()
+             if main.family == "supervised" else main.build(cfg["backend"]))
+    models = {_label(main): built.to(device)}
     if vit is not None:
         label = _label(vit) + (" (--vit_checkpoint)" if _label(vit) in models else "")
         models[label] = vit.build().to(device)
@@ -311,9 +316,11 @@ def run(cfg: dict, log=print) -> dict:
         plot_reconstructions(recons, shown_names, cfg["mask_ratio"], os.path.join(out, files["reconstructions"]))
     else:
         del files["reconstructions"]
-    for label in no_decoder:
-        log(f"  note: no reconstructions for {label}: its checkpoint holds no decoder (FAIR's mae_visualize_*.pth "
-            "releases hold one)")
+    for label, p in zip(models, (main, vit)):
+        if label in no_decoder:
+            log(f"  note: no reconstructions for {label}: " + (
+                "a supervised model has no decoder" if p.family == "supervised"
+                else "its checkpoint holds no decoder (FAIR's mae_visualize_*.pth releases hold one)"))
     numbers = {
         "models": {label: p.describe() for label, p in zip(models, (main, vit)) if p is not None},
         "images": names, "input_size": size, "views": len(all_views), "crops_per_image": cfg["crops"],

@@ -14,11 +14,19 @@ MAE's command-line flags are accepted where they mean the same thing: ``--finetu
 rand-m9-mstd0.5-inc1`` (RandAugment's settings), ``--eval`` (test a fine-tuned checkpoint and exit), ``--dist_eval``
 and ``--start_epoch``. The pooling default is [CLS] (``--pool cls``), the paper's CRATE-MAE protocol (the encoder's
 [CLS] output is the image feature); MAE's main_finetune.py defaults to ``--global_pool`` instead.
+
+Supervised CRATE (the release's ``model/crate.py``, ``crate_kernels.CRATE``) trains on the same engine:
+``--model crate_small`` without a checkpoint trains it from random initialisation, and a supervised checkpoint (the
+release's main.py ``{'state_dict': ...}`` file, or a run of this command) is fine-tuned with a fresh head, as the
+release's finetune.py does. Their recipes are the release's two scripts: ``crate_imagenet`` (main.py) and
+``crate_cifar`` (finetune.py), the default for supervised CRATE (``crate_cifar`` on CIFAR and the bundled sets,
+``crate_imagenet`` elsewhere); see ``RECIPES``.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 
@@ -27,9 +35,9 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
-from .models.classifier import EncoderClassifier
+from .models.classifier import EncoderClassifier, supervised_classifier
 from .models.pretrained import Pretrained, load_pretrained
-from .models.registry import DEMO_MODELS
+from .models.registry import DEMO_MODELS, SUPERVISED_MODELS
 from .ops.backend import get_backend
 from .pipeline import distributed, flags, run
 from .pipeline.data import (
@@ -56,34 +64,70 @@ DEFAULTS = dict(
     epochs=50, warmup_epochs=5.0, blr=1e-3, min_lr=1e-6, layer_decay=None,
     smoothing=0.1, mixup=None, cutmix=None, mixup_switch_prob=0.5, recipe="auto", randaug_m=None, randaug_n=2,
     randaug_mstd=None, randaug_inc=None, reprob=None, nb_classes=None, eval=False, dist_eval=True, start_epoch=0,
-    output_dir=None,
+    output_dir=None, patch_size=None, opt="adamw",
 )
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
 DEMO = dict(epochs=40, warmup_epochs=2.0, blr=1e-2, threads=1, num_workers=1, log_every=20, save_every_epochs=10)
+# Supervised crate_demo from scratch on the bundled digits (32 px, patch 4), 30 epochs on 2 cores: 91.3% top-1 in
+# 71 s; 68.1% with blr 2e-3, 79.2% with RandAugment on (the crate_cifar recipe's: the 8 x 8 digits, upscaled, lose
+# too much to it).
+SCRATCH_DEMO = dict(epochs=30, warmup_epochs=2.0, blr=1e-2, randaug_m=0, threads=1, num_workers=1, log_every=20,
+                    save_every_epochs=10)
+DEMO_PRESETS = {name: SCRATCH_DEMO if name in SUPERVISED_MODELS else DEMO for name in DEMO_MODELS}
 
 # What each augmentation recipe sets: RandomResizedCrop's smallest area, RandAugment magnitude (timm's 0-10 scale,
 # 0: off), random erasing probability, mixup and cutmix alphas (0: off), and the evaluation crop. On the demo
 # (digits at 64 px) mixing cost 4.9 points of top-1 (87.9% against 92.8% without, 40 epochs), so small inputs go
 # without it.
+# The supervised CRATE release's two scripts (Ma-Lab-Berkeley/CRATE) also set the training defaults (``train``,
+# flags given win), the size and patch of a model trained from scratch, and decay every parameter (``decay_all``):
+#   crate_imagenet, main.py: RandomResizedCrop(0.08, 1) + flip, label smoothing 0.1, AdamW at lr 4e-4 for batch 256,
+#     weight decay 0.1 (its defaults), 20 warmup epochs then cosine to 0, eval on the 0.875 centre crop, 200 epochs
+#     (its README's command, which uses Lion: see LION); 224 px, patch 16.
+#   crate_cifar, finetune.py: RandomResizedCrop(0.08, 1) + flip + RandAugment(n 2, m 14 of torchvision's 30, i.e.
+#     14 / 3 on timm's 10; kornia's operations, not torchvision's exact set), AdamW at lr 1e-4 for batch 50, weight
+#     decay 0.01, cosine from the first step (no warmup) to 0, no label smoothing, full eval view, 400 epochs; from
+#     scratch 32 px, patch 4 (its --patch default; the script itself resizes CIFAR to 224 px for the patch-16
+#     factories: pass --input_size 224 --patch_size 16 for that). Neither uses layer decay.
+# The lr is set as a base lr (lr = blr x effective batch / 256) equal to the release's at the release's batch.
 RECIPES = {
     "mae": dict(min_crop=0.08, randaug_m=9, randaug_mstd=0.5, randaug_inc=True, reprob=0.25, mixup=0.8, cutmix=1.0,
                 crop_pct=0.875),
     "small": dict(min_crop=0.35, randaug_m=0, randaug_mstd=0.0, randaug_inc=False, reprob=0.0, mixup=0.0, cutmix=0.0,
                   crop_pct=1.0),
+    "crate_imagenet": dict(min_crop=0.08, randaug_m=0, randaug_mstd=0.0, randaug_inc=False, reprob=0.0, mixup=0.0,
+                           cutmix=0.0, crop_pct=0.875, input_size=224, patch_size=16, decay_all=True,
+                           train=dict(epochs=200, warmup_epochs=20.0, blr=4e-4, min_lr=0.0, weight_decay=0.1,
+                                      smoothing=0.1, layer_decay=1.0)),
+    "crate_cifar": dict(min_crop=0.08, randaug_m=14 / 3, randaug_mstd=0.0, randaug_inc=False, reprob=0.0, mixup=0.0,
+                        cutmix=0.0, crop_pct=1.0, input_size=32, patch_size=4, decay_all=True,
+                        train=dict(epochs=400, warmup_epochs=0.0, blr=1e-4 * 256 / 50, min_lr=0.0,
+                                   weight_decay=0.01, smoothing=0.0, layer_decay=1.0)),
 }
 FULL_RECIPE_SIZE = 128  # --recipe auto: mae at this input size and above, small below it
+SMALL_IMAGE_SETS = ("cifar10", "cifar100", "digits", "faces")  # --recipe auto for supervised CRATE: crate_cifar
+# --opt lion: the release's Lion settings (its README's ImageNet command: lr 2e-4 at batch 512, weight decay 0.05),
+# unless given; the optimizer is lion-pytorch's (the release's), with its default betas (0.9, 0.99).
+LION = dict(blr=2e-4 * 256 / 512, weight_decay=0.05)
 
 # Settings a resumed fine-tuning run must share with the interrupted one.
 RESUME_KEYS = ("checkpoint", "model", "dataset", "data_path", "input_size", "pool", "batch_size", "accum_iter",
                "epochs", "max_steps", "warmup_epochs", "warmup_steps", "blr", "lr", "min_lr", "weight_decay",
                "layer_decay", "clip_grad", "smoothing", "mixup", "cutmix", "mixup_switch_prob", "recipe",
-               "randaug_m", "randaug_n", "randaug_mstd", "randaug_inc", "reprob", "seed", "amp")
+               "randaug_m", "randaug_n", "randaug_mstd", "randaug_inc", "reprob", "seed", "amp", "patch_size", "opt")
 
 FLAGS = {
     **flags.ENGINE_FLAGS,
     **flags.CHECKPOINT_FLAGS,
     **flags.LABELLED_FLAGS,
+    "model": (str, "architecture, when the checkpoint does not name it; a supervised CRATE (crate_demo, crate_tiny "
+                   "... crate_large) without a checkpoint trains from random initialisation",
+              flags.CHECKPOINT_FLAGS["model"][2]),
+    "patch_size": (int, "patch side of a supervised CRATE trained from scratch (unset: the recipe's, 16 or 4; a "
+                        "checkpoint's is its own)", None),
+    "opt": (str, "optimizer: AdamW, or Lion (lion-pytorch, the extra lion; unset --blr and --weight_decay take the "
+                 "release's Lion settings, 1e-4 and 0.05)", ("adamw", "lion")),
     "weight_decay": (float, "AdamW weight decay (not on biases, norms, 1-D parameters, cls token)", None),
     "layer_decay": (float, "layer-wise lr decay: layer l of L gets lr x decay^(L + 1 - l) (unset: 0.65 for base "
                            "models, else 0.75)", None),
@@ -92,9 +136,13 @@ FLAGS = {
     "cutmix": (float, "cutmix alpha (0: off; unset: the recipe's, 1.0 or 0)", None),
     "mixup_switch_prob": (float, "probability of cutmix instead of mixup for a batch when both are on", None),
     "recipe": (str, f"augmentation; mae: RandomResizedCrop(0.08, 1), RandAugment, random erasing, mixup / cutmix, "
-                    f"0.875 eval crop; small: RandomResizedCrop(0.35, 1), no mixing, full eval view; auto: mae from "
-                    f"{FULL_RECIPE_SIZE} px, else small", ("auto", "mae", "small")),
-    "randaug_m": (int, "RandAugment magnitude on timm's 0-10 scale (0: off; unset: the recipe's, 9 or 0)", None),
+                    f"0.875 eval crop; small: RandomResizedCrop(0.35, 1), no mixing, full eval view; crate_imagenet "
+                    f"and crate_cifar: the supervised CRATE release's main.py and finetune.py (augmentation and "
+                    f"training defaults); auto: for masked-autoencoder checkpoints mae from {FULL_RECIPE_SIZE} px, "
+                    f"else small; for supervised CRATE crate_cifar on CIFAR and the bundled sets, else "
+                    f"crate_imagenet", ("auto", *RECIPES)),
+    "randaug_m": (float, "RandAugment magnitude on timm's 0-10 scale (0: off; unset: the recipe's, 9, 14 / 3 or 0)",
+                  None),
     "randaug_n": (int, "RandAugment operations per image", None),
     "randaug_mstd": (float, "RandAugment magnitude noise: each image draws its magnitude from N(m, mstd^2), clipped "
                             "to 0..10 (0: fixed; 100 or more: uniform in 0..m, timm's 'inf'; unset: the recipe's, 0.5 "
@@ -133,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_OR_RUN",
                    help="a crate-train run directory, a checkpoint-*.pth, a model.safetensors, or a release .pth of "
-                        f"CRATE-MAE or ViT-MAE (default: {DEFAULTS['checkpoint']})")
+                        f"CRATE-MAE or ViT-MAE, or a supervised CRATE checkpoint (default: {DEFAULTS['checkpoint']}; "
+                        "none with a supervised --model: random initialisation)")
     flags.add_flags(p, FLAGS, _shown_default)
     return p
 
@@ -142,7 +191,8 @@ def _shown_default(name: str) -> str:
     if DEFAULTS.get(name) is None:
         return ""
     if name in DEMO:
-        return f" (default: {DEFAULTS[name]}; after a demo pretraining: {DEMO[name]})"
+        return (f" (default: {DEFAULTS[name]}; after a demo pretraining: {DEMO[name]}"
+                + (f"; crate_demo from scratch: {SCRATCH_DEMO[name]})" if name in SCRATCH_DEMO else ")"))
     return f" (default: {DEFAULTS[name]})"
 
 
@@ -155,7 +205,8 @@ def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
         values.update(randaug_settings(aa, values))
     cfg = {**DEFAULTS, **values, "given": sorted(values), "world_size": world_size}
     flags.check_ranges(cfg, positive=("input_size", "batch_size", "accum_iter", "epochs", "blr", "lr", "layer_decay",
-                                      "log_every", "save_every", "save_every_epochs", "randaug_n", "nb_classes"),
+                                      "log_every", "save_every", "save_every_epochs", "randaug_n", "nb_classes",
+                                      "patch_size"),
                        non_negative=("max_steps", "warmup_epochs", "warmup_steps", "min_lr", "weight_decay",
                                      "clip_grad", "mixup", "cutmix", "num_workers", "threads", "randaug_m",
                                      "randaug_mstd", "start_epoch"),
@@ -169,39 +220,60 @@ def resolve(argv: list[str] | None = None, world_size: int = 1) -> dict:
     return cfg
 
 
-def complete(cfg: dict, pretrained: Pretrained) -> dict:
-    """The settings that depend on the checkpoint: the demo preset after a demo pretraining (flags given still
-    win), the input size, the layer decay, the augmentation recipe, the absolute lr and the output directory; under
-    --eval, the pooling of the fine-tuned checkpoint (a --pool that contradicts it is an error)."""
+def complete(cfg: dict, pretrained: Pretrained | None) -> tuple[dict, Pretrained]:
+    """The settings that depend on the checkpoint (``pretrained``; None: a supervised CRATE ``--model`` from random
+    initialisation): the recipe and its training defaults, the demo preset for the demo models (flags given still
+    win), the input size and patch, the layer decay, the absolute lr and the output directory; under --eval, the
+    pooling of the fine-tuned checkpoint (a --pool that contradicts it is an error). Returns the configuration and
+    the checkpoint (for random initialisation, one holding no weights)."""
     given = set(cfg.pop("given"))
+    name = pretrained.model if pretrained is not None else cfg["model"]
+    supervised = name in SUPERVISED_MODELS
+    cfg["dataset"] = resolve_labelled(cfg["dataset"], cfg["data_path"])
     if cfg["eval"]:
-        pool = "mean" if "fc_norm.weight" in pretrained.state else "cls"
+        pool = (pretrained.pool or "cls") if supervised else ("mean" if "fc_norm.weight" in pretrained.state else "cls")
         if "pool" in given and cfg["pool"] != pool:
             raise ConfigError(f"--pool {cfg['pool']} contradicts {pretrained.source}, fine-tuned with --pool {pool}")
         cfg["pool"] = pool
-    if pretrained.model in DEMO_MODELS:
-        cfg.update({k: v for k, v in DEMO.items() if k not in given})
-    cfg["model"] = pretrained.model
-    cfg["checkpoint"] = os.path.abspath(cfg["checkpoint"])
-    cfg["input_size"] = cfg["input_size"] or pretrained.img_size
-    if cfg["input_size"] % pretrained.patch_size:
-        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of the checkpoint's patch size "
-                          f"({pretrained.patch_size})")
+    if cfg["recipe"] == "auto" and supervised:
+        cfg["recipe"] = "crate_cifar" if cfg["dataset"] in SMALL_IMAGE_SETS else "crate_imagenet"
+    recipe = RECIPES.get(cfg["recipe"], {})
+    defaults = {**recipe.get("train", {}), **(LION if cfg["opt"] == "lion" else {}), **DEMO_PRESETS.get(name, {})}
+    cfg.update({k: v for k, v in defaults.items() if k not in given})
+    if cfg["opt"] == "lion" and importlib.util.find_spec("lion_pytorch") is None:
+        raise ConfigError("--opt lion needs lion-pytorch (the release's Lion): pip install 'crate_kernels[lion]'")
+    cfg["model"] = name
+    if pretrained is None:
+        cfg["checkpoint"] = None
+        cfg["patch_size"] = cfg["patch_size"] or recipe.get("patch_size", 16)
+        cfg["input_size"] = cfg["input_size"] or recipe.get("input_size", 224)
+        pretrained = Pretrained.from_scratch(name, cfg["input_size"], cfg["patch_size"])
+    else:
+        if cfg["patch_size"] not in (None, pretrained.patch_size):
+            raise ConfigError(f"--patch_size {cfg['patch_size']} contradicts {pretrained.source}, whose patch is "
+                              f"{pretrained.patch_size}")
+        cfg["checkpoint"] = os.path.abspath(cfg["checkpoint"])
+        cfg["patch_size"] = pretrained.patch_size
+        cfg["input_size"] = cfg["input_size"] or pretrained.img_size
+    if cfg["input_size"] % cfg["patch_size"]:
+        whose = "the checkpoint's" if cfg["checkpoint"] else "the"
+        raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of {whose} patch size "
+                          f"({cfg['patch_size']})")
     if cfg["layer_decay"] is None:
-        cfg["layer_decay"] = 0.65 if "base" in pretrained.model else 0.75
+        cfg["layer_decay"] = 0.65 if "base" in name else 0.75
     if cfg["recipe"] == "auto":
         cfg["recipe"] = "mae" if cfg["input_size"] >= FULL_RECIPE_SIZE else "small"
     for key in ("randaug_m", "randaug_mstd", "randaug_inc", "reprob", "mixup", "cutmix"):
         if cfg[key] is None:
             cfg[key] = RECIPES[cfg["recipe"]][key]
-    cfg["dataset"] = resolve_labelled(cfg["dataset"], cfg["data_path"])
     if cfg["lr"] is None:
         cfg["lr"] = cfg["blr"] * cfg["batch_size"] * cfg["accum_iter"] * cfg.pop("world_size") / 256
         cfg["lr_from_blr"] = True
     else:
         cfg.pop("world_size")
-    cfg["output_dir"] = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "finetune")
-    return cfg
+    cfg["output_dir"] = cfg["output_dir"] or (checkpoint.folder_beside(cfg["checkpoint"], "finetune")
+                                              if cfg["checkpoint"] else os.path.abspath(f"output_{name}"))
+    return cfg, pretrained
 
 
 class Finetuner(run.Run):
@@ -251,7 +323,14 @@ class Finetuner(run.Run):
         )
 
     def build_model(self) -> torch.nn.Module:
-        self.load_summary = []
+        self.load_summary, cfg = [], self.cfg
+        if self.pretrained.family == "supervised":
+            model = supervised_classifier(self.pretrained, None if cfg["eval"] else len(self.classes),
+                                          cfg["input_size"], cfg["pool"], cfg["backend"], log=self.load_summary.append)
+            if model.num_classes != len(self.classes):
+                raise ConfigError(f"--eval: {self.pretrained.source} was trained for {model.num_classes} classes, the "
+                                  f"data has {len(self.classes)}")
+            return model.set_grad_checkpointing(cfg["grad_checkpointing"]).train()
         model = EncoderClassifier.from_pretrained(self.pretrained, len(self.classes), self.cfg["pool"] == "mean",
                                                   backend=self.cfg["backend"], log=self.load_summary.append)
         model.pos_embed.requires_grad_(True)  # fine-tuned from the sin-cos table, as MAE does
@@ -267,7 +346,15 @@ class Finetuner(run.Run):
         return model.set_grad_checkpointing(self.cfg["grad_checkpointing"]).train()
 
     def param_groups(self) -> list[dict]:
-        return layer_decay_groups(self.model, self.cfg["weight_decay"], self.cfg["layer_decay"])
+        return layer_decay_groups(self.model, self.cfg["weight_decay"], self.cfg["layer_decay"],
+                                  RECIPES[self.cfg["recipe"]].get("decay_all", False))
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        if self.cfg["opt"] == "lion":
+            from lion_pytorch import Lion  # the optional extra lion, checked by complete()
+
+            return Lion(groups, lr=self.cfg["lr"])
+        return super().make_optimizer(groups)
 
     def batch_loss(self, model, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -363,7 +450,8 @@ class Finetuner(run.Run):
 
     def _metadata(self) -> dict:
         return {"model": self.cfg["model"], "family": self.pretrained.family, "classes": json.dumps(self.classes),
-                "pool": self.cfg["pool"], "input_size": str(self.cfg["input_size"]), "step": str(self.step)}
+                "pool": self.cfg["pool"], "input_size": str(self.cfg["input_size"]),
+                "patch_size": str(self.cfg["patch_size"]), "step": str(self.step)}
 
     def finish(self) -> dict:
         last = self.monitor.evals[-1] if self.monitor.evals else {}  # the final step was tested
@@ -388,7 +476,7 @@ class Finetuner(run.Run):
         cfg = self.cfg
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
         augment = (f"RandomResizedCrop({RECIPES[cfg['recipe']]['min_crop']}, 1) + flip"
-                   + (f", RandAugment(n {cfg['randaug_n']}, m {cfg['randaug_m']}, mstd {cfg['randaug_mstd']}"
+                   + (f", RandAugment(n {cfg['randaug_n']}, m {cfg['randaug_m']:g}, mstd {cfg['randaug_mstd']:g}"
                       + (", increasing)" if cfg["randaug_inc"] else ")") if cfg["randaug_m"] else "")
                    + (f", random erasing {cfg['reprob']}" if cfg["reprob"] else "")
                    + (f", mixup {cfg['mixup']} / cutmix {cfg['cutmix']}" if cfg["mixup"] or cfg["cutmix"] else "")
@@ -398,7 +486,9 @@ class Finetuner(run.Run):
             f"  data: {self.data_desc}, {counted(self.num_workers, 'loading worker')}; test: {self.test_desc}\n"
             f"  {cfg['input_size']}px, backend {cfg['backend'] or get_backend()}; {cfg['recipe']} recipe: {augment}\n"
             f"  {counted(self.dist.world_size, 'process')} on {self.device}, amp {amp}; effective batch "
-            f"{self.global_batch}, lr {cfg['lr']:.3g} (layer decay {cfg['layer_decay']}), "
+            f"{self.global_batch}, {'Lion' if cfg['opt'] == 'lion' else 'AdamW'} lr {cfg['lr']:.3g} (layer decay "
+            f"{cfg['layer_decay']}), weight decay {cfg['weight_decay']}"
+            f"{' on every parameter' if RECIPES[cfg['recipe']].get('decay_all') else ''}, "
             f"{counted(self.total_steps, 'step')} ({self.steps_per_epoch} per epoch), warmup {self.warmup_steps}\n"
             f"  output: {self.out}" + (f" (resuming at step {self.step})" if self.step else "")
             + f"; TensorBoard: {self.monitor.tensorboard}"
@@ -411,11 +501,13 @@ class Finetuner(run.Run):
 
 
 def finetune(cfg: dict) -> dict:
-    """Fine-tune with a configuration from ``resolve``; returns the summary (final and best top-1/top-5). With
-    --eval, test the fine-tuned checkpoint instead and return its scores."""
+    """Fine-tune with a configuration from ``resolve`` (a supervised CRATE ``--model`` without a checkpoint: train
+    it from random initialisation); returns the summary (final and best top-1/top-5). With --eval, test the
+    fine-tuned checkpoint instead and return its scores."""
     source = cfg["resume"] if cfg["eval"] and cfg["resume"] else cfg["checkpoint"]
-    pretrained = load_pretrained(source, cfg["model"])
-    cfg = complete(dict(cfg), pretrained)
+    scratch = cfg["model"] in SUPERVISED_MODELS and "checkpoint" not in cfg["given"] and not cfg["eval"]
+    pretrained = None if scratch else load_pretrained(source, cfg["model"])
+    cfg, pretrained = complete(dict(cfg), pretrained)
     if cfg["eval"]:
         return evaluate_only(cfg, pretrained)
     return run.launch(cfg, functools.partial(Finetuner, pretrained=pretrained))

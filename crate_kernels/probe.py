@@ -9,6 +9,9 @@ printed and written to a JSON file beside the features. ``--compare_random`` pro
 initialised models of the same architecture (seeds --seed, --seed + 1, ...) in the same run and says whether the
 pretrained probe lies above, within or below their spread.
 
+A supervised CRATE checkpoint (the release's, or a crate-finetune run of one) is probed the same way: its [CLS] (or
+mean token) after its head's LayerNorm, the head's linear map left out.
+
 Pooling: [CLS] by default, the paper's CRATE-MAE protocol (the [CLS] output of the encoder is the image feature it
 probes) and MAE's main_linprobe.py default; MAE's ``--global_pool`` / ``--cls_token``, ``--finetune PATH`` and
 ``--nb_classes`` are accepted too (``pipeline.flags.MAE_ALIASES``).
@@ -27,7 +30,8 @@ import torch
 
 from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
-from .models.classifier import EncoderClassifier, make_head
+from .models.classifier import EncoderClassifier, make_head, supervised_classifier
+from .models.crate_supervised import CRATE
 from .models.pretrained import Pretrained, load_pretrained
 from .pipeline import distributed, flags
 from .pipeline.data import (
@@ -319,8 +323,7 @@ def run(cfg: dict, log=print) -> dict:
     splits = load_splits(cfg, cfg["input_size"])
     num_classes = len(splits["train"].classes)
     flags.check_nb_classes(cfg["nb_classes"], num_classes, splits["train"].describe())
-    clf = EncoderClassifier.from_pretrained(pretrained, num_classes, cfg["pool"] == "mean", True,
-                                            backend=cfg["backend"], log=None)
+    clf = frozen_encoder(pretrained, num_classes, cfg["pool"], cfg["input_size"], cfg["backend"])
     depth = len(clf.blocks)
     if not -depth <= cfg["layer"] < depth:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
@@ -337,7 +340,8 @@ def run(cfg: dict, log=print) -> dict:
     if cfg["compare_random"]:
         results["random"], seeds = [], list(range(cfg["seed"], cfg["seed"] + cfg["random_inits"]))
         for seed in seeds:
-            random_clf = random_classifier(pretrained, num_classes, cfg["pool"], seed, cfg["backend"])
+            random_clf = random_classifier(pretrained, num_classes, cfg["pool"], seed, cfg["backend"],
+                                           cfg["input_size"])
             result = probe_model(random_clf, f"{pretrained.model}, random initialisation (seed {seed})",
                                  f"{pretrained.model}-random{seed}-{tag}", splits, cfg, device, amp, log)
             log(_line(f"  random init (seed {seed})", result))
@@ -372,14 +376,29 @@ def random_spread(pretrained_top1: float, random_top1: list[float]) -> dict:
             "verdict": verdict}
 
 
-def random_classifier(pretrained: Pretrained, num_classes: int, pool: str, seed: int,
-                      backend: str | None) -> EncoderClassifier:
-    """The same architecture with MAE's initialisation from ``seed`` (what pretraining starts from)."""
+def frozen_encoder(pretrained: Pretrained, num_classes: int, pool: str, input_size: int,
+                   backend: str | None) -> EncoderClassifier | CRATE:
+    """The model whose ``pooled(imgs, layer)`` features are probed: a masked autoencoder's encoder with MAE's
+    pooling and linear-probe head, or a supervised CRATE at ``input_size`` (its own head kept, unused: the feature
+    is what the head's linear map would see)."""
+    if pretrained.family == "supervised":
+        return supervised_classifier(pretrained, None if pretrained.state else num_classes, input_size, pool, backend,
+                                     log=None).eval()
+    return EncoderClassifier.from_pretrained(pretrained, num_classes, pool == "mean", True, backend=backend, log=None)
+
+
+def random_classifier(pretrained: Pretrained, num_classes: int, pool: str, seed: int, backend: str | None,
+                      input_size: int | None = None) -> EncoderClassifier | CRATE:
+    """The same architecture with its initialisation from ``seed`` (what training starts from: MAE's, or the
+    supervised CRATE release's)."""
     torch.manual_seed(seed)
-    mae = pretrained.build(backend, weights=False)
-    init = Pretrained(pretrained.model, pretrained.img_size, pretrained.patch_size, pretrained.norm_pix_loss,
-                      mae.state_dict(), f"random initialisation (seed {seed})")
-    return EncoderClassifier.from_pretrained(init, num_classes, pool == "mean", True, backend=backend, log=None)
+    if pretrained.family == "supervised":
+        init = Pretrained.from_scratch(pretrained.model, pretrained.img_size, pretrained.patch_size)
+    else:
+        mae = pretrained.build(backend, weights=False)
+        init = Pretrained(pretrained.model, pretrained.img_size, pretrained.patch_size, pretrained.norm_pix_loss,
+                          mae.state_dict(), f"random initialisation (seed {seed})")
+    return frozen_encoder(init, num_classes, pool, input_size or pretrained.img_size, backend)
 
 
 def _warn(text: str) -> None:

@@ -85,7 +85,7 @@ def test_evaluation_commands_say_it_in_one_line(bad_files, tmp_path, capsys, cas
     err = _one_line_error(captured.err, program, expected)
     assert str(path) in err and not out.exists()
     if case == "unrelated":
-        assert "neither a CRATE-MAE nor a ViT-MAE checkpoint" in err
+        assert "not a CRATE-MAE, ViT-MAE or supervised CRATE checkpoint" in err
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -256,7 +256,7 @@ def test_bad_inputs_are_one_message_before_anything_is_written(run_dir, tmp_path
     not_a_model = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, not_a_model)
     assert main([str(not_a_model), "--output_dir", str(out)]) == 1
-    assert "neither a CRATE-MAE nor a ViT-MAE" in capsys.readouterr().err
+    assert "not a CRATE-MAE, ViT-MAE or supervised CRATE checkpoint" in capsys.readouterr().err
     assert main([str(run_dir), "--data_path", str(tmp_path), "--output_dir", str(out)]) == 1
     assert "none of the labelled layouts" in capsys.readouterr().err
     colour_folder(tmp_path / "mismatch", (("train", 2), ("val", 1)))

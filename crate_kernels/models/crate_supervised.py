@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .base import patches
+from .base import GradCheckpointing, patches
 from .crate import CONFIGS, ISTA, MSSA, CRATELayers, PreNorm
+from .hub import HubMixin
 
 __all__ = ["CRATE", "crate_tiny", "crate_small", "crate_base", "crate_large", "SUPERVISED_CONFIGS"]
 
@@ -32,6 +34,11 @@ class Patches(nn.Module):
         return patches(img, self.patch_height, self.patch_width)
 
 
+def _crate_layer(x: torch.Tensor, attn: nn.Module, ista: nn.Module) -> torch.Tensor:
+    """One layer: z_half = z + MSSA(LN(z)), then ISTA(LN(z_half)) (the release's residual placement)."""
+    return ista(attn(x) + x)
+
+
 class Transformer(nn.Module):
     """``depth`` CRATE layers: ``layers[i] = [PreNorm(MSSA), PreNorm(ISTA)]`` (the release's key names)."""
 
@@ -44,13 +51,15 @@ class Transformer(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ista in self.layers:
-            x = ista(attn(x) + x)
+    def forward(self, x: torch.Tensor, count: int | None = None, recompute: bool = False) -> torch.Tensor:
+        """The first ``count`` layers (all by default), each recomputed in backward when ``recompute``."""
+        for attn, ista in self.layers[:count]:
+            x = (checkpoint(_crate_layer, x, attn, ista, use_reentrant=False) if recompute
+                 else _crate_layer(x, attn, ista))
         return x
 
 
-class CRATE(CRATELayers, nn.Module):
+class CRATE(CRATELayers, GradCheckpointing, nn.Module, HubMixin):
     """The release's supervised CRATE; ``forward(img (B, C, H, W)) -> logits (B, num_classes)``."""
 
     def __init__(self, *, image_size, patch_size, num_classes: int, dim: int, depth: int, heads: int,
@@ -85,14 +94,30 @@ class CRATE(CRATELayers, nn.Module):
         """The encoder layers, as the white-box analysis (crate_kernels.analysis) reads a model's ``blocks``."""
         return self.transformer.layers
 
-    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> the last layer's tokens (B, 1 + N, dim), [CLS] first."""
+    @property
+    def num_classes(self) -> int:
+        return self.mlp_head[1].out_features
+
+    def forward_features(self, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """(B, C, H, W) -> the tokens (B, 1 + N, dim) after layer ``layer`` (0-based; default the last), [CLS]
+        first."""
         if img.dim() != 4 or img.shape[1] != self.channels or tuple(img.shape[2:]) != self.image_size:
             raise ValueError(f"img must be (B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}), got "
                              f"{tuple(img.shape)}")
+        depth = len(self.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer must lie in [{-depth}, {depth}) for this {depth}-layer model, got {layer}")
         x = self.to_patch_embedding(img)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
-        return self.transformer(self.dropout(x))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        return self.transformer(self.dropout(x), layer % depth + 1, recompute)
+
+    def pooled(self, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """(B, dim): the image feature, [CLS] or the token mean (``pool``), after the head's LayerNorm at the last
+        layer (what its linear map sees); at an earlier ``layer``, without it."""
+        tokens = self.forward_features(img, layer)
+        feature = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+        return self.mlp_head[0](feature) if layer % len(self.blocks) == len(self.blocks) - 1 else feature
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         feature = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
@@ -101,12 +126,22 @@ class CRATE(CRATELayers, nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))
 
+    def describe(self, source: str = "", note: str = "") -> str:
+        """One line: parameters (head apart), classes, pooling, and where the weights came from."""
+        head = sum(p.numel() for p in self.mlp_head.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        c = self.config
+        return (f"CRATE: {total:,} parameters ({total - head:,} encoder, {head:,} head), {c['depth']} layers of "
+                f"width {c['dim']}, {c['heads']} heads, {self.num_classes} classes, {self.pool} pooling"
+                + (f"; from {source}" if source else "") + (f"; {note}" if note else ""))
+
 
 # The release's factories (CRATE_tiny ... CRATE_large): 224 px, patch 16, dim_head = dim / heads, no dropout; the
-# widths, depths and heads are CRATE-MAE's encoder's of the same name.
+# widths, depths and heads are CRATE-MAE's encoder's of the same name. crate_demo (ours) is the CPU demo's scale.
 SUPERVISED_CONFIGS = {
-    name.replace("_mae", ""): dict(dim=c["embed_dim"], depth=c["depth"], heads=c["num_heads"])
-    for name, c in CONFIGS.items()
+    "crate_demo": dict(dim=128, depth=3, heads=4),
+    **{name.replace("_mae", ""): dict(dim=c["embed_dim"], depth=c["depth"], heads=c["num_heads"])
+       for name, c in CONFIGS.items()},
 }
 
 
@@ -118,11 +153,13 @@ def _factory(name: str):
         return CRATE(**{**args, **kwargs})
 
     build.__name__ = name
-    build.__doc__ = (f"The release's CRATE_{name.split('_')[1]}: {SUPERVISED_CONFIGS[name]}, 224 px, patch 16 "
-                     "(keywords override, e.g. image_size=32, patch_size=4 for CIFAR).")
+    origin = "the CPU demo's size" if name == "crate_demo" else f"the release's CRATE_{name.split('_')[1]}"
+    build.__doc__ = (f"Supervised CRATE, {origin}: {SUPERVISED_CONFIGS[name]}, 224 px, patch 16 (keywords override, "
+                     "e.g. image_size=32, patch_size=4 for CIFAR).")
     return build
 
 
+crate_demo = _factory("crate_demo")
 crate_tiny = _factory("crate_tiny")
 crate_small = _factory("crate_small")
 crate_base = _factory("crate_base")

@@ -1,10 +1,11 @@
 """Checkpoints of the models: loading one into a model, and telling which masked autoencoder a checkpoint holds.
 
 ``load_checkpoint(model, checkpoint)`` loads a release or crate-train checkpoint (a path or a dict) into a model,
-shapes checked first. ``load_pretrained(source)`` reads any pretraining checkpoint (a crate-train run directory,
-its checkpoint-*.pth or model.safetensors, a release ``{'model': ...}`` .pth of either family, 'module.' prefixes
-allowed) and tells which architecture (``registry.MODELS``) it is; ``Pretrained.build()`` gives the model with
-those weights.
+shapes checked first. ``load_pretrained(source)`` reads any checkpoint of the three families (a crate-train or
+crate-finetune run directory, its checkpoint-*.pth or model.safetensors, a release ``{'model': ...}`` .pth of
+CRATE-MAE or ViT-MAE, supervised CRATE's ``{'state_dict': ...}``, 'module.' prefixes allowed) and tells which
+architecture (``registry.MODELS`` or ``SUPERVISED_MODELS``) it is; ``Pretrained.build()`` gives the model with those
+weights, ``Pretrained.from_scratch`` stands for a random initialisation.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from torch import nn
 from ..checkpoint import load
 from ..errors import TrainError
 from .crate import CRATEMAE
+from .crate_supervised import CRATE
 from .hub import CONFIG, WEIGHTS, download, is_repo_id, read_config
-from .registry import FAMILY_NAMES, MODELS, build_mae, family
+from .registry import CHECKPOINT_MODELS, FAMILY_NAMES, MODELS, SUPERVISED_MODELS, build_mae, build_supervised, family
 from .vit_mae import MaskedAutoencoderViT
 
 
@@ -81,7 +83,8 @@ def is_decoder_key(key: str) -> bool:
 
 @dataclass
 class Pretrained:
-    """A pretraining checkpoint, resolved: architecture ``model`` at ``img_size``/``patch_size``, and its weights."""
+    """A checkpoint, resolved: architecture ``model`` at ``img_size``/``patch_size``, and its weights (empty: a
+    random initialisation); ``pool``, a classifier's pooling when its run recorded it."""
 
     model: str
     img_size: int
@@ -89,6 +92,12 @@ class Pretrained:
     norm_pix_loss: bool
     state: dict = field(repr=False)
     source: str = ""
+    pool: str | None = None
+
+    @classmethod
+    def from_scratch(cls, model: str, img_size: int, patch_size: int) -> "Pretrained":
+        """No checkpoint: architecture ``model``, randomly initialised."""
+        return cls(model, img_size, patch_size, False, {}, "random initialisation")
 
     @property
     def family(self) -> str:
@@ -99,12 +108,27 @@ class Pretrained:
         return any(k.startswith("decoder_blocks.") for k in self.state)
 
     def describe(self) -> str:
-        return (f"{self.model} ({FAMILY_NAMES[self.family]}, {self.img_size}px, patch {self.patch_size}) from "
-                f"{self.source}" + ("" if self.has_decoder else ", encoder only"))
+        whole = self.has_decoder or self.family == "supervised" or not self.state
+        return (f"{self.model} ({FAMILY_NAMES[self.family]}, {self.img_size}px, patch {self.patch_size})"
+                + (f" from {self.source}" if self.state else ", random initialisation")
+                + ("" if whole else ", encoder only"))
 
-    def build(self, backend: str | None = None, weights: bool = True) -> CRATEMAE | MaskedAutoencoderViT:
-        """The masked autoencoder in eval mode, on CPU, with these weights (``weights=False``: freshly initialised,
-        from torch's global generator). An encoder-only checkpoint leaves the decoder at its initialisation."""
+    def build(self, backend: str | None = None, weights: bool = True) -> CRATEMAE | MaskedAutoencoderViT | CRATE:
+        """The model in eval mode, on CPU, with these weights (``weights=False``: freshly initialised, from torch's
+        global generator): a masked autoencoder (an encoder-only checkpoint leaves the decoder at its
+        initialisation), or a supervised CRATE with the checkpoint's head and pooling."""
+        if self.family == "supervised":
+            head = self.state.get("mlp_head.1.weight")
+            if head is None:
+                raise TrainError(f"{self.source} holds no classification head (mlp_head.1.weight)")
+            model = build_supervised(self.model, int(head.shape[0]), self.img_size, self.patch_size,
+                                     self.pool or "cls", backend)
+            if weights:
+                try:
+                    load_checkpoint(model, self.state)
+                except ValueError as e:
+                    raise TrainError(f"{self.source} does not fit --model {self.model}: {e}") from None
+            return model.eval()
         model = build_mae(self.model, self.img_size, self.patch_size, self.norm_pix_loss, backend)
         if weights:
             try:
@@ -125,6 +149,8 @@ def _family_of_state(state: dict) -> str | None:
         return "vit"
     if "blocks.0.layers.0.0.fn.qkv.weight" in state:
         return "crate"
+    if "transformer.layers.0.0.fn.qkv.weight" in state:
+        return "supervised"
     return None
 
 
@@ -134,15 +160,24 @@ def _count(state: dict, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _geometry(state: dict, source: str) -> tuple[int, int]:
-    """(img_size, patch_size) from the patch embedding and the position table (square grids)."""
+def _geometry(state: dict, source: str, fam: str) -> tuple[int, int]:
+    """(img_size, patch_size) from the patch embedding and the position table (square grids; supervised CRATE's
+    patch of p x p x 3 pixels, the release's RGB)."""
     try:
-        patch = int(state["patch_embed.proj.weight"].shape[-1])
-        table = state.get("pos_embed", state.get("decoder_pos_embed"))
-        n = int(table.shape[1]) - 1
+        if fam == "supervised":
+            patch = int(round((int(state["to_patch_embedding.1.weight"].shape[0]) / 3) ** 0.5))
+            n = int(state["pos_embedding"].shape[1]) - 1
+        else:
+            patch = int(state["patch_embed.proj.weight"].shape[-1])
+            table = state.get("pos_embed", state.get("decoder_pos_embed"))
+            n = int(table.shape[1]) - 1
     except (KeyError, AttributeError, IndexError):
-        raise TrainError(f"{source} lacks patch_embed.proj.weight or pos_embed: not a masked-autoencoder "
-                         "checkpoint") from None
+        needed = ("to_patch_embedding.1.weight or pos_embedding" if fam == "supervised"
+                  else "patch_embed.proj.weight or pos_embed")
+        raise TrainError(f"{source} lacks {needed}: not a whole {FAMILY_NAMES[fam]} checkpoint") from None
+    if fam == "supervised" and 3 * patch * patch != int(state["to_patch_embedding.1.weight"].shape[0]):
+        raise TrainError(f"{source}: a patch of {int(state['to_patch_embedding.1.weight'].shape[0])} values is not "
+                         "p x p RGB pixels")
     side = int(round(n ** 0.5))
     if side * side != n:
         raise TrainError(f"{source}: position table of {n} patches is not a square grid")
@@ -150,8 +185,18 @@ def _geometry(state: dict, source: str) -> tuple[int, int]:
 
 
 def _infer_model(state: dict, source: str) -> str:
-    """The MODELS name whose family, width, depth (and decoder, when present) match ``state``."""
+    """The MODELS (or SUPERVISED_MODELS) name whose family, width, depth (and decoder, when present) match
+    ``state``."""
     fam = _family_of_state(state)
+    if fam == "supervised":
+        shape = {"dim": int(state["to_patch_embedding.2.weight"].shape[0]),
+                 "depth": _count(state, "transformer.layers")}
+        matches = [name for name, cfg in SUPERVISED_MODELS.items() if all(cfg[k] == v for k, v in shape.items())]
+        if len(matches) != 1:
+            raise TrainError(f"cannot tell the architecture of {source} (supervised CRATE, width {shape['dim']}, "
+                             f"depth {shape['depth']}): no --model has this shape; choices: "
+                             + ", ".join(SUPERVISED_MODELS))
+        return matches[0]
     width = int(state["patch_embed.proj.weight"].shape[0])
     depth = _count(state, "blocks")
     shape = {"embed_dim": width, "depth": depth}
@@ -224,17 +269,18 @@ def load_pretrained(source: str, model: str | None = None, norm_pix_loss: bool |
             args = {**(yaml.safe_load(f) or {}), **args}
     fam = _family_of_state(state)
     if fam is None:
-        raise TrainError(f"{path} is neither a CRATE-MAE nor a ViT-MAE checkpoint: it holds none of their "
-                         f"parameters; its keys look like {key_sample(state)}")
-    img_size, patch_size = _geometry(state, path)
+        raise TrainError(f"{path} is not a CRATE-MAE, ViT-MAE or supervised CRATE checkpoint: it holds none of "
+                         f"their parameters; its keys look like {key_sample(state)}")
+    img_size, patch_size = _geometry(state, path, fam)
     named = args.get("model") or meta.get("model")
     if model is not None and named is not None and model != named:
         raise TrainError(f"--model {model} contradicts {path}, which was trained as {named}")
     name = model or named or _infer_model(state, path)
-    if name not in MODELS:
-        raise TrainError(f"{path} names the architecture {name!r}, which is not one of {', '.join(MODELS)}")
+    if name not in CHECKPOINT_MODELS:
+        raise TrainError(f"{path} names the architecture {name!r}, which is not one of {', '.join(CHECKPOINT_MODELS)}")
     if family(name) != fam:
         raise TrainError(f"{path} holds a {FAMILY_NAMES[fam]} checkpoint, but {name} is a "
                          f"{FAMILY_NAMES[family(name)]}")
     pix = args.get("norm_pix_loss", norm_pix_loss)
-    return Pretrained(name, img_size, patch_size, bool(pix), state, path)
+    pool = args.get("pool") or meta.get("pool")
+    return Pretrained(name, img_size, patch_size, bool(pix), state, path, pool if pool in ("cls", "mean") else None)

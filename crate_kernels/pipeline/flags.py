@@ -21,7 +21,7 @@ import yaml
 from ..checkpoint import atomic_write
 from ..errors import ConfigError, DatasetError, StopRequested, TrainError
 from ..models.hub import hub_available
-from ..models.registry import MODELS
+from ..models.registry import CHECKPOINT_MODELS
 from ..ops.backend import BACKENDS
 from .data import LABELLED_DATASETS
 
@@ -37,7 +37,7 @@ COMMON_FLAGS = {
 
 CHECKPOINT_FLAGS = {
     "model": (str, "architecture, when the checkpoint does not name it (a release .pth whose shape fits several)",
-              tuple(MODELS)),
+              CHECKPOINT_MODELS),
     "input_size": (int, "image side, a multiple of the checkpoint's patch size (unset: its pretraining size; the "
                         "position table is interpolated)", None),
 }

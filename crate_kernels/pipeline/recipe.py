@@ -9,28 +9,36 @@ import math
 import torch
 
 from ..errors import ConfigError, TrainError
-from ..models.classifier import EncoderClassifier
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
+# Parameter names of the embedding (layer 0) and of the numbered encoder layers, in the classifiers of a masked
+# autoencoder (MAE's names) and in supervised CRATE (the release's).
+EMBEDDING_NAMES = ("patch_embed.", "cls_token", "pos_embed", "to_patch_embedding.")
+LAYER_PREFIXES = ("blocks.", "transformer.layers.")
 
-def layer_decay_groups(model: EncoderClassifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with MAE's layer-wise lr decay: the embedding (patch_embed, cls_token, pos_embed) is layer 0,
-    block i is layer i + 1, the rest (norm, fc_norm, head) layer L = depth + 1; a group's ``lr_scale`` is
-    layer_decay^(L - layer). No weight decay on 1-D parameters (biases, norms) and the cls token. Frozen parameters
-    are left out; each group carries ``param_names``."""
+
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float,
+                       decay_all: bool = False) -> list[dict]:
+    """Optimizer groups with MAE's layer-wise lr decay: the embedding (patch_embed or to_patch_embedding, cls_token,
+    pos_embed or pos_embedding) is layer 0, encoder layer i is layer i + 1, the rest (norm, fc_norm, head, mlp_head)
+    layer L = depth + 1; a group's ``lr_scale`` is layer_decay^(L - layer). No weight decay on 1-D parameters
+    (biases, norms) and the cls token and position table, unless ``decay_all`` (the supervised CRATE release decays
+    every parameter). Frozen parameters are left out; each group carries ``param_names``."""
     depth = len(model.blocks)
     top = depth + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+        prefix = next((pre for pre in LAYER_PREFIXES if name.startswith(pre)), None)
+        if name.startswith(EMBEDDING_NAMES):
             layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
+        elif prefix is not None:
+            layer = int(name[len(prefix):].split(".")[0]) + 1
         else:
             layer = top
-        decay = not (p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
+        decay = decay_all or not (p.ndim == 1 or name.endswith(".bias")
+                                  or name in ("cls_token", "pos_embed", "pos_embedding"))
         group = groups.setdefault((layer, decay), {
             "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
             "lr_scale": layer_decay ** (top - layer),

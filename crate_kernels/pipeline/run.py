@@ -114,9 +114,10 @@ class Run:
 
     ``build_data()``: the training set, through ``make_loader(views, collate)``, whose batches are tuples
     ``(uint8 images (B, 3, S, S) or None, *tensors, failed reads)``; ``build_model()``: the module to train;
-    ``param_groups()``: AdamW groups (each may carry ``lr_scale``); ``batch_loss(model, imgs, *tensors)``: the
-    loss of one normalised batch on the device; ``evaluate(epoch_end, final)``; ``finish()``: final outputs and the
-    summary; ``banner()``; ``save_config(path, header)``. Class attributes: ``program`` (message prefix),
+    ``param_groups()``: optimizer groups (each may carry ``lr_scale``); ``make_optimizer(groups)`` (AdamW unless
+    overridden); ``batch_loss(model, imgs, *tensors)``: the loss of one normalised batch on the device;
+    ``evaluate(epoch_end, final)``; ``finish()``: final outputs and the summary; ``banner()``;
+    ``save_config(path, header)``. Class attributes: ``program`` (message prefix),
     ``recipe_keys`` (settings a resume compares), ``strict_recipe`` (a changed recipe on resume is an error instead
     of a note), ``betas`` (AdamW's).
     """
@@ -151,6 +152,10 @@ class Run:
 
     def batch_loss(self, model, imgs: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """The optimizer over ``groups`` at lr ``cfg['lr']``: AdamW with ``betas`` (fused on CUDA)."""
+        return torch.optim.AdamW(groups, lr=self.cfg["lr"], betas=self.betas, fused=self.device.type == "cuda")
 
     def evaluate(self, epoch_end: bool, final: bool) -> None:
         """Called after every step, before any checkpoint of that step is written; by default nothing."""
@@ -209,8 +214,7 @@ class Run:
         cfg = self.cfg
         seed_everything(cfg["seed"])  # identical initial weights on every rank
         self.model = self.build_model().to(self.device)
-        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=self.betas,
-                                           fused=self.device.type == "cuda")
+        self.optimizer = self.make_optimizer(self.param_groups())
         self.ddp = self.model
         if self.dist.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
