@@ -463,7 +463,7 @@ def tune_driver(name: str, path: Path) -> None:
     if name != "autotune":
         for model in TUNE_MODELS:
             with tuning.fresh_memory():
-                rows = tuning.tune(_train_step(model, device))
+                rows = tuning.tune_step(_train_step(model, device))
             _append(path, {"model": model, "batch": TUNE_BATCH[device], "rows": rows,
                            "table": tuning.format_tables(rows)})
         return
@@ -475,7 +475,7 @@ def tune_driver(name: str, path: Path) -> None:
             for old in Path(os.environ["CRATE_KERNELS_CACHE"]).glob("tuning-*.json"):
                 old.unlink()  # every round measures and checks again
             with tuning.fresh_memory():
-                rows = tuning.tune(step)
+                rows = tuning.tune_step(step)
             _append(path, {"model": model, "batch": TUNE_BATCH[device], "round": rounds.round,
                            "configs": dict(rounds.used), "rows": rows, "table": tuning.format_tables(rows)})
         if not rounds.next():

@@ -1,11 +1,11 @@
 """Import layering of crate_kernels, read from the source with ast (nothing is imported or run).
 
-Layers, bottom up: errors < ops < models (with whitebox, and analysis, its public name) < pipeline < commands.
-A top-level module or package not in LAYERS is a command (train, probe, finetune, analyze, hub, ...), and so is the
-package's own __init__, which re-exports from the layers below. Two rules, imports inside functions counted too:
-no module imports a layer above its own, and there is no import circle anywhere in the package.
-An import edge goes to the module named: `from . import x` to the submodule x where there is one, `from .m import f`
-to m (a package's __init__ when m is a package); executing a parent package's __init__ is not an edge.
+Layers, bottom up: errors < ops < models (with whitebox, and analysis, its public name) < pipeline < commands. A
+top-level module or package not in LAYERS is a command (train, probe, finetune, analyze, hub, ...), and so are the
+package's own __init__, which re-exports from the layers below, and the ENTRY_POINTS (ops.tune). Two rules, imports
+inside functions counted too: no module imports a layer above its own, and there is no import circle anywhere in the
+package. An import edge goes to the module named: `from . import x` to the submodule x where there is one, `from .m
+import f` to m (a package's __init__ when m is a package); executing a parent package's __init__ is not an edge.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # errors; whitebox measures models for the commands and uses the pipeline's image constants
 LAYERS = {"errors": 0, "checkpoint": 0, "ops": 1, "models": 2, "whitebox": 3, "analysis": 3, "pipeline": 3}
 COMMANDS = 4
+# commands that live inside a lower layer's package for the name users type (python -m crate_kernels.ops.tune):
+# they import downwards like every command, and the rules keep their package from importing them
+ENTRY_POINTS = ("crate_kernels.ops.tune",)
 LAYER_NAMES = ("errors", "ops", "models", "pipeline", "commands")
 
 
@@ -78,7 +81,9 @@ def import_graph(root: Path, package: str) -> dict[str, dict[str, list[int]]]:
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    return LAYERS.get(parts[1], COMMANDS) if len(parts) > 1 else COMMANDS
+    if module in ENTRY_POINTS or len(parts) < 2:
+        return COMMANDS
+    return LAYERS.get(parts[1], COMMANDS)
 
 
 def upward_imports(graph: dict[str, dict[str, list[int]]], root: Path) -> list[str]:
@@ -242,7 +247,8 @@ def test_checker_lists_every_import_up_the_layers(tmp_path):
     ("crate_kernels.models.vit_mae", "models"), ("crate_kernels.whitebox", "pipeline"),
     ("crate_kernels.checkpoint", "errors"),
     ("crate_kernels.pipeline.data.images", "pipeline"), ("crate_kernels.train.trainer", "commands"),
-    ("crate_kernels.hub", "commands"), ("crate_kernels.analyze", "commands"),
+    ("crate_kernels.hub", "commands"), ("crate_kernels.analyze", "commands"), ("crate_kernels.ops.tune", "commands"),
+    ("crate_kernels.ops.tuning", "ops"),
 ])
 def test_layer_of_each_part_of_the_layout(module, expected):
     assert LAYER_NAMES[layer(module)] == expected

@@ -25,12 +25,13 @@ def test_mssa_torch_matches_float64_reference(n, p):
 
 @pytest.mark.parametrize("n,p", [(1, 48), (17, 64), (197, 64)])
 def test_mssa_matmul_launchers_match_float64_reference(n, p):
-    """The device-independent form of the torch backend (CPU uses PyTorch's flash kernels instead)."""
-    from crate_kernels.ops.mssa.torch_impl import _backward_matmul, _forward_matmul
+    """The device-independent library path of the torch backend (CPU runs PyTorch's flash kernels first)."""
+    from crate_kernels.ops.mssa.library import CANDIDATES
 
+    forward, backward = CANDIDATES["mssa_forward"]["matmul"].fn, CANDIDATES["mssa_backward"]["matmul"].fn
     w, dout, scale = torch.randn(2, 3, n, p), torch.randn(2, 3, n, p), p ** -0.5
-    out, lse = _forward_matmul(w, scale)
-    assert_mssa_close(w, dout, scale, out, _backward_matmul(dout, w, out, lse, scale), lse)
+    out, lse = forward(w, scale)
+    assert_mssa_close(w, dout, scale, out, backward(dout, w, out, lse, scale), lse)
 
 
 def test_ops_follow_autocast_like_the_reference():

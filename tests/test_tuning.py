@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:crate_kernels. auto dropped cand
 KIND = "mssa_forward"
 SHAPE = (2, 3, 17, 32)
 calls: dict[str, int] = {}
-TORCH_FORWARD = backend._candidates[KIND]["torch"].fn  # the operator's generic library launcher
+LIBRARY_FORWARD = backend._candidates[KIND]["matmul"].fn  # a library launcher that runs any device and dtype
 
 
 def _counted(name, fn):
@@ -38,7 +38,7 @@ def _sleeping(seconds, fn):
 def install_fakes(sleeps=None):
     """Replace mssa_forward's candidates: the library path (slow enough that a fast correct one beats the margin),
     a fast correct one, a slow correct one, a fast wrong one and a raising one; every call counted."""
-    torch_fwd = TORCH_FORWARD
+    torch_fwd = LIBRARY_FORWARD
     sleeps = sleeps or {"library": 0.03, "fast": 0.0, "slow": 0.08}  # gaps far above a loaded machine's noise
 
     def wrong(w, scale):
@@ -142,20 +142,21 @@ def test_out_of_memory_propagates(fakes):
 
 
 def _fixed_order_candidates():
-    """Library candidates registered as generic "torch" (tried last), one that declines, one that runs."""
-    torch_fwd = TORCH_FORWARD
+    """Library candidates in registration order: one that declines, one that runs, one after it; and a faster
+    non-library one."""
+    library_fwd = LIBRARY_FORWARD
     backend._candidates[KIND] = {
-        "torch": backend.Entry(_counted("torch", torch_fwd), None, True),
-        "declines": backend.Entry(_counted("declines", torch_fwd), lambda w, scale: "not this shape", True),
-        "second": backend.Entry(_counted("second", torch_fwd), None, True),
-        "fast": backend.Entry(_counted("fast", torch_fwd), None, False),
+        "declines": backend.Entry(_counted("declines", library_fwd), lambda w, scale: "not this shape", True),
+        "second": backend.Entry(_counted("second", library_fwd), None, True),
+        "fast": backend.Entry(_counted("fast", library_fwd), None, False),
+        "last": backend.Entry(_counted("last", library_fwd), None, True),
     }
 
 
 @pytest.mark.parametrize("mode", ["deterministic", "tune-off"])
 def test_deterministic_mode_and_tune_off_take_the_fixed_order(fakes, monkeypatch, mode):
     _fixed_order_candidates()
-    assert backend.library_order(KIND) == ["declines", "second", "torch"]
+    assert backend.library_order(KIND) == ["declines", "second", "last"]
     w = torch.randn(*SHAPE)
     if mode == "tune-off":
         monkeypatch.setenv("CRATE_KERNELS_TUNE", "off")
@@ -186,10 +187,10 @@ def test_nothing_is_measured_while_torch_compile_traces(fakes, monkeypatch):
 
 def test_register_candidates_takes_a_table_of_candidates(monkeypatch):
     monkeypatch.setitem(backend._candidates, "ista_forward", dict(backend._candidates["ista_forward"]))
-    fn = backend._candidates["ista_forward"]["torch"].fn
+    fn = backend._candidates["ista_forward"]["matmul"].fn
     backend.register_candidates({"ista_forward": {"mm": backend.Candidate(fn, lambda *a: None)}})
     assert backend.candidates("ista_forward")["mm"].library
-    assert backend.library_order("ista_forward")[-1] == "torch"
+    assert backend.library_order("ista_forward")[-1] == "mm"  # registration order
     with pytest.raises(ValueError, match="kind must be one of"):
         backend.register_candidate("mssa", "x", fn)
 
@@ -228,7 +229,7 @@ def test_two_gloo_ranks_take_rank_0s_choices_inside_agreeing_blocks(tmp_path):
 
 def test_the_tune_command_prints_tables_and_a_second_run_reads_the_cache(tmp_path):
     env = dict(os.environ, CRATE_KERNELS_CACHE=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
-    command = [sys.executable, "-m", "crate_kernels.tune", "--model", "crate_mae_tiny", "--batch_size", "8",
+    command = [sys.executable, "-m", "crate_kernels.ops.tune", "--model", "crate_mae_tiny", "--batch_size", "8",
                "--input_size", "32", "--dtype", "fp32", "--device", "cpu"]
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -15,10 +15,10 @@ raises; nothing falls back silently.
 Each operator's modules register what a concrete backend runs for its forward and backward (``register_launcher``,
 read with ``launcher(kind, backend)``), and the candidates ``auto`` chooses between (``register_candidate``):
 
-    library    PyTorch's own paths (``library=True``): the operator's "torch" launcher, and the library launchers
-               (SDPA with q = k = v, cuBLAS composites, CPU flash); backend ``torch`` runs the first library
-               candidate that supports the arguments, in registration order with the generic "torch" launcher last
-               (``library_order``): that is also the fixed order of ``auto`` where it does not measure
+    library    PyTorch's own paths (``library=True``, each operator's library.py: SDPA with q = k = v, cuBLAS
+               products, CPU flash, the matmul form); backend ``torch`` runs the first library candidate that
+               supports the arguments, in registration order (``library_order``): that is also the fixed order of
+               ``auto`` where it does not measure
     triton-*   every Triton kernel variant (``register_variant``), CUDA tensors only
     cuda       the CUDA-extension backward, where it builds
 
@@ -258,12 +258,8 @@ _launchers: dict[str, dict[str, Callable]] = {kind: {} for kind in KERNEL_KINDS}
 
 def register_launcher(kind: str, backend: str, launcher: Callable) -> None:
     """Make ``launcher`` what backend ``backend`` runs for ``kind`` (e.g. "mssa_forward"); the operator's modules
-    call this at import: its PyTorch launchers, then, where triton imports, its Triton modules. A "torch" launcher
-    becomes the generic library candidate "torch" (supports every input, tried last), and backend ``torch`` runs
-    the first library candidate that supports the arguments (``library_launcher``)."""
-    if backend == "torch":
-        register_candidate(kind, "torch", launcher, library=True)
-        launcher = library_launcher(kind)
+    call this at import (backend ``torch``'s launcher comes with its library candidates, ``register_candidates``;
+    the Triton modules register "triton" and "cuda" where triton imports)."""
     _launchers[kind][backend] = launcher
 
 
@@ -328,10 +324,14 @@ def register_candidate(kind: str, name: str, fn: Callable, supports: Callable | 
 
 
 def register_candidates(table: dict[str, dict[str, Candidate]], library: bool = True) -> None:
-    """Register ``{kind: {name: Candidate(fn, supports)}}`` (the operators' library.py ``CANDIDATES``)."""
+    """Register ``{kind: {name: Candidate(fn, supports)}}`` (the operators' library.py ``CANDIDATES``); library
+    candidates also make backend ``torch``'s launcher of their kind: the first of them that supports the
+    arguments (``library_launcher``)."""
     for kind, named in table.items():
         for name, candidate in named.items():
             register_candidate(kind, name, candidate.fn, candidate.supports, library)
+        if library:
+            _launchers[kind].setdefault("torch", library_launcher(kind))
 
 
 def candidates(kind: str) -> dict[str, Entry]:
@@ -343,9 +343,8 @@ def candidates(kind: str) -> dict[str, Entry]:
 
 
 def library_order(kind: str) -> list[str]:
-    """The library candidates of ``kind`` in registration order, the generic "torch" launcher last."""
-    names = [n for n, e in _candidates[kind].items() if e.library]
-    return sorted(names, key=lambda n: n == "torch")
+    """The library candidates of ``kind`` in registration order."""
+    return [n for n, e in _candidates[kind].items() if e.library]
 
 
 def why_not(entry: Entry, args: tuple) -> str | None:

@@ -3,7 +3,7 @@
     mssa_backward(dout, w, out, lse, scale) -> dw
     ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm) -> (dx | None, dm | None)
 
-take and return exactly what the "torch" backward launchers (mssa/torch_impl.py, ista/torch_impl.py) do, for
+take and return exactly what the library backward launchers (mssa/library.py, ista/library.py) do, for
 CUDA tensors of dtype float32, float16 or bfloat16 (head dim p <= 128 for MSSA). Arithmetic is fp32 throughout.
 ``kernel`` picks the csrc/ kernel (MSSA_KERNELS, ISTA_KERNELS; csrc/crate_kernels.h):
   ``mma``        ldmatrix + mma.sync tensor-core tiles fed by cp.async (float16/bfloat16, compute capability
@@ -191,7 +191,7 @@ def _kernel(op: str, kernel: str | None, names: tuple) -> str:
 
 
 def mssa_backward(dout, w, out, lse, scale, *, kernel: str | None = None):
-    """dw (B, H, N, p) in w's dtype from dout, w, out (B, H, N, p) and lse (B, H, N), as mssa._backward_torch.
+    """dw (B, H, N, p) in w's dtype from dout, w, out (B, H, N, p) and lse (B, H, N), as the library backward launchers.
 
     Inputs may have any strides (a copy is made only where the head dim is not unit-stride); dw takes w's
     layout where w is dense (the model's (B, N, H, p) -> (B, H, N, p) view needs no copy).
@@ -211,7 +211,7 @@ def mssa_backward(dout, w, out, lse, scale, *, kernel: str | None = None):
 
 
 def ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, *, kernel: str | None = None):
-    """(dx in x's dtype | None, dM in M's dtype | None) with G = dout * mask, as ista._backward_torch:
+    """(dx in x's dtype | None, dM in M's dtype | None) with G = dout * mask, as the library backward launchers:
     dx = G + eta G M^T, dM = eta x^T G; x and dout are (rows, d), M (d, d), packed_mask (rows, ceil(d / 8)).
 
     ``kernel``: one of ISTA_KERNELS (see the module docstring); None: the pinned one, else "auto"."""

@@ -23,7 +23,7 @@ with batch*heads or rows bucketed by ``tuning_bucket``, the layout of every tens
 
 Out-of-memory (torch.OutOfMemoryError) propagates; a candidate chosen that later raises propagates too (nothing
 falls back silently). Under torch.distributed every rank takes rank 0's choice: inside ``agreeing()`` (a block that
-every rank runs alike, e.g. a training step; ``tune`` and the training's first step use it) rank 0 decides each new
+every rank runs alike, e.g. a training step; ``tune_step`` and the training's first step use it) rank 0 decides each new
 key and broadcasts it (broadcast_object_list on a gloo group of its own, once per key); outside it a key no such
 block decided takes the fixed order, with no collective that a rank-0-only evaluation could wait in forever.
 
@@ -55,7 +55,8 @@ import torch
 from . import backend
 from .backend import KERNEL_KINDS, candidates, library_choice, library_order, pinned_variant, tuning_bucket, why_not
 
-__all__ = ["tune", "agreeing", "tuning_table", "format_tables", "tuning_stats", "cache_path", "auto_launcher", "MARGIN"]
+__all__ = ["tune_step", "agreeing", "tuning_table", "format_tables", "tuning_stats", "cache_path", "auto_launcher",
+           "MARGIN"]
 
 MARGIN = 1.03  # a non-library candidate must be this many times faster than the fastest library path
 TOLERANCE_K = 4.0
@@ -69,7 +70,7 @@ _CACHE_ENV = "CRATE_KERNELS_CACHE"
 _memo: dict[tuple, str] = {}  # per-call key -> chosen candidate
 _records: dict[str, dict] = {}  # tuning key -> {"kind", "key", "shape", "choice", "rows", "source"}
 _stats = {"measured": 0, "from_cache": 0, "seconds": 0.0}
-_touched: list[set] = []  # the keys each enclosing ``tune`` call has seen
+_touched: list[set] = []  # the keys each enclosing ``tune_step`` call has seen
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -444,7 +445,7 @@ for _kind in KERNEL_KINDS:
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def tune(step: Callable[[], object]) -> list[dict]:
+def tune_step(step: Callable[[], object]) -> list[dict]:
     """Run ``step()`` (e.g. a model's forward and backward on a batch, with its operators under ``auto``) so that
     every operator shape it reaches is decided (from this process, the disk cache, or measured); the rows of
     ``tuning_table()`` for those shapes."""

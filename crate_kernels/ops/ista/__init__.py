@@ -36,7 +36,7 @@ register_candidates(library.CANDIDATES)
 
 __all__ = ["ista_step", "ista_reference", "ISTAFunction", "pack_mask", "unpack_mask"]
 
-_BACKENDS = ("reference", "torch")
+_BACKENDS = ("reference",)
 
 
 def dictionary_matrix(weight: torch.Tensor) -> torch.Tensor:

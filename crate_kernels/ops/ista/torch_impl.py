@@ -1,11 +1,9 @@
-"""ISTA in plain PyTorch: the release's eager math (backend "reference"), the bit-packed activation mask, and the
-fused algorithm's launchers (backend "torch", the CPU path), which register themselves with the backend registry.
+"""ISTA in plain PyTorch: the release's eager math (backend "reference") and the bit-packed activation mask that
+every backend saves. Backend "torch" runs the fused algorithm through library products (``library``).
 """
 from __future__ import annotations
 
 import torch
-
-from ..backend import register_launcher
 
 __all__ = ["ista_reference", "pack_mask", "unpack_mask"]
 
@@ -41,20 +39,3 @@ def unpack_mask(packed: torch.Tensor, d: int) -> torch.Tensor:
     """Inverse of ``pack_mask``: (rows, ceil(d / 8)) uint8 -> (rows, d) bool."""
     bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
     return bits.flatten(1)[:, :d]
-
-
-def _forward_torch(x, m, step_size, lambd):
-    pre = torch.addmm(x, x, m.to(x.dtype), alpha=step_size).sub_(step_size * lambd)
-    mask = pre > 0
-    return pre.clamp_(min=0), pack_mask(mask)
-
-
-def _backward_torch(dout, x, m, packed_mask, step_size, need_dx, need_dm):
-    g = dout * unpack_mask(packed_mask, dout.shape[1])
-    dx = torch.addmm(g, g, m.to(g.dtype).t(), alpha=step_size) if need_dx else None
-    dm = torch.mm(x.t().to(m.dtype), g.to(m.dtype)).mul_(step_size) if need_dm else None
-    return dx, dm
-
-
-register_launcher("ista_forward", "torch", _forward_torch)
-register_launcher("ista_backward", "torch", _backward_torch)

@@ -14,10 +14,11 @@ Backward, in the shared-w form (q = k = v = w, so the three gradients are one):
 The autograd.Function saves only w, out and one log-sum-exp per row; P is recomputed in the
 backward pass. Every backend shares that Function; backends differ in the launchers they register with the
 backend registry (crate_kernels.ops.backend.register_launcher). The modules, as for every operator
-(``crate_kernels.ops``): ``torch_impl`` (reference math, "torch" launchers), ``triton_common`` (launch checks,
-tiles, compile-time parameters, the shared ``@triton.jit`` steps), ``triton_v1`` (the "v1" variants, the "triton"
-and "cuda" backends) and ``triton_variants``; this module imports only ``torch_impl``, and ``crate_kernels.ops``
-imports the Triton modules where triton is installed.
+(``crate_kernels.ops``): ``torch_impl`` (reference math), ``library`` (PyTorch's kernels: backend "torch" and
+auto's baselines), ``triton_common`` (launch checks, tiles, compile-time parameters, the shared ``@triton.jit``
+steps), ``triton_v1`` (the "v1" variants, the "triton" and "cuda" backends) and ``triton_variants``; this module
+imports ``torch_impl`` and ``library``, and ``crate_kernels.ops`` imports the Triton modules where triton is
+installed.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from .torch_impl import mssa_reference
 
 __all__ = ["mssa_attention", "mssa_reference", "MSSAFunction"]
 
-_BACKENDS = ("reference", "torch")
+_BACKENDS = ("reference",)
 
 # PyTorch's own kernels: what backend ``torch`` runs (the first that supports the inputs) and auto's baselines
 register_candidates(library.CANDIDATES)
