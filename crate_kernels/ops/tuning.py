@@ -236,7 +236,9 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
     """Median milliseconds per call of each of ``fns``: a warm-up each, then repetitions interleaved round-robin
-    (enough to fill the budget, 3 to 25); on CUDA events around each call after an L2 flush."""
+    (enough to fill the budget, 3 to 25), each round starting one candidate further on (in a fixed order a candidate
+    always follows the same neighbour, which on CPU shifted small shapes' medians by several percent); on CUDA
+    events around each call after an L2 flush."""
     names = list(fns)
     first = {}
     for name in names:  # warm-up, which also sizes the repetitions
@@ -251,8 +253,8 @@ def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         flush = _l2_flush_buffer(device)
         events = []
-        for _ in range(reps):
-            for name in names:
+        for r in range(reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -263,8 +265,8 @@ def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
         for name, start, end in events:
             times[name].append(start.elapsed_time(end))
     else:
-        for _ in range(reps):
-            for name in names:
+        for r in range(reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 start = time.perf_counter()
                 fns[name]()
                 times[name].append((time.perf_counter() - start) * 1e3)
