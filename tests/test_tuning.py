@@ -241,3 +241,18 @@ def test_the_tune_command_prints_tables_and_a_second_run_reads_the_cache(tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 operator shapes measured" in second.stdout and "4 read from the cache" in second.stdout
     assert "(cache)" in second.stdout
+
+
+def test_each_csrc_kernel_is_a_candidate_of_the_backward_and_declines_cpu_tensors():
+    pytest.importorskip("triton", reason="the Triton modules register the CUDA backends")
+    from crate_kernels.ops import cuda_ext
+
+    for op, kernels in (("mssa", cuda_ext.MSSA_KERNELS), ("ista", cuda_ext.ISTA_KERNELS)):
+        names = list(backend.candidates(f"{op}_backward"))
+        expected = [f"cuda-{k}" for k in kernels if k != "auto"]
+        assert names[-len(expected):] == expected and "cuda" not in names  # after the Triton variants
+        assert not any(n.startswith("cuda") for n in backend.candidates(f"{op}_forward"))
+    w = torch.randn(1, 2, 9, 16)
+    args = (torch.randn_like(w), w, w, torch.zeros(1, 2, 9), 0.25)
+    for name in ("cuda-mma", "cuda-fma"):
+        assert "needs CUDA tensors" in backend.why_not(backend.candidates("mssa_backward")[name], args)

@@ -20,7 +20,7 @@ read with ``launcher(kind, backend)``), and the candidates ``auto`` chooses betw
                supports the arguments, in registration order (``library_order``): that is also the fixed order of
                ``auto`` where it does not measure
     triton-*   every Triton kernel variant (``register_variant``), CUDA tensors only
-    cuda       the CUDA-extension backward, where it builds
+    cuda-*     each csrc/ kernel of the CUDA-extension backward (mma, wmma, fma, ...), where the extension is built
 
 Kernel variants are alternative algorithms inside ``triton`` (``kernel_variants()``): chosen with
 ``set_variant(kind, name)`` or ``CRATE_KERNELS_VARIANTS="mssa_backward=symmetric,ista_backward=v1"``, else "v1".
@@ -277,16 +277,19 @@ def launcher_backends(kind: str) -> tuple[str, ...]:
     return tuple(_launchers[kind])
 
 
-def register_triton_backends(op: str, cuda_backward: Callable) -> None:
-    """Register the backends that run ``op``'s Triton kernels ("mssa", "ista"), once its "v1" variants and torch
-    launchers are registered: "triton" (the chosen variant) and "cuda" (the Triton forward with ``cuda_backward``,
-    the CUDA extension's, which is also ``auto``'s candidate "cuda" where the extension builds)."""
+def register_triton_backends(op: str, cuda_backward: Callable, cuda_kernels: tuple[str, ...]) -> None:
+    """Register the backends that run ``op``'s Triton kernels ("mssa", "ista"), once its "v1" variants are
+    registered: "triton" (the chosen variant) and "cuda" (the Triton forward with ``cuda_backward``, the CUDA
+    extension's, its csrc/ kernel picked by the extension). Each of ``cuda_kernels`` (csrc/ kernel names, passed as
+    ``cuda_backward(..., kernel=name)``) is ``auto``'s candidate "cuda-<name>" where the extension is built."""
     for direction in ("forward", "backward"):
         kind = f"{op}_{direction}"
         register_launcher(kind, "triton", variant_launcher(kind))
     register_launcher(f"{op}_forward", "cuda", launcher(f"{op}_forward", "triton"))
     register_launcher(f"{op}_backward", "cuda", cuda_backward)
-    register_candidate(f"{op}_backward", "cuda", cuda_backward, supports=_cuda_supports)
+    for kernel in cuda_kernels:
+        register_candidate(f"{op}_backward", f"cuda-{kernel}", functools.partial(cuda_backward, kernel=kernel),
+                           supports=functools.partial(_cuda_supports, kernel))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +341,8 @@ def candidates(kind: str) -> dict[str, Entry]:
     """``kind``'s candidates in the fixed order: library ones (``library_order``), then the others as registered
     (Triton variants, v1 first, then the CUDA backward)."""
     entries = _candidates[_check_kind(kind, "candidates")]
-    order = library_order(kind) + sorted((n for n, e in entries.items() if not e.library), key=lambda n: n == "cuda")
+    order = library_order(kind) + sorted((n for n, e in entries.items() if not e.library),
+                                         key=lambda n: n.startswith("cuda"))
     return {name: entries[name] for name in order}
 
 
@@ -386,15 +390,30 @@ def _triton_supports(*args) -> str | None:
     return None
 
 
-def _cuda_supports(*args) -> str | None:
-    """The CUDA-extension backward runs CUDA tensors where the extension is already built (``auto`` does not start
-    a build of minutes: ``python -m crate_kernels.ops.cuda_ext --build`` makes it a candidate)."""
+_TENSOR_CORE_KERNELS = ("mma", "mma-tiled", "wmma")
+
+
+def _cuda_supports(kernel: str, *args) -> str | None:
+    """The CUDA-extension backward's csrc/ ``kernel`` runs CUDA tensors where the extension is already built
+    (``auto`` does not start a build of minutes: ``python -m crate_kernels.ops.cuda_ext --build`` makes its kernels
+    candidates); the tensor-core kernels take fp16/bf16 on compute capability 8.0 and above, and mma 16-byte aligned
+    rows of its 16-bit operands (the extension's own checks, csrc/bindings.cpp)."""
     tensor = _first_tensor(args)
     if not tensor.is_cuda:
         return f"the CUDA extension needs CUDA tensors, got device {tensor.device}"
     problem = _cuda_extension_problem()
     if problem is None and not _cuda_extension_built():
         problem = "the CUDA extension is not built (python -m crate_kernels.ops.cuda_ext --build)"
+    if problem is None and kernel in _TENSOR_CORE_KERNELS:
+        if tensor.dtype not in (torch.float16, torch.bfloat16):
+            problem = f"csrc kernel {kernel} takes float16 or bfloat16, got {tensor.dtype}"
+        elif torch.cuda.get_device_capability(tensor.device) < (8, 0):
+            problem = f"csrc kernel {kernel} needs compute capability 8.0 or above"
+    if problem is None and kernel.startswith("mma"):
+        rows = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == tensor.dtype and a.dim() >= 2]
+        if any(a.data_ptr() % 16 or a.stride(-1) != 1 or any(s % 8 for s in a.stride()[:-1])
+               or a.shape[-1] % 8 for a in rows):
+            problem = f"csrc kernel {kernel} needs 16-byte aligned rows (unit-stride rows of multiples of 8 elements)"
     return problem
 
 

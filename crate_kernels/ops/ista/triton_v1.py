@@ -202,14 +202,16 @@ def backward_v1(dout, x, m, packed_mask, step_size, need_dx, need_dm):
     return dx, dm
 
 
-def _backward_cuda(dout, x, m, packed_mask, step_size, need_dx, need_dm):
-    """The CUDA-extension backward (csrc/, built on first use)."""
-    return cuda_ext.ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm)
+def _backward_cuda(dout, x, m, packed_mask, step_size, need_dx, need_dm, kernel=None):
+    """The CUDA-extension backward (csrc/, built on first use); ``kernel``: its csrc/ kernel (None: the extension's
+    pick)."""
+    return cuda_ext.ista_backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, kernel=kernel)
 
 
 register_variant("ista_forward", "v1", forward_v1)
 register_variant("ista_backward", "v1", backward_v1)
-register_triton_backends("ista", _backward_cuda)  # "cuda": this forward with the CUDA-extension backward
+# "cuda": this forward with the CUDA-extension backward; each csrc/ kernel a candidate of auto
+register_triton_backends("ista", _backward_cuda, tuple(k for k in cuda_ext.ISTA_KERNELS if k != "auto"))
 
 INT32_INDEXED = ("m_ptr",)  # pointers the kernels index with int32 offsets: M (d x d), d^2 < 2^31 checked
 # Every Triton kernel of this module, and launcher calls that reach each one: what crate_kernels.ops.aot

@@ -237,14 +237,16 @@ def backward_v1(dout, w, out, lse, scale):
     return dw
 
 
-def _backward_cuda(dout, w, out, lse, scale):
-    """The CUDA-extension backward (csrc/, built on first use)."""
-    return cuda_ext.mssa_backward(dout, w, out, lse, scale)
+def _backward_cuda(dout, w, out, lse, scale, kernel=None):
+    """The CUDA-extension backward (csrc/, built on first use); ``kernel``: its csrc/ kernel (None: the extension's
+    pick)."""
+    return cuda_ext.mssa_backward(dout, w, out, lse, scale, kernel=kernel)
 
 
 register_variant("mssa_forward", "v1", forward_v1)
 register_variant("mssa_backward", "v1", backward_v1)
-register_triton_backends("mssa", _backward_cuda)  # "cuda": this forward with the CUDA-extension backward
+# "cuda": this forward with the CUDA-extension backward; each csrc/ kernel a candidate of auto
+register_triton_backends("mssa", _backward_cuda, tuple(k for k in cuda_ext.MSSA_KERNELS if k != "auto"))
 
 # Every Triton kernel of this module, and launcher calls that reach each one: what crate_kernels.ops.aot
 # compiles for GPU targets in CI (a kernel added here without a launch that reaches it fails there).
