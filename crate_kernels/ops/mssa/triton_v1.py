@@ -118,6 +118,21 @@ def _mssa_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * N + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N)
 
 
+@triton.jit
+def _backward_rows(w_head, g_head, o_head, rows, mask_rows, offs_d, mask_d, stride_wn, stride_wd, stride_gn, stride_gd,
+                   stride_on, stride_od, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``rows`` of one head's w and dO (in ACC when UPCAST), zero where masked, and delta = rowsum(dO * out) in
+    ACC: what the backward reads of a row block, for i and for j alike."""
+    mask = mask_rows[:, None] & mask_d[None, :]
+    w = tl.load(w_head + rows[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask, other=0.0)
+    g = tl.load(g_head + rows[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
+    o = tl.load(o_head + rows[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    if UPCAST:
+        w = w.to(ACC)
+        g = g.to(ACC)
+    return w, g, tl.sum(g.to(ACC) * o.to(ACC), 1)
+
+
 @triton.autotune(
     configs=tile_configs(_BWD_TILES + _BWD_EXACT_FP32_TILES),
     key=TUNING_KEY,
@@ -158,27 +173,16 @@ def _mssa_bwd_kernel(
     g_head = DOut + b * stride_gb + h * stride_gh
     lse_head = Lse + bh.to(tl.int64) * N
 
-    w_i = tl.load(w_head + offs_m[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_md, other=0.0)
-    g_i = tl.load(g_head + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
-    o_i = tl.load(o_head + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
-    if UPCAST:
-        w_i = w_i.to(ACC)
-        g_i = g_i.to(ACC)
-    delta_i = tl.sum(g_i.to(ACC) * o_i.to(ACC), 1)
+    w_i, g_i, delta_i = _backward_rows(w_head, g_head, o_head, offs_m, mask_m, offs_d, mask_d, stride_wn, stride_wd,
+                                       stride_gn, stride_gd, stride_on, stride_od, ACC, UPCAST)
     lse_i = tl.load(lse_head + offs_m, mask=mask_m, other=0.0) * LOG2E
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        w_j = tl.load(w_head + cols[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_nd, other=0.0)
-        g_j = tl.load(g_head + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask_nd, other=0.0)
-        o_j = tl.load(o_head + cols[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_nd, other=0.0)
-        if UPCAST:
-            w_j = w_j.to(ACC)
-            g_j = g_j.to(ACC)
-        delta_j = tl.sum(g_j.to(ACC) * o_j.to(ACC), 1)
+        w_j, g_j, delta_j = _backward_rows(w_head, g_head, o_head, cols, mask_n, offs_d, mask_d, stride_wn, stride_wd,
+                                           stride_gn, stride_gd, stride_on, stride_od, ACC, UPCAST)
         lse_j = tl.load(lse_head + cols, mask=mask_n, other=0.0) * LOG2E
 
         # Key-block tails need no mask: there w_j = dO_j = 0 and lse_j = 0, so every term that
