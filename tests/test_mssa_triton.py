@@ -290,18 +290,30 @@ def test_fp32_follows_tf32_setting_cuda():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_auto_measures_every_candidate_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_measures_every_candidate_on_cuda(dtype, tmp_path, monkeypatch):
+    """Every candidate that supports the inputs runs and agrees with float64 ("ok": none wrong or raising, the SDPA
+    kernels, each Triton variant and each built csrc kernel alike); the choice lands in the cache, and a fresh
+    process state reads it back without measuring."""
     from crate_kernels.ops import tuning
 
-    w = torch.randn(2, 3, 50, 64, device="cuda")
+    monkeypatch.setenv("CRATE_KERNELS_CACHE", str(tmp_path))
+    w = torch.randn(2, 3, 50, 64, device="cuda", dtype=dtype)
     assert resolve_backend("auto", w, ("reference", "torch") + launcher_backends("mssa_forward")) == "auto"
     dout = torch.randn_like(w)
     with tuning.fresh_memory():
         out, dw = run(w, dout, backend="auto")
         rows = [r for r in ops.tuning_table() if r["kind"].startswith("mssa")]
     for kind in ("mssa_forward", "mssa_backward"):
-        assert sum(r["chosen"] for r in rows if r["kind"] == kind) == 1
-        assert any(r["candidate"] == "triton-v1" and r["status"] == "ok" for r in rows if r["kind"] == kind)
+        mine = [r for r in rows if r["kind"] == kind]
+        assert sum(r["chosen"] for r in mine) == 1
+        assert any(r["candidate"] == "triton-v1" and r["status"] == "ok" for r in mine)
+        bad = [(r["candidate"], r["status"]) for r in mine if not r["status"].startswith(("ok", "unsupported"))]
+        assert not bad, f"{kind}: candidates that raised or disagreed with float64: {bad}"
+    assert list(tmp_path.glob("tuning-*.json"))
+    with tuning.fresh_memory():
+        run(w, dout, backend="auto")
+        assert tuning.tuning_stats()["measured"] == 0 and tuning.tuning_stats()["from_cache"] >= 2
     assert_mssa_close(w, dout, 64 ** -0.5, out, dw)
 
 
