@@ -238,7 +238,7 @@ def complete(cfg: dict, pretrained: Pretrained | None) -> tuple[dict, Pretrained
     if cfg["recipe"] == "auto" and supervised:
         cfg["recipe"] = "crate_cifar" if cfg["dataset"] in SMALL_IMAGE_SETS else "crate_imagenet"
     recipe = RECIPES.get(cfg["recipe"], {})
-    defaults = {**recipe.get("train", {}), **(LION if cfg["opt"] == "lion" else {}), **DEMO_PRESETS.get(name, {})}
+    defaults = {**recipe.get("train", {}), **DEMO_PRESETS.get(name, {}), **(LION if cfg["opt"] == "lion" else {})}
     cfg.update({k: v for k, v in defaults.items() if k not in given})
     if cfg["opt"] == "lion" and importlib.util.find_spec("lion_pytorch") is None:
         raise ConfigError("--opt lion needs lion-pytorch (the release's Lion): pip install 'crate_kernels[lion]'")
