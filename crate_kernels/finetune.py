@@ -19,8 +19,9 @@ Supervised CRATE (the release's ``model/crate.py``, ``crate_kernels.CRATE``) tra
 ``--model crate_small`` without a checkpoint trains it from random initialisation, and a supervised checkpoint (the
 release's main.py ``{'state_dict': ...}`` file, or a run of this command) is fine-tuned with a fresh head, as the
 release's finetune.py does. Their recipes are the release's two scripts: ``crate_imagenet`` (main.py) and
-``crate_cifar`` (finetune.py), the default for supervised CRATE (``crate_cifar`` on CIFAR and the bundled sets,
-``crate_imagenet`` elsewhere); see ``RECIPES``.
+``crate_cifar`` (finetune.py): the default for supervised CRATE is crate_cifar when fine-tuning a checkpoint (the
+release's fine-tuning script, on any data) and, from scratch, crate_cifar on CIFAR and the bundled sets, else
+crate_imagenet; see ``RECIPES``.
 """
 from __future__ import annotations
 
@@ -69,12 +70,11 @@ DEFAULTS = dict(
 
 # After the default pretraining (the demo CRATE-MAE on 64 px crops), on the bundled digits: minutes on 2 cores.
 DEMO = dict(epochs=40, warmup_epochs=2.0, blr=1e-2, threads=1, num_workers=1, log_every=20, save_every_epochs=10)
-# Supervised crate_demo from scratch on the bundled digits (32 px, patch 4), 30 epochs on 2 cores: 91.3% top-1 in
-# 71 s; 68.1% with blr 2e-3, 79.2% with RandAugment on (the crate_cifar recipe's: the 8 x 8 digits, upscaled, lose
-# too much to it).
+# Supervised crate_demo from scratch (only) on the bundled digits (32 px, patch 4), 30 epochs on 2 cores: 91.3%
+# top-1 in 71 s; 68.1% with blr 2e-3, 79.2% with RandAugment on (the crate_cifar recipe's: the 8 x 8 digits,
+# upscaled, lose too much to it).
 SCRATCH_DEMO = dict(epochs=30, warmup_epochs=2.0, blr=1e-2, randaug_m=0, threads=1, num_workers=1, log_every=20,
                     save_every_epochs=10)
-DEMO_PRESETS = {name: SCRATCH_DEMO if name in SUPERVISED_MODELS else DEMO for name in DEMO_MODELS}
 
 # What each augmentation recipe sets: RandomResizedCrop's smallest area, RandAugment magnitude (timm's 0-10 scale,
 # 0: off), random erasing probability, mixup and cutmix alphas (0: off), and the evaluation crop. On the demo
@@ -89,8 +89,10 @@ DEMO_PRESETS = {name: SCRATCH_DEMO if name in SUPERVISED_MODELS else DEMO for na
 #     14 / 3 on timm's 10; kornia's operations, not torchvision's exact set), AdamW at lr 1e-4 for batch 50, weight
 #     decay 0.01, cosine from the first step (no warmup) to 0, no label smoothing, full eval view, 400 epochs; from
 #     scratch 32 px, patch 4 (its --patch default; the script itself resizes CIFAR to 224 px for the patch-16
-#     factories: pass --input_size 224 --patch_size 16 for that). Neither uses layer decay.
-# The lr is set as a base lr (lr = blr x effective batch / 256) equal to the release's at the release's batch.
+#     factories: pass --input_size 224 --patch_size 16 for that). Neither uses layer decay. These are the script's
+#     defaults; its README's fine-tuning command differs: batch 256, lr 5e-5, 200 epochs (--blr 5e-5 --epochs 200).
+# The lr is set as a base lr (lr = blr x effective batch / 256) equal to the release's at the release's batch. Both
+# scripts train with fp16 autocast and loss scaling; --amp auto takes bf16 where the GPU has it (--amp fp16: theirs).
 RECIPES = {
     "mae": dict(min_crop=0.08, randaug_m=9, randaug_mstd=0.5, randaug_inc=True, reprob=0.25, mixup=0.8, cutmix=1.0,
                 crop_pct=0.875),
@@ -106,7 +108,7 @@ RECIPES = {
                                    weight_decay=0.01, smoothing=0.0, layer_decay=1.0)),
 }
 FULL_RECIPE_SIZE = 128  # --recipe auto: mae at this input size and above, small below it
-SMALL_IMAGE_SETS = ("cifar10", "cifar100", "digits", "faces")  # --recipe auto for supervised CRATE: crate_cifar
+SMALL_IMAGE_SETS = ("cifar10", "cifar100", "digits", "faces")  # --recipe auto from scratch: crate_cifar
 # --opt lion: the release's Lion settings (its README's ImageNet command: lr 2e-4 at batch 512, weight decay 0.05),
 # unless given; the optimizer is lion-pytorch's (the release's), with its default betas (0.9, 0.99).
 LION = dict(blr=2e-4 * 256 / 512, weight_decay=0.05)
@@ -139,8 +141,8 @@ FLAGS = {
                     f"0.875 eval crop; small: RandomResizedCrop(0.35, 1), no mixing, full eval view; crate_imagenet "
                     f"and crate_cifar: the supervised CRATE release's main.py and finetune.py (augmentation and "
                     f"training defaults); auto: for masked-autoencoder checkpoints mae from {FULL_RECIPE_SIZE} px, "
-                    f"else small; for supervised CRATE crate_cifar on CIFAR and the bundled sets, else "
-                    f"crate_imagenet", ("auto", *RECIPES)),
+                    f"else small; for supervised CRATE crate_cifar when fine-tuning a checkpoint, and from scratch "
+                    f"crate_cifar on CIFAR and the bundled sets, else crate_imagenet", ("auto", *RECIPES)),
     "randaug_m": (float, "RandAugment magnitude on timm's 0-10 scale (0: off; unset: the recipe's, 9, 14 / 3 or 0)",
                   None),
     "randaug_n": (int, "RandAugment operations per image", None),
@@ -235,10 +237,15 @@ def complete(cfg: dict, pretrained: Pretrained | None) -> tuple[dict, Pretrained
         if "pool" in given and cfg["pool"] != pool:
             raise ConfigError(f"--pool {cfg['pool']} contradicts {pretrained.source}, fine-tuned with --pool {pool}")
         cfg["pool"] = pool
-    if cfg["recipe"] == "auto" and supervised:
-        cfg["recipe"] = "crate_cifar" if cfg["dataset"] in SMALL_IMAGE_SETS else "crate_imagenet"
+    if supervised and pretrained is not None and "pool" not in given:
+        cfg["pool"] = pretrained.pool or "cls"  # the pooling the checkpoint was trained with, where it says
+    if cfg["recipe"] == "auto" and supervised:  # fine-tuning: the release's finetune.py; from scratch: by the data
+        small = pretrained is not None or cfg["dataset"] in SMALL_IMAGE_SETS
+        cfg["recipe"] = "crate_cifar" if small else "crate_imagenet"
     recipe = RECIPES.get(cfg["recipe"], {})
-    defaults = {**recipe.get("train", {}), **DEMO_PRESETS.get(name, {}), **(LION if cfg["opt"] == "lion" else {})}
+    demo = name in DEMO_MODELS
+    preset = (SCRATCH_DEMO if demo and pretrained is None else {}) if supervised else DEMO if demo else {}
+    defaults = {**recipe.get("train", {}), **preset, **(LION if cfg["opt"] == "lion" else {})}
     cfg.update({k: v for k, v in defaults.items() if k not in given})
     if cfg["opt"] == "lion" and importlib.util.find_spec("lion_pytorch") is None:
         raise ConfigError("--opt lion needs lion-pytorch (the release's Lion): pip install 'crate_kernels[lion]'")
@@ -505,7 +512,10 @@ def finetune(cfg: dict) -> dict:
     it from random initialisation); returns the summary (final and best top-1/top-5). With --eval, test the
     fine-tuned checkpoint instead and return its scores."""
     source = cfg["resume"] if cfg["eval"] and cfg["resume"] else cfg["checkpoint"]
-    scratch = cfg["model"] in SUPERVISED_MODELS and "checkpoint" not in cfg["given"] and not cfg["eval"]
+    own_run = cfg["model"] in SUPERVISED_MODELS and "checkpoint" not in cfg["given"]
+    if own_run and cfg["eval"] and not cfg["resume"]:
+        source = cfg["checkpoint"] = os.path.abspath(f"output_{cfg['model']}")  # where training from scratch wrote
+    scratch = own_run and not cfg["eval"]
     pretrained = None if scratch else load_pretrained(source, cfg["model"])
     cfg, pretrained = complete(dict(cfg), pretrained)
     if cfg["eval"]:

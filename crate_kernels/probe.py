@@ -49,7 +49,7 @@ from .pipeline.run import amp_dtype, lr_at
 from .whitebox import fit_logistic, topk_accuracy
 
 DEFAULTS = dict(
-    checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool="cls", layer=-1,
+    checkpoint="./output_dir", model=None, dataset="auto", data_path=None, input_size=None, pool=None, layer=-1,
     classifier="auto", logreg_c=None, epochs=90, batch_size=128, head_batch_size=1024, blr=0.1, lr=None,
     weight_decay=0.0, warmup_epochs=10, output_dir=None, compare_random=False, random_inits=3, nb_classes=None,
     recompute=False, max_unreadable=0.01, num_workers=None, device="auto", amp="auto", backend=None, threads=0, seed=0,
@@ -93,6 +93,12 @@ SMALL_FIT = 1e7  # training features (images x dim) up to which the logistic reg
 FORMAT = 1  # bump when the features a key describes change
 
 
+def _shown_default(name: str) -> str:
+    if name == "pool":
+        return " (default: cls; for a supervised CRATE run, the pooling it was trained with)"
+    return "" if DEFAULTS.get(name) is None else f" (default: {DEFAULTS[name]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crate-probe", argument_default=argparse.SUPPRESS,
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_OR_RUN",
                    help="a crate-train run directory, a checkpoint-*.pth, a model.safetensors, or a release .pth of "
                         f"CRATE-MAE or ViT-MAE (default: {DEFAULTS['checkpoint']})")
-    flags.add_flags(p, FLAGS, lambda name: "" if DEFAULTS.get(name) is None else f" (default: {DEFAULTS[name]})")
+    flags.add_flags(p, FLAGS, _shown_default)
     return p
 
 
@@ -313,7 +319,8 @@ def run(cfg: dict, log=print) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     pretrained = load_pretrained(cfg["checkpoint"], cfg["model"])
-    cfg = {**cfg, "input_size": cfg["input_size"] or pretrained.img_size,
+    own_pool = pretrained.pool if pretrained.family == "supervised" else None
+    cfg = {**cfg, "input_size": cfg["input_size"] or pretrained.img_size, "pool": cfg["pool"] or own_pool or "cls",
            "dataset": resolve_labelled(cfg["dataset"], cfg["data_path"])}
     if cfg["input_size"] % pretrained.patch_size:
         raise ConfigError(f"--input_size ({cfg['input_size']}) must be a multiple of the checkpoint's patch size "
@@ -329,8 +336,9 @@ def run(cfg: dict, log=print) -> dict:
         raise ConfigError(f"--layer must lie in [{-depth}, {depth}) for this {depth}-layer encoder, got {cfg['layer']}")
     cfg["layer"] %= depth
     cfg["output_dir"] = cfg["output_dir"] or checkpoint.folder_beside(cfg["checkpoint"], "probe")
+    mean = "mean token ([CLS] included)" if pretrained.family == "supervised" else "mean patch token"
     log(f"crate-probe: {pretrained.describe()}\n  data: {splits['train'].describe()}; {splits['test'].describe()}\n"
-        f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else 'mean patch token'} of encoder "
+        f"  {cfg['input_size']}px, feature: {'[CLS]' if cfg['pool'] == 'cls' else mean} of encoder "
         f"layer {cfg['layer'] + 1} of {depth} (--layer {cfg['layer']}), on {device}, amp {amp or 'off'}; "
         f"output: {cfg['output_dir']}")
     tag = f"{cfg['dataset']}-{cfg['pool']}-layer{cfg['layer']}-{cfg['input_size']}px"

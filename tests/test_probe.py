@@ -98,7 +98,8 @@ def test_mae_flags_map_onto_ours():
     assert "finetune" not in cfg and "global_pool" not in cfg
     assert resolve(["a.pth", "--finetune", "a.pth", "--cls_token"])["pool"] == "cls"
     assert resolve(["--no_global_pool", "--pool", "cls"])["pool"] == "cls"
-    assert resolve([])["pool"] == "cls"  # the paper's protocol: the [CLS] feature
+    assert resolve([])["pool"] is None  # decided with the checkpoint: [CLS] (the paper's protocol), or the pooling
+    # a supervised CRATE run was trained with (tests/test_finetune_supervised.py)
 
 
 def test_release_checkpoints_of_both_families_probe(colours, tmp_path, capsys):

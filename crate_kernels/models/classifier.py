@@ -252,10 +252,11 @@ def supervised_classifier(pretrained: Pretrained, num_classes: int | None = None
             result = load_checkpoint(model, state, strict=False)
         except ValueError as e:
             raise TrainError(f"{pretrained.source} does not fit {pretrained.model}: {e}") from None
-        wrong = [k for k in result.missing_keys if not k.startswith("mlp_head.")] or result.unexpected_keys
+        missing = [k for k in result.missing_keys if not k.startswith("mlp_head.")]
+        wrong = missing or result.unexpected_keys
         if wrong:
             raise TrainError(f"{pretrained.source} does not match {pretrained.model}: "
-                             f"{'lacks' if result.missing_keys else 'has extra'} {', '.join(wrong[:6])}"
+                             f"{'lacks' if missing else 'has extra'} {', '.join(wrong[:6])}"
                              + (" ..." if len(wrong) > 6 else ""))
     if log is not None:
         log(model.describe(pretrained.describe(), note))
