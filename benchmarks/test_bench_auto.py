@@ -2,7 +2,7 @@
 
 MSSA at B*H = 48 (B=4, H=12), p = 64, N in {17, 50, 197, 401}; ISTA on 4*197 rows at d in {384, 768}; fp32, one
 CPU thread (on CUDA, the device's default). Per shape one test times, interleaved round-robin in one loop (median
-of 15 to 200 rounds, as many as fit ``BUDGET_S``):
+of 15 to 200 rounds of bursts of BURST calls, as many as fit ``BUDGET_S``):
 
 - ``auto`` (tuned in the warm-up, in a fresh cache folder),
 - every supported (forward candidate, backward candidate) pair pinned by hand (only those candidates registered,
@@ -60,15 +60,21 @@ def _supported(kind: str, args: tuple) -> list[str]:
     return [n for n, e in backend.candidates(kind).items() if backend.why_not(e, args) is None]
 
 
+BURST = 5  # calls per timed sample, back to back
+
+
 def _median_ms(steps: dict) -> dict:
-    """Median ms of each step: one warm-up each, then rounds interleaved round-robin, each round starting one step
-    further on (a fixed order gave the first step, auto, the same neighbour every round: at N = 17 it read 6-9%
-    slower than the very pair it runs, pinned, which one process timing the two alone does not show)."""
+    """Median ms per call of each step: one warm-up each, then rounds interleaved round-robin, each round starting
+    one step further on, each sample a burst of BURST calls of one step. Single interleaved calls measured the code
+    path's warmth as much as the step: at N = 17 (0.85 ms) auto read 2-7% slower than the very pair it runs, pinned,
+    in this six-step rotation (where four of the steps share the pinned path), against 0.5% in 3000 alternating calls
+    of the two alone; a training step runs one path call after call, as a burst does. A fixed order gave auto the
+    same neighbour every round (6-9% at N = 17)."""
     start = time.perf_counter()
     for step in steps.values():
         step()
     synchronize()
-    rounds = max(15, min(200, int(BUDGET_S / (time.perf_counter() - start))))
+    rounds = max(15, min(200, int(BUDGET_S / (BURST * (time.perf_counter() - start)))))
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
@@ -76,9 +82,10 @@ def _median_ms(steps: dict) -> dict:
             step = steps[name]
             synchronize()
             start = time.perf_counter()
-            step()
+            for _ in range(BURST):
+                step()
             synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((time.perf_counter() - start) * 1e3 / BURST)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
