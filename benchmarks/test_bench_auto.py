@@ -2,7 +2,7 @@
 
 MSSA at B*H = 48 (B=4, H=12), p = 64, N in {17, 50, 197, 401}; ISTA on 4*197 rows at d in {384, 768}; fp32, one
 CPU thread (on CUDA, the device's default). Per shape one test times, interleaved round-robin in one loop (median
-of 15 to 200 rounds of bursts of BURST calls, as many as fit ``BUDGET_S``):
+of 15 to 200 rounds, as many as fit ``BUDGET_S``; each sample a burst of calls lasting ``SAMPLE_S``):
 
 - ``auto`` (tuned in the warm-up, in a fresh cache folder),
 - every supported (forward candidate, backward candidate) pair pinned by hand (only those candidates registered,
@@ -16,6 +16,7 @@ extra_info holds every median, ``auto_over_fastest`` (auto / the fastest pinned 
 """
 import contextlib
 import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -60,21 +61,25 @@ def _supported(kind: str, args: tuple) -> list[str]:
     return [n for n, e in backend.candidates(kind).items() if backend.why_not(e, args) is None]
 
 
-BURST = 5  # calls per timed sample, back to back
+SAMPLE_S = 0.005  # a timed sample runs one step back to back for at least this long
 
 
 def _median_ms(steps: dict) -> dict:
     """Median ms per call of each step: one warm-up each, then rounds interleaved round-robin, each round starting
-    one step further on, each sample a burst of BURST calls of one step. Single interleaved calls measured the code
-    path's warmth as much as the step: at N = 17 (0.85 ms) auto read 2-7% slower than the very pair it runs, pinned,
-    in this six-step rotation (where four of the steps share the pinned path), against 0.5% in 3000 alternating calls
-    of the two alone; a training step runs one path call after call, as a burst does. A fixed order gave auto the
-    same neighbour every round (6-9% at N = 17)."""
-    start = time.perf_counter()
-    for step in steps.values():
+    one step further on, each sample a burst of back-to-back calls of one step lasting about SAMPLE_S (one call for
+    steps that long). Single calls of short steps measured the code path's warmth as much as the step: at N = 17
+    (0.85 ms) auto read 2-7% slower than the very pair it runs, pinned, in this six-step rotation (four of the steps
+    share the pinned path), against 0.5% in 3000 alternating calls of the two alone; a training step runs one path
+    call after call, as a burst does. A fixed order gave auto the same neighbour every round (6-9% at N = 17)."""
+    first = {}
+    for name, step in steps.items():
+        synchronize()
+        start = time.perf_counter()
         step()
-    synchronize()
-    rounds = max(15, min(200, int(BUDGET_S / (BURST * (time.perf_counter() - start)))))
+        synchronize()
+        first[name] = time.perf_counter() - start
+    burst = {name: max(1, math.ceil(SAMPLE_S / seconds)) for name, seconds in first.items()}
+    rounds = max(15, min(200, int(BUDGET_S / sum(burst[n] * first[n] for n in steps))))
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
@@ -82,10 +87,10 @@ def _median_ms(steps: dict) -> dict:
             step = steps[name]
             synchronize()
             start = time.perf_counter()
-            for _ in range(BURST):
+            for _ in range(burst[name]):
                 step()
             synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3 / BURST)
+            times[name].append((time.perf_counter() - start) * 1e3 / burst[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -256,3 +256,12 @@ def test_each_csrc_kernel_is_a_candidate_of_the_backward_and_declines_cpu_tensor
     args = (torch.randn_like(w), w, w, torch.zeros(1, 2, 9), 0.25)
     for name in ("cuda-mma", "cuda-fma"):
         assert "needs CUDA tensors" in backend.why_not(backend.candidates("mssa_backward")[name], args)
+
+
+def test_the_first_library_path_wins_a_near_tie_and_others_need_the_margin():
+    library = {"flash", "matmul"}
+    assert tuning._pick({"flash": 1.02, "matmul": 1.0}, library) == "flash"  # within 3%: registration order
+    assert tuning._pick({"flash": 1.05, "matmul": 1.0}, library) == "matmul"  # more than 3% faster
+    assert tuning._pick({"flash": 1.02, "matmul": 1.0, "triton-v1": 0.995}, library) == "flash"
+    assert tuning._pick({"flash": 1.02, "matmul": 1.0, "triton-v1": 0.98}, library) == "triton-v1"
+    assert tuning._pick({"triton-v1": 1.0, "triton-x": 0.9}, set()) == "triton-x"

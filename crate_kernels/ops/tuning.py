@@ -14,8 +14,9 @@ with batch*heads or rows bucketed by ``tuning_bucket``, the layout of every tens
    differ in at most ``MASK_TOLERANCE`` of their bits); one that disagrees or raises is dropped with one warning
    naming operator, candidate, shape and error;
 3. times the survivors (CUDA events around each call with the L2 flushed before it, or time.perf_counter on CPU;
-   a warm-up, then repetitions interleaved round-robin; the median) and keeps the fastest library path unless
-   another is faster by ``MARGIN`` (3%);
+   two warm-up calls, then repetitions interleaved round-robin; the median) and keeps the first library path in
+   registration order unless another library path is faster by ``MARGIN`` (3%; then the fastest of them), and that
+   one unless another candidate is faster by ``MARGIN``;
 4. remembers the choice in memory and on disk: ``tuning-<hash>.json`` in ``$CRATE_KERNELS_CACHE`` (a folder;
    default ``$XDG_CACHE_HOME/crate_kernels`` or ``~/.cache/crate_kernels``), one file per device and versions
    (device name and capability, CUDA driver, torch, triton, this package's version and a hash of its ops sources),
@@ -58,7 +59,7 @@ from .backend import KERNEL_KINDS, candidates, library_choice, library_order, pi
 __all__ = ["tune_step", "agreeing", "tuning_table", "format_tables", "tuning_stats", "cache_path", "auto_launcher",
            "MARGIN"]
 
-MARGIN = 1.03  # a non-library candidate must be this many times faster than the fastest library path
+MARGIN = 1.03  # how much faster a candidate must be to displace the first library path, or the chosen one
 TOLERANCE_K = 4.0
 TOLERANCE_FLOOR = 4.0  # in eps of the input dtype
 MASK_TOLERANCE = 0.01  # fraction of packed-mask bits that may differ (values at the ReLU's threshold)
@@ -235,20 +236,23 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
-    """Median milliseconds per call of each of ``fns``: a warm-up each, then repetitions interleaved round-robin
-    (enough to fill the budget, 3 to 25), each round starting one candidate further on (in a fixed order a candidate
-    always follows the same neighbour, which on CPU shifted small shapes' medians by several percent); on CUDA
-    events around each call after an L2 flush."""
+    """Median milliseconds per call of each of ``fns``: two warm-up calls each, then repetitions interleaved
+    round-robin (enough to fill the budget, 3 to 100), each round starting one candidate further on (in a fixed order
+    a candidate always follows the same neighbour, which on CPU shifted small shapes' medians by several percent);
+    on CUDA events around each call after an L2 flush. On CPU at N = 50 the two MSSA forwards differ by 6% (505 and
+    539 us); one warm-up and at most 25 repetitions took the slower one in 1 of 20 fresh processes, and in 3 of 6
+    benchmark runs (tests/test_tuning.py, benchmarks/test_bench_auto.py)."""
     names = list(fns)
     first = {}
-    for name in names:  # warm-up, which also sizes the repetitions
-        _sync(device)
-        start = time.perf_counter()
-        fns[name]()
-        _sync(device)
+    for name in names:  # warm-up (the second call sizes the repetitions: first calls allocate and page in)
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
         first[name] = time.perf_counter() - start
     budget = CUDA_BUDGET_S if device.type == "cuda" else CPU_BUDGET_S
-    reps = max(3, min(25, int(budget / max(sum(first.values()), 1e-6))))
+    reps = max(3, min(100, int(budget / max(sum(first.values()), 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in names}
     if device.type == "cuda":
         flush = _l2_flush_buffer(device)
@@ -337,13 +341,20 @@ def measure(kind: str, args: tuple) -> dict:
 
 
 def _pick(times: dict[str, float | None], library: set[str]) -> str:
-    """The fastest library path, unless another candidate is faster than it by MARGIN."""
+    """The first library path in registration order (``times`` keeps it: the fused kernels, which hold no N x N
+    matrix, before the matmul form), unless another library path is faster than it by MARGIN (then the fastest of
+    them); that one unless any other candidate is faster than it by MARGIN. Timed alone, CPU flash and the matmul
+    form of MSSA's forward at N = 50 read within 1-3% of each other either way, while in a forward and backward the
+    matmul form's pair is 5% slower: a near tie goes to the path that keeps less in cache."""
     if len(times) == 1:
         return next(iter(times))
     fastest = min(times, key=times.get)
     if not library:
         return fastest
-    choice = min(library, key=times.get)
+    ordered = [n for n in times if n in library]
+    choice = min(ordered, key=times.get)
+    if times[ordered[0]] <= times[choice] * MARGIN:
+        choice = ordered[0]
     return fastest if times[fastest] * MARGIN < times[choice] else choice
 
 
