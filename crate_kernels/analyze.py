@@ -21,8 +21,7 @@ import torch
 
 from . import checkpoint, whitebox
 from .errors import ConfigError, DatasetError, TrainError
-from .models.classifier import supervised_classifier
-from .models.pretrained import load_pretrained
+from .models.pretrained import load_pretrained, supervised_classifier
 from .models.registry import FAMILY_NAMES, MODELS
 from .pipeline import distributed, flags
 from .pipeline.data import (

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
-from .models.classifier import EncoderClassifier, supervised_classifier
-from .models.pretrained import Pretrained, load_pretrained
+from .models.classifier import EncoderClassifier
+from .models.pretrained import Pretrained, load_pretrained, supervised_classifier
 from .models.registry import DEMO_MODELS, SUPERVISED_MODELS
 from .ops.backend import get_backend
 from .pipeline import distributed, flags, run

@@ -30,9 +30,9 @@ import torch
 
 from . import checkpoint
 from .errors import ConfigError, DatasetError, TrainError
-from .models.classifier import EncoderClassifier, make_head, supervised_classifier
+from .models.classifier import EncoderClassifier, make_head
 from .models.crate_supervised import CRATE
-from .models.pretrained import Pretrained, load_pretrained
+from .models.pretrained import Pretrained, load_pretrained, supervised_classifier
 from .pipeline import distributed, flags
 from .pipeline.data import (
     EvalTransform,

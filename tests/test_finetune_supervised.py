@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from crate_kernels import CRATE, checkpoint
 from crate_kernels.finetune import RECIPES, complete, main, resolve
-from crate_kernels.models.classifier import supervised_classifier
-from crate_kernels.models.pretrained import load_pretrained
+from crate_kernels.models.pretrained import load_pretrained, supervised_classifier
 from crate_kernels.models.registry import build_supervised
 from crate_kernels.pipeline.recipe import layer_decay_groups
 

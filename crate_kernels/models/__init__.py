@@ -7,6 +7,7 @@
     vit_mae      ViT-MAE, FAIR's masked autoencoder (the paper's baseline)
     classifier   classifiers from a pretrained encoder (CRATEClassifier, ViTClassifier)
     registry     every pretraining architecture by name (MODELS) and build_mae
-    pretrained   checkpoints: load_checkpoint, clean_state_dict, load_pretrained (which architecture a file holds)
+    pretrained   checkpoints: load_checkpoint, clean_state_dict, load_pretrained (which architecture a file holds),
+                 supervised_classifier (a supervised CRATE from one, at another size or class count)
     hub          save_pretrained / from_pretrained / push_to_hub (huggingface_hub, the optional extra ``hub``)
 """

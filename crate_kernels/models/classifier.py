@@ -21,15 +21,13 @@ from torch import nn
 from ..errors import TrainError
 from .base import GradCheckpointing, PatchEmbed
 from .crate import CRATELayers, EncoderBlock
-from .crate_supervised import CRATE
 from .hub import HubMixin
 from .pos_embed import resize_table, sincos_2d_table
 from .pretrained import Pretrained, load_checkpoint, load_pretrained
-from .registry import FAMILY_NAMES, MODELS, build_supervised
+from .registry import FAMILY_NAMES, MODELS
 from .vit_mae import Block
 
-__all__ = ["EncoderClassifier", "CRATEClassifier", "ViTClassifier", "classifier_from_pretrained", "make_head",
-           "supervised_classifier"]
+__all__ = ["EncoderClassifier", "CRATEClassifier", "ViTClassifier", "classifier_from_pretrained", "make_head"]
 
 
 def make_head(embed_dim: int, num_classes: int, linear_probe: bool = False) -> nn.Module:
@@ -221,43 +219,3 @@ def classifier_from_pretrained(source: str, num_classes: int, global_pool: bool 
     """A ``CRATEClassifier`` or ``ViTClassifier``, whichever the checkpoint's family is (see
     ``EncoderClassifier.from_pretrained``)."""
     return EncoderClassifier.from_pretrained(source, num_classes, global_pool, linear_probe, model, backend, log)
-
-
-
-def supervised_classifier(pretrained: Pretrained, num_classes: int | None = None, img_size: int | None = None,
-                          pool: str | None = None, backend: str | None = None, log=print) -> CRATE:
-    """Supervised CRATE ``pretrained.model`` at ``img_size`` (default the checkpoint's), in train mode, with the
-    checkpoint's weights (none: the release's random initialisation). ``num_classes`` None keeps the checkpoint's
-    head (a trained classifier, evaluated or probed); a number gives a fresh ``mlp_head`` (LayerNorm and Linear) for
-    that many classes, as the release's finetune.py does. A position table of another grid is interpolated
-    bicubically; ``pool`` defaults to the one the checkpoint's run recorded, else [CLS]. ``log`` (None: silent)
-    receives one line."""
-    img_size = img_size or pretrained.img_size
-    state, note = dict(pretrained.state), ""
-    if num_classes is None:
-        head = state.get("mlp_head.1.weight")
-        if head is None:
-            raise TrainError(f"{pretrained.source} holds no classification head (mlp_head.1.weight)")
-        num_classes = int(head.shape[0])
-    elif state:
-        state, note = {k: v for k, v in state.items() if not k.startswith("mlp_head.")}, "fresh head"
-    model = build_supervised(pretrained.model, num_classes, img_size, pretrained.patch_size,
-                             pool or pretrained.pool or "cls", backend)
-    if state:
-        old, new = (pretrained.img_size // pretrained.patch_size,) * 2, (img_size // pretrained.patch_size,) * 2
-        if "pos_embedding" in state and old != new:
-            state["pos_embedding"] = resize_table(state["pos_embedding"], old, new)
-            note += f"{', ' if note else ''}position table {old[0]}x{old[1]} -> {new[0]}x{new[1]}"
-        try:
-            result = load_checkpoint(model, state, strict=False)
-        except ValueError as e:
-            raise TrainError(f"{pretrained.source} does not fit {pretrained.model}: {e}") from None
-        missing = [k for k in result.missing_keys if not k.startswith("mlp_head.")]
-        wrong = missing or result.unexpected_keys
-        if wrong:
-            raise TrainError(f"{pretrained.source} does not match {pretrained.model}: "
-                             f"{'lacks' if missing else 'has extra'} {', '.join(wrong[:6])}"
-                             + (" ..." if len(wrong) > 6 else ""))
-    if log is not None:
-        log(model.describe(pretrained.describe(), note))
-    return model.train()

@@ -115,13 +115,15 @@ class CRATE(CRATELayers, GradCheckpointing, nn.Module, HubMixin):
     def pooled(self, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """(B, dim): the image feature, [CLS] or the token mean (``pool``), after the head's LayerNorm at the last
         layer (what its linear map sees); at an earlier ``layer``, without it."""
-        tokens = self.forward_features(img, layer)
-        feature = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+        feature = self._pool(self.forward_features(img, layer))
         return self.mlp_head[0](feature) if layer % len(self.blocks) == len(self.blocks) - 1 else feature
 
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, dim) -> (B, dim): the token mean ([CLS] included, as the release) or [CLS]."""
+        return tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        feature = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]
-        return self.mlp_head(self.to_latent(feature))
+        return self.mlp_head(self.to_latent(self._pool(tokens)))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))

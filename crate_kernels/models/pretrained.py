@@ -5,13 +5,14 @@ shapes checked first. ``load_pretrained(source)`` reads any checkpoint of the th
 crate-finetune run directory, its checkpoint-*.pth or model.safetensors, a release ``{'model': ...}`` .pth of
 CRATE-MAE or ViT-MAE, supervised CRATE's ``{'state_dict': ...}``, 'module.' prefixes allowed) and tells which
 architecture (``registry.MODELS`` or ``SUPERVISED_MODELS``) it is; ``Pretrained.build()`` gives the model with those
-weights, ``Pretrained.from_scratch`` stands for a random initialisation.
+weights, ``Pretrained.from_scratch`` stands for a random initialisation; ``supervised_classifier`` builds a supervised
+CRATE from one at another size or class count.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -20,6 +21,7 @@ from ..errors import TrainError
 from .crate import CRATEMAE
 from .crate_supervised import CRATE
 from .hub import CONFIG, WEIGHTS, download, is_repo_id, read_config
+from .pos_embed import resize_table
 from .registry import CHECKPOINT_MODELS, FAMILY_NAMES, MODELS, SUPERVISED_MODELS, build_mae, build_supervised, family
 from .vit_mae import MaskedAutoencoderViT
 
@@ -117,18 +119,11 @@ class Pretrained:
         """The model in eval mode, on CPU, with these weights (``weights=False``: freshly initialised, from torch's
         global generator): a masked autoencoder (an encoder-only checkpoint leaves the decoder at its
         initialisation), or a supervised CRATE with the checkpoint's head and pooling."""
-        if self.family == "supervised":
+        if self.family == "supervised":  # its own head (class count), pooling and size
             head = self.state.get("mlp_head.1.weight")
-            if head is None:
-                raise TrainError(f"{self.source} holds no classification head (mlp_head.1.weight)")
-            model = build_supervised(self.model, int(head.shape[0]), self.img_size, self.patch_size,
-                                     self.pool or "cls", backend)
-            if weights:
-                try:
-                    load_checkpoint(model, self.state)
-                except ValueError as e:
-                    raise TrainError(f"{self.source} does not fit --model {self.model}: {e}") from None
-            return model.eval()
+            if weights or head is None:  # without a head, supervised_classifier says so
+                return supervised_classifier(self, backend=backend, log=None).eval()
+            return supervised_classifier(replace(self, state={}), int(head.shape[0]), backend=backend, log=None).eval()
         model = build_mae(self.model, self.img_size, self.patch_size, self.norm_pix_loss, backend)
         if weights:
             try:
@@ -142,6 +137,45 @@ class Pretrained:
                 raise TrainError(f"{self.source} lacks {len(absent)} tensors of {self.model}: "
                                  f"{', '.join(absent[:6])}{' ...' if len(absent) > 6 else ''}")
         return model.eval()
+
+
+def supervised_classifier(pretrained: Pretrained, num_classes: int | None = None, img_size: int | None = None,
+                          pool: str | None = None, backend: str | None = None, log=print) -> CRATE:
+    """Supervised CRATE ``pretrained.model`` at ``img_size`` (default the checkpoint's), in train mode, with the
+    checkpoint's weights (none: the release's random initialisation). ``num_classes`` None keeps the checkpoint's
+    head (a trained classifier, evaluated or probed); a number gives a fresh ``mlp_head`` (LayerNorm and Linear) for
+    that many classes, as the release's finetune.py does. A position table of another grid is interpolated
+    bicubically; ``pool`` defaults to the one the checkpoint's run recorded, else [CLS]. ``log`` (None: silent)
+    receives one line."""
+    img_size = img_size or pretrained.img_size
+    state, note = dict(pretrained.state), ""
+    if num_classes is None:
+        head = state.get("mlp_head.1.weight")
+        if head is None:
+            raise TrainError(f"{pretrained.source} holds no classification head (mlp_head.1.weight)")
+        num_classes = int(head.shape[0])
+    elif state:
+        state, note = {k: v for k, v in state.items() if not k.startswith("mlp_head.")}, "fresh head"
+    model = build_supervised(pretrained.model, num_classes, img_size, pretrained.patch_size,
+                             pool or pretrained.pool or "cls", backend)
+    if state:
+        old, new = (pretrained.img_size // pretrained.patch_size,) * 2, (img_size // pretrained.patch_size,) * 2
+        if "pos_embedding" in state and old != new:
+            state["pos_embedding"] = resize_table(state["pos_embedding"], old, new)
+            note += f"{', ' if note else ''}position table {old[0]}x{old[1]} -> {new[0]}x{new[1]}"
+        try:
+            result = load_checkpoint(model, state, strict=False)
+        except ValueError as e:
+            raise TrainError(f"{pretrained.source} does not fit {pretrained.model}: {e}") from None
+        missing = [k for k in result.missing_keys if not k.startswith("mlp_head.")]
+        wrong = missing or result.unexpected_keys
+        if wrong:
+            raise TrainError(f"{pretrained.source} does not match {pretrained.model}: "
+                             f"{'lacks' if missing else 'has extra'} {', '.join(wrong[:6])}"
+                             + (" ..." if len(wrong) > 6 else ""))
+    if log is not None:
+        log(model.describe(pretrained.describe(), note))
+    return model.train()
 
 
 def _family_of_state(state: dict) -> str | None:

@@ -239,12 +239,11 @@ def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
     """Median milliseconds per call of each of ``fns``: two warm-up calls each, then repetitions interleaved
     round-robin (enough to fill the budget, 3 to 100), each round starting one candidate further on (in a fixed order
     a candidate always follows the same neighbour, which on CPU shifted small shapes' medians by several percent);
-    on CUDA events around each call after an L2 flush. On CPU at N = 50 the two MSSA forwards differ by 6% (505 and
-    539 us); one warm-up and at most 25 repetitions took the slower one in 1 of 20 fresh processes, and in 3 of 6
-    benchmark runs (tests/test_tuning.py, benchmarks/test_bench_auto.py)."""
+    on CUDA events around each call after an L2 flush. The first call of a candidate allocates and pages in, so the
+    second sizes the repetitions; short calls get up to 100 repetitions within the same budget."""
     names = list(fns)
     first = {}
-    for name in names:  # warm-up (the second call sizes the repetitions: first calls allocate and page in)
+    for name in names:  # warm-up
         for _ in range(2):
             _sync(device)
             start = time.perf_counter()
