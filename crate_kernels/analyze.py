@@ -174,7 +174,7 @@ def plot_attention(imgs: torch.Tensor, maps: torch.Tensor, names: list[str], lay
         axes[i, 0].imshow(rgb)
         axes[i, 0].set_title(names[i], fontsize=8)
         grey = rgb.mean(axis=2)
-        top = up[i].max().item() or 1.0
+        top = maps[i].max().item() or 1.0  # the largest weight itself: bilinear upsampling lowers isolated peaks
         for h in range(heads):
             ax = axes[i, h + 1]
             ax.imshow(grey, cmap="gray")
