@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import config_pruning, triton_interpreting
+from ..backend import config_pruning, fp32_dot_precision, triton_interpreting, tuning_bucket
 
 _MAX_SHARED_MEMORY = 232448  # bytes a block may use on Hopper, the most of any GPU here
 
@@ -92,6 +92,21 @@ def dm_chunks(rows: int, d: int, device: torch.device) -> tuple[int, int]:
     n_chunks = max(1, min(triton.cdiv(rows, _DM_CHUNK_ALIGN), triton.cdiv(target, blocks)))
     chunk = triton.cdiv(triton.cdiv(max(rows, 1), n_chunks), _DM_CHUNK_ALIGN) * _DM_CHUNK_ALIGN
     return max(1, triton.cdiv(rows, chunk)), chunk
+
+
+def launch_dm(kernel, dout, x, m, packed_mask, step_size):
+    """dM = eta x^T G (M's dtype, fp32) from a dM kernel of v1's signature (v1's or a variant's): one partial
+    product per row chunk (dm_chunks), each program writing its own block, then summed over the chunks."""
+    rows, d = x.shape
+    n_chunks, chunk = dm_chunks(rows, d, x.device)
+    part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
+    if part.numel():  # rows = 0 still writes zeros
+        kernel[tiles_grid(d, d, n_chunks)](
+            x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
+            UPCAST=upcast(x.dtype), PRECISION=fp32_dot_precision(x),
+        )
+    return part[0] if n_chunks == 1 else part.sum(dim=0)
 
 
 _INT32_LIMIT = 2 ** 31

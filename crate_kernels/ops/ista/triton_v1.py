@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import cuda_ext
 from ..backend import device_guard, fp32_dot_precision, register_triton_backends, register_variant, tuning_bucket
-from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, load_mt, tiles_grid, upcast
+from .triton_common import autotune_args, check_launch, check_triton_dtype, launch_dm, load_mt, tiles_grid, upcast
 
 __all__ = ["forward_v1", "backward_v1", "TRITON_KERNELS", "aot_launches"]
 
@@ -176,7 +176,6 @@ def backward_v1(dout, x, m, packed_mask, step_size, need_dx, need_dm):
     check_triton_dtype(x)
     rows, d = x.shape
     dout = dout.to(x.dtype)
-    up, precision = upcast(x.dtype), fp32_dot_precision(x)
     check_launch(rows, d)
     dx = dm = None
     with device_guard(x):
@@ -187,18 +186,10 @@ def backward_v1(dout, x, m, packed_mask, step_size, need_dx, need_dm):
                 _ista_dx_kernel[tiles_grid(rows, d)](
                     dout, packed_mask, mc, dx, rows, d, step_size, tuning_bucket(rows),
                     dout.stride(0), dout.stride(1), packed_mask.stride(0), mc.stride(0), mc.stride(1),
-                    UPCAST=up, PRECISION=precision,
+                    UPCAST=upcast(x.dtype), PRECISION=fp32_dot_precision(x),
                 )
         if need_dm:
-            n_chunks, chunk = dm_chunks(rows, d, x.device)
-            part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-            if part.numel():  # rows = 0 still writes zeros
-                _ista_dm_kernel[tiles_grid(d, d, n_chunks)](
-                    x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-                    x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-                    UPCAST=up, PRECISION=precision,
-                )
-            dm = part[0] if n_chunks == 1 else part.sum(dim=0)
+            dm = launch_dm(_ista_dm_kernel, dout, x, m, packed_mask, step_size)
     return dx, dm
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..backend import device_guard, fp32_dot_precision, register_variant, tuning_bucket
 from .torch_impl import unpack_mask
-from .triton_common import autotune_args, check_launch, check_triton_dtype, dm_chunks, load_mt, tiles_grid, upcast
+from .triton_common import autotune_args, check_launch, check_triton_dtype, launch_dm, load_mt, tiles_grid, upcast
 
 __all__: list[str] = []
 
@@ -157,17 +157,8 @@ def _backward(dout, x, m, packed_mask, step_size, need_dx, need_dm, dm_of, keep_
 
 
 def _dm_bytemask(dout, x, m, packed_mask, step_size, g):
-    """dM = eta x^T G (fp32) from the bytemask dM kernel: row chunks' partial products, summed."""
-    rows, d = x.shape
-    n_chunks, chunk = dm_chunks(rows, d, x.device)
-    part = torch.empty((n_chunks, d, d), dtype=m.dtype, device=x.device)
-    if part.numel():  # rows = 0 still writes zeros
-        _ista_dm_bytemask_kernel[tiles_grid(d, d, n_chunks)](
-            x, dout, packed_mask, part, rows, d, chunk, step_size, tuning_bucket(rows),
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), packed_mask.stride(0),
-            UPCAST=upcast(x.dtype), PRECISION=fp32_dot_precision(x),
-        )
-    return part[0] if n_chunks == 1 else part.sum(dim=0)
+    """dM = eta x^T G (fp32) from the bytemask dM kernel (G is formed in its registers)."""
+    return launch_dm(_ista_dm_bytemask_kernel, dout, x, m, packed_mask, step_size)
 
 
 def _backward_bytemask(dout, x, m, packed_mask, step_size, need_dx, need_dm):

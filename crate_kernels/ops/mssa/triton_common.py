@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import fp32_dot_precision, triton_interpreting
+from ..backend import config_pruning, fp32_dot_precision, triton_interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -28,14 +28,16 @@ TUNING_KEY = ["N", "BH_BUCKET", "BLOCK_D", "PRECISION"]
 ROW_BYTES_LARGE = 512
 
 
-def tile_configs(tiles) -> list:
-    """The autotuning space of (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` on a GPU; its first config alone under the
-    interpreter (which cannot tune)."""
+def autotune_args(tiles, prune) -> dict:
+    """triton.autotune's arguments for a kernel over these (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` (their first
+    config alone under the interpreter, which cannot tune), keyed by TUNING_KEY, the configs ``prune(configs,
+    named_args, **kwargs)`` keeps tried."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in tiles
     ]
-    return configs[:1] if triton_interpreting() else configs
+    return {"configs": configs[:1] if triton_interpreting() else configs, "key": TUNING_KEY,
+            "prune_configs_by": config_pruning(prune)}
 
 
 def tile_of(config) -> tuple:
@@ -96,6 +98,16 @@ def check_launch(*tensors: torch.Tensor) -> None:
             raise ValueError(f"backend 'triton' computes offsets within one head in int32: (N - 1) * stride_N + "
                              f"(p - 1) * stride_p must stay below 2^31, got {span} for shape {tuple(t.shape)} "
                              f"and strides {t.stride()}")
+
+
+@triton.jit
+def head_rows(N, H, BLOCK_M: tl.constexpr):
+    """This program's place on head_grid (cdiv(N, BLOCK_M) adjacent programs per head): its batch * head index bh,
+    batch b and head h (int64: heads are reached with 64-bit offsets), and its first row."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), (pid % num_m) * BLOCK_M
 
 
 @triton.jit

@@ -11,25 +11,18 @@ import triton
 import triton.language as tl
 
 from .. import cuda_ext
-from ..backend import (
-    accumulate_dtype,
-    config_pruning,
-    device_guard,
-    register_triton_backends,
-    register_variant,
-    tuning_bucket,
-)
+from ..backend import accumulate_dtype, device_guard, register_triton_backends, register_variant, tuning_bucket
 from .triton_common import (
     LN2,
     LOG2E,
     ROW_BYTES_LARGE,
-    TUNING_KEY,
+    autotune_args,
     check_launch,
     exact_fp32,
     head_grid,
+    head_rows,
     row_bytes,
     softmax_step,
-    tile_configs,
     tile_of,
     triton_meta,
 )
@@ -65,11 +58,7 @@ def _prune_bwd(configs, named_args, **kwargs):
             and min_area <= c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_area]
 
 
-@triton.autotune(
-    configs=tile_configs(_FWD_TILES + _FWD_EXACT_FP32_TILES),
-    key=TUNING_KEY,
-    prune_configs_by=config_pruning(_prune_fwd),
-)
+@triton.autotune(**autotune_args(_FWD_TILES + _FWD_EXACT_FP32_TILES, _prune_fwd))
 @triton.jit(do_not_specialize=["BH_BUCKET"])
 def _mssa_fwd_kernel(
     W, Out, Lse,
@@ -84,16 +73,12 @@ def _mssa_fwd_kernel(
     Each w_j tile is loaded once and serves as key (S_ij) and value (out_i += P_ij w_j).
     Writes out_i = softmax(S_i) w (N x D, masked tails) and lse_i = logsumexp_j S_ij.
     """
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, row0 = head_rows(N, H, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_md = (offs_m < N)[:, None] & mask_d[None, :]
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     w_head = W + b * stride_wb + h * stride_wh
 
     w_i = tl.load(w_head + offs_m[:, None] * stride_wn + offs_d[None, :] * stride_wd, mask=mask_md, other=0.0)
@@ -133,11 +118,7 @@ def _backward_rows(w_head, g_head, o_head, rows, mask_rows, offs_d, mask_d, stri
     return w, g, tl.sum(g.to(ACC) * o.to(ACC), 1)
 
 
-@triton.autotune(
-    configs=tile_configs(_BWD_TILES + _BWD_EXACT_FP32_TILES),
-    key=TUNING_KEY,
-    prune_configs_by=config_pruning(_prune_bwd),
-)
+@triton.autotune(**autotune_args(_BWD_TILES + _BWD_EXACT_FP32_TILES, _prune_bwd))
 @triton.jit(do_not_specialize=["BH_BUCKET"])
 def _mssa_bwd_kernel(
     W, Out, DOut, Lse, DW,
@@ -157,17 +138,13 @@ def _mssa_bwd_kernel(
         dw_i += scale (dS_ij + dS_ji^T) w_j + P_ji^T dO_j
     with delta = rowsum(dO * out) computed on the fly for blocks i and j.
     """
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, row0 = head_rows(N, H, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_m = offs_m < N
     mask_md = mask_m[:, None] & mask_d[None, :]
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     w_head = W + b * stride_wb + h * stride_wh
     o_head = Out + b * stride_ob + h * stride_oh
     g_head = DOut + b * stride_gb + h * stride_gh

@@ -31,18 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import accumulate_dtype, config_pruning, device_guard, register_variant, tuning_bucket
+from ..backend import accumulate_dtype, device_guard, register_variant, tuning_bucket
 from .triton_common import (
     LN2,
     LOG2E,
     ROW_BYTES_LARGE,
-    TUNING_KEY,
+    autotune_args,
     check_launch,
     exact_fp32,
     head_grid,
+    head_rows,
     row_bytes,
     softmax_step,
-    tile_configs,
     tile_of,
     triton_meta,
 )
@@ -123,8 +123,7 @@ def _attend_rows(w_head, out_head, lse_head, row0, N, D,
     tl.store(lse_head + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N)
 
 
-@triton.autotune(configs=tile_configs(_TAIL_TILES + _FWD_EXACT_FP32_TILES), key=TUNING_KEY,
-                 prune_configs_by=config_pruning(_prune_tail))
+@triton.autotune(**autotune_args(_TAIL_TILES + _FWD_EXACT_FP32_TILES, _prune_tail))
 @triton.heuristics({"TAIL_M": lambda a: _tail(a["N"], a["BLOCK_M"]),
                     "TAIL_N": lambda a: _tail(a["N"], a["BLOCK_N"])})
 @triton.jit(do_not_specialize=["BH_BUCKET"])
@@ -138,12 +137,7 @@ def _mssa_fwd_tail_kernel(
 ):
     """v1's forward (grid: cdiv(N, BLOCK_M) programs per head) with the key and row tails cut to size: the last
     row block of a head, when it holds fewer than BLOCK_M rows, runs as a TAIL_M-row tile."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    row0 = (pid % num_m) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, row0 = head_rows(N, H, BLOCK_M)
     w_head = W + b * stride_wb + h * stride_wh
     out_head = Out + b * stride_ob + h * stride_oh
     lse_head = Lse + bh.to(tl.int64) * N
@@ -185,14 +179,10 @@ def _mssa_delta_kernel(
     H, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """Delta[bh, n] = sum_d dO[b, h, n, d] out[b, h, n, d] (accumulated in ACC); grid: cdiv(N, BLOCK_M) per head."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, row0 = head_rows(N, H, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
                 mask=mask, other=0.0)
     g = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -249,8 +239,23 @@ def _side_by_side(a, b, ROWS: tl.constexpr, COLS: tl.constexpr):
     return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, 2 * COLS))
 
 
-@triton.autotune(configs=tile_configs(_STACKED_TILES + _STACKED_EXACT_FP32_TILES), key=TUNING_KEY,
-                 prune_configs_by=config_pruning(_prune_stacked))
+@triton.jit
+def _pair_scores(w_i, g_i, t_j, w_j, lse_i, lse_j, delta_i, delta_j, qk_scale, scale,
+                 ROWS: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """What row tile i and key tile j (T_j = [w_j; dO_j]) give dw, in two products, [S_ij | dP_ji^T] = w_i T_j^T
+    and dP_ij = dO_i w_j^T (S scaled, in log2 units by qk_scale; lse in log2 units):
+        P_ij = exp(S_ij - lse_i),  P_ji^T = exp(S_ij - lse_j),
+        D = scale (P_ij (dP_ij - delta_i) + P_ji^T (dP_ji^T - delta_j))  (= scale (dS_ij + dS_ji^T)).
+    Returns D, P_ij and P_ji^T, (ROWS, COLS) in ACC."""
+    s, dp_k = _halves(tl.dot(w_i, tl.trans(t_j), input_precision=PRECISION, out_dtype=ACC), ROWS, COLS)
+    s = s * qk_scale
+    p_q = tl.exp2(s - lse_i[:, None])
+    p_k = tl.exp2(s - lse_j[None, :])
+    dp_q = tl.dot(g_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC)
+    return (p_q * (dp_q - delta_i[:, None]) + p_k * (dp_k - delta_j[None, :])) * scale, p_q, p_k
+
+
+@triton.autotune(**autotune_args(_STACKED_TILES + _STACKED_EXACT_FP32_TILES, _prune_stacked))
 @triton.jit(do_not_specialize=["BH_BUCKET"])
 def _mssa_bwd_stacked_kernel(
     W, DOut, Delta, Lse, DW,
@@ -271,16 +276,12 @@ def _mssa_bwd_stacked_kernel(
         dw_i += [dS | P_ji^T] T                                              (K = 2 BLOCK_N)
     Key tails need no mask (zero rows of w_j and dO_j, lse_j = delta_j = 0: see v1).
     """
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, row0 = head_rows(N, H, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_m = offs_m < N
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     w_head = W + b * stride_wb + h * stride_wh
     g_head = DOut + b * stride_gb + h * stride_gh
     lse_head = Lse + bh.to(tl.int64) * N
@@ -301,12 +302,8 @@ def _mssa_bwd_stacked_kernel(
         lse_j = tl.load(lse_head + cols, mask=mask_n, other=0.0) * LOG2E
         delta_j = tl.load(delta_head + cols, mask=mask_n, other=0.0)
 
-        s, dp_k = _halves(tl.dot(w_i, tl.trans(t), input_precision=PRECISION, out_dtype=ACC), BLOCK_M, BLOCK_N)
-        s = s * qk_scale
-        p_q = tl.exp2(s - lse_i[:, None])
-        p_k = tl.exp2(s - lse_j[None, :])
-        dp_q = tl.dot(g_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC)
-        ds = (p_q * (dp_q - delta_i[:, None]) + p_k * (dp_k - delta_j[None, :])) * scale
+        ds, _, p_k = _pair_scores(w_i, g_i, t, w_j, lse_i, lse_j, delta_i, delta_j, qk_scale, scale,
+                                  BLOCK_M, BLOCK_N, ACC, PRECISION)
         a = _side_by_side(ds.to(t.dtype), p_k.to(t.dtype), BLOCK_M, BLOCK_N)
         acc = tl.dot(a, t, acc, input_precision=PRECISION, out_dtype=ACC)
 
@@ -349,8 +346,7 @@ def _prune_symmetric(configs, named_args, **kwargs):
             and (not wide or c.kwargs["BLOCK_M"] == 32)]
 
 
-@triton.autotune(configs=tile_configs(_SYMMETRIC_TILES + _SYMMETRIC_EXACT_FP32_TILES), key=TUNING_KEY,
-                 prune_configs_by=config_pruning(_prune_symmetric))
+@triton.autotune(**autotune_args(_SYMMETRIC_TILES + _SYMMETRIC_EXACT_FP32_TILES, _prune_symmetric))
 @triton.jit(do_not_specialize=["BH", "BH_BUCKET"])
 def _mssa_bwd_symmetric_kernel(
     W, DOut, Delta, Lse, DW, Scratch,
@@ -396,13 +392,8 @@ def _mssa_bwd_symmetric_kernel(
             lse_i = tl.load(lse_head + rows_i, mask=mask_i, other=0.0) * LOG2E
             delta_i = tl.load(delta_head + rows_i, mask=mask_i, other=0.0)
 
-            s, dp_k = _halves(tl.dot(w_i, tl.trans(t_i), input_precision=PRECISION, out_dtype=ACC),
-                              BLOCK_M, BLOCK_M)
-            s = s * qk_scale
-            p_q = tl.exp2(s - lse_i[:, None])
-            p_k = tl.exp2(s - lse_i[None, :])
-            dp_q = tl.dot(g_i, tl.trans(w_i), input_precision=PRECISION, out_dtype=ACC)
-            d = (p_q * (dp_q - delta_i[:, None]) + p_k * (dp_k - delta_i[None, :])) * scale
+            d, _, p_k = _pair_scores(w_i, g_i, t_i, w_i, lse_i, lse_i, delta_i, delta_i, qk_scale, scale,
+                                     BLOCK_M, BLOCK_M, ACC, PRECISION)
             acc = tl.dot(_side_by_side(d.to(t_i.dtype), p_k.to(t_i.dtype), BLOCK_M, BLOCK_M), t_i,
                          input_precision=PRECISION, out_dtype=ACC)
 
@@ -414,14 +405,9 @@ def _mssa_bwd_symmetric_kernel(
                 w_j = _load_rows(w_head, rows_j, offs_d, mask_d, N, stride_wn, stride_wd, ACC, UPCAST)
                 lse_j = tl.load(lse_head + rows_j, mask=mask_j, other=0.0) * LOG2E
                 delta_j = tl.load(delta_head + rows_j, mask=mask_j, other=0.0)
-                s_ij, dp_ji = _halves(tl.dot(w_i, tl.trans(t_j), input_precision=PRECISION, out_dtype=ACC),
-                                      BLOCK_M, BLOCK_M)
-                s_ij = s_ij * qk_scale
-                p_ij = tl.exp2(s_ij - lse_i[:, None])
-                p_ji = tl.exp2(s_ij - lse_j[None, :])
-                dp_ij = tl.dot(g_i, tl.trans(w_j), input_precision=PRECISION, out_dtype=ACC)
-                d_ij = ((p_ij * (dp_ij - delta_i[:, None]) + p_ji * (dp_ji - delta_j[None, :])) * scale
-                        ).to(t_i.dtype)
+                d_ij, p_ij, p_ji = _pair_scores(w_i, g_i, t_j, w_j, lse_i, lse_j, delta_i, delta_j, qk_scale, scale,
+                                                BLOCK_M, BLOCK_M, ACC, PRECISION)
+                d_ij = d_ij.to(t_i.dtype)
                 acc = tl.dot(_side_by_side(d_ij, p_ji.to(t_i.dtype), BLOCK_M, BLOCK_M), t_j, acc,
                              input_precision=PRECISION, out_dtype=ACC)
                 side_j = tl.dot(_side_by_side(tl.trans(d_ij), tl.trans(p_ij.to(t_i.dtype)), BLOCK_M, BLOCK_M),
