@@ -439,15 +439,15 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   });
 }
 
-inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+template <int BYTES>
+void cp_async(void* dst, const void* src, int src_bytes) {
+  constexpr int bytes = BYTES;
   if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
     ck_emu::fail("cp.async address not aligned to the copy size");
   if (!ck_emu::in_smem(dst, static_cast<size_t>(bytes))) ck_emu::fail("cp.async destination outside shared memory");
   if (src_bytes < 0 || src_bytes > bytes || (src_bytes > 0 && src == nullptr)) ck_emu::fail("cp.async source size");
   ck_emu::cur_fiber->open_group.push_back({dst, src, bytes, src_bytes});
 }
-inline void cp_async_16(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 16, src_bytes); }
-inline void cp_async_4(void* dst, const void* src, int src_bytes) { cp_async(dst, src, 4, src_bytes); }
 inline void cp_async_commit() {
   ck_emu::Fiber& f = *ck_emu::cur_fiber;
   f.committed.push_back(std::move(f.open_group));

@@ -245,14 +245,14 @@ __device__ __forceinline__ void ista_stage_async(unsigned char* stage, const Ist
       const int64_t col = k0 + c, row_a = t.m0 + r, row_b = t.n0 + r;
       const int ea = row_a < p.rows ? clamp(static_cast<int>(p.d - col), 0, 8) : 0;
       const int eb = row_b < p.d ? clamp(static_cast<int>(p.d - col), 0, 8) : 0;
-      cp_async_16(sa + r * L::LDA + c, ea ? p.dout + row_a * p.g_ld + col : p.dout, ea * static_cast<int>(sizeof(T)));
-      cp_async_16(sb + r * L::LDA + c, eb ? p.m_lowp + row_b * p.m_lowp_ld + col : p.m_lowp,
+      cp_async<16>(sa + r * L::LDA + c, ea ? p.dout + row_a * p.g_ld + col : p.dout, ea * static_cast<int>(sizeof(T)));
+      cp_async<16>(sb + r * L::LDA + c, eb ? p.m_lowp + row_b * p.m_lowp_ld + col : p.m_lowp,
                   eb * static_cast<int>(sizeof(T)));
     }
     for (int r = threadIdx.x; r < kMmaTile; r += blockDim.x) {  // bytes k0/8..k0/8+3 of row m0 + r
       const int64_t row = t.m0 + r, byte = k0 / 8;
       const int bytes = row < p.rows ? clamp(static_cast<int>(mask_cols - byte), 0, 4) : 0;
-      cp_async_4(sm + 4 * r, bytes ? p.mask + row * p.mask_ld + byte : p.mask, bytes);
+      cp_async<4>(sm + 4 * r, bytes ? p.mask + row * p.mask_ld + byte : p.mask, bytes);
     }
   } else {
     // A: x[k0 + r][m0 + c]; B: dOut[k0 + r][n0 + c]; BK rows x 16 chunks of 8 each.
@@ -262,14 +262,14 @@ __device__ __forceinline__ void ista_stage_async(unsigned char* stage, const Ist
       const bool row_ok = row < t.k_end;
       const int ea = row_ok ? clamp(static_cast<int>(p.d - col_a), 0, 8) : 0;
       const int eb = row_ok ? clamp(static_cast<int>(p.d - col_b), 0, 8) : 0;
-      cp_async_16(sa + r * L::LDA + c, ea ? p.x + row * p.x_ld + col_a : p.x, ea * static_cast<int>(sizeof(T)));
-      cp_async_16(sb + r * L::LDA + c, eb ? p.dout + row * p.g_ld + col_b : p.dout, eb * static_cast<int>(sizeof(T)));
+      cp_async<16>(sa + r * L::LDA + c, ea ? p.x + row * p.x_ld + col_a : p.x, ea * static_cast<int>(sizeof(T)));
+      cp_async<16>(sb + r * L::LDA + c, eb ? p.dout + row * p.g_ld + col_b : p.dout, eb * static_cast<int>(sizeof(T)));
     }
     for (int idx = threadIdx.x; idx < kMmaBK * 4; idx += blockDim.x) {  // bytes n0/8.. of row k0 + r, 4 at a time
       const int r = idx / 4, q = idx % 4;
       const int64_t row = k0 + r, byte = t.n0 / 8 + 4 * q;
       const int bytes = row < t.k_end ? clamp(static_cast<int>(mask_cols - byte), 0, 4) : 0;
-      cp_async_4(sm + 16 * r + 4 * q, bytes ? p.mask + row * p.mask_ld + byte : p.mask, bytes);
+      cp_async<4>(sm + 16 * r + 4 * q, bytes ? p.mask + row * p.mask_ld + byte : p.mask, bytes);
     }
   }
 }
@@ -442,6 +442,21 @@ bool mma_aligned(int64_t d, const uint8_t* mask, int64_t mask_ld) {
   return d % 8 == 0 && reinterpret_cast<uintptr_t>(mask) % 4 == 0 && mask_ld % 4 == 0;
 }
 
+// What both products read: G = dOut * mask (rows x d, dOut in T) and eta; each adds its other operands.
+template <typename T>
+IstaParams<T> g_params(const void* dout, int64_t dout_ld, const uint8_t* mask, int64_t mask_ld, int64_t rows,
+                       int64_t d, float eta) {
+  IstaParams<T> p{};
+  p.dout = static_cast<const T*>(dout);
+  p.g_ld = dout_ld;
+  p.mask = mask;
+  p.mask_ld = mask_ld;
+  p.rows = rows;
+  p.d = static_cast<int>(d);
+  p.eta = eta;
+  return p;
+}
+
 }  // namespace
 }  // namespace ck
 
@@ -459,20 +474,13 @@ extern "C" cudaError_t ck_ista_backward_dx(const void* dout, int64_t dout_ld, co
   CK_RETURN_IF_ERROR(resolve_kernel(kernel, dtype, aligned));
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    IstaParams<T> p{};
-    p.dout = static_cast<const T*>(dout);
-    p.g_ld = dout_ld;
-    p.mask = mask;
-    p.mask_ld = mask_ld;
+    IstaParams<T> p = g_params<T>(dout, dout_ld, mask, mask_ld, rows, d, eta);
     p.m = m;
     p.m_ld = m_ld;
     p.m_lowp = static_cast<const T*>(m_lowp);
     p.m_lowp_ld = m_lowp_ld;
     p.dx = static_cast<T*>(dx);
     p.dx_ld = dx_ld;
-    p.rows = rows;
-    p.d = static_cast<int>(d);
-    p.eta = eta;
     return launch_gemm<Op::kDx>(p, rows, 1, kernel, stream);
   });
 }
@@ -514,18 +522,11 @@ extern "C" cudaError_t ck_ista_backward_dm(const void* x, int64_t x_ld, const vo
   CK_RETURN_IF_ERROR(resolve_kernel(kernel, dtype, aligned));
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    IstaParams<T> p{};
+    IstaParams<T> p = g_params<T>(dout, dout_ld, mask, mask_ld, rows, d, eta);
     p.x = static_cast<const T*>(x);
     p.x_ld = x_ld;
-    p.dout = static_cast<const T*>(dout);
-    p.g_ld = dout_ld;
-    p.mask = mask;
-    p.mask_ld = mask_ld;
     p.dm_out = splits > 1 ? partials : dm;
-    p.rows = rows;
     p.chunk = chunk;
-    p.d = static_cast<int>(d);
-    p.eta = eta;
     CK_RETURN_IF_ERROR(launch_gemm<Op::kDm>(p, d, splits, kernel, stream));
     if (splits == 1) return cudaSuccess;
     const int64_t count = d * d;

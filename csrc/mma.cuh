@@ -80,19 +80,16 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// 16 bytes global -> shared, bypassing L1; bytes past src_bytes (0..16) are zero-filled and not read.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+// BYTES (16 or 4) global -> shared, asynchronously; bytes past src_bytes (0..BYTES) are zero-filled and not read.
+// 16-byte copies bypass L1 (.cg, which takes no other size), 4-byte copies go through L1 (.ca).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  static_assert(BYTES == 16 || BYTES == 4, "cp_async copies 16 or 4 bytes");
 #if CK_TENSOR_CORE_ARCH
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
-#else
-  __trap();
-#endif
-}
-
-// 4 bytes global -> shared (through L1: .cg takes only 16), zero-filled past src_bytes (0..4).
-__device__ __forceinline__ void cp_async_4(void* dst, const void* src, int src_bytes) {
-#if CK_TENSOR_CORE_ARCH
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
 #else
   __trap();
 #endif

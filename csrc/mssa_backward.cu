@@ -425,13 +425,13 @@ __device__ __forceinline__ void tile_async(T* w_dst, T* g_dst, float* lse_dst, f
     const int r = idx / CH, c = idx % CH * 8, row = r0 + r;
     const int elems = row < prm.n ? clamp(prm.p - c, 0, 8) : 0;
     const int bytes = elems * static_cast<int>(sizeof(T));
-    cp_async_16(w_dst + r * S::LDT + c, elems ? hv.w + static_cast<int64_t>(row) * prm.w_s.n + c : hv.w, bytes);
-    cp_async_16(g_dst + r * S::LDT + c, elems ? hv.g + static_cast<int64_t>(row) * prm.g_s.n + c : hv.g, bytes);
+    cp_async<16>(w_dst + r * S::LDT + c, elems ? hv.w + static_cast<int64_t>(row) * prm.w_s.n + c : hv.w, bytes);
+    cp_async<16>(g_dst + r * S::LDT + c, elems ? hv.g + static_cast<int64_t>(row) * prm.g_s.n + c : hv.g, bytes);
   }
   for (int r = threadIdx.x; r < S::BT; r += kThreads) {
     const bool ok = r0 + r < prm.n;
-    cp_async_4(lse_dst + r, ok ? hv.lse + r0 + r : hv.lse, ok ? 4 : 0);
-    cp_async_4(dl_dst + r, ok ? hv.delta + r0 + r : hv.delta, ok ? 4 : 0);
+    cp_async<4>(lse_dst + r, ok ? hv.lse + r0 + r : hv.lse, ok ? 4 : 0);
+    cp_async<4>(dl_dst + r, ok ? hv.delta + r0 + r : hv.delta, ok ? 4 : 0);
   }
 }
 
