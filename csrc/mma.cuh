@@ -41,6 +41,15 @@ __device__ __forceinline__ uint32_t pack2(float x, float y) {
   return bits;
 }
 
+// The A fragment of a 16-wide k step from the fp32 C fragments of two adjacent 8-column tiles, rounded to T.
+template <typename T>
+__device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
 #ifndef CK_HOST_EMULATION
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -451,6 +451,25 @@ __device__ __forceinline__ RowStats row_stats(const float* lse_s, const float* d
   return st;
 }
 
+// acc (16 rows, NT 8-column tiles) += [Ax | Ap] [W; G] over one 16-deep k step: W and G are rows k.. of two
+// row-major [k][n] tiles, read with ldmatrix.trans from w and g (this lane's rows16_offset included).
+template <typename T, int NT>
+__device__ __forceinline__ void mma_stacked(float (&acc)[NT][4], const uint32_t (&ax)[4], const uint32_t (&ap)[4],
+                                            const T* w, const T* g) {
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {  // B[k][c] = W[k][c], G[k][c] for columns 16 np..
+    uint32_t bw[4], bg[4];
+    ldsm_x4_trans(bw, w + 16 * np);
+    ldsm_x4_trans(bg, g + 16 * np);
+    const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
+    const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
+    mma_16816<T>(acc[2 * np], ax, bw0);
+    mma_16816<T>(acc[2 * np + 1], ax, bw1);
+    mma_16816<T>(acc[2 * np], ap, bg0);
+    mma_16816<T>(acc[2 * np + 1], ap, bg1);
+  }
+}
+
 // Phases 1 and 2 of pair (I, J) for this warp's 16 rows of I; with STAGE, also X and Pq of those rows into
 // xs, pqs ([BT][LDX]) for phase 3. wi, gi, wj, gj: [BT][LDT] tiles; lse_j, dl_j: stats of J.
 template <typename T, int P, bool STAGE>
@@ -515,25 +534,11 @@ __device__ __forceinline__ void pair_rows(float (&acc)[P / 8][4], const T* wi, c
     // Phase 2: dw_I += X w_J + Pk dO_J over keys j0..j0+31, 16 at a time.
 #pragma unroll
     for (int kb = 0; kb < 2; ++kb) {
-      const uint32_t ax[4] = {pack2<T>(s[2 * kb][0], s[2 * kb][1]), pack2<T>(s[2 * kb][2], s[2 * kb][3]),
-                              pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]),
-                              pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3])};
-      const uint32_t ap[4] = {pack2<T>(dk[2 * kb][0], dk[2 * kb][1]), pack2<T>(dk[2 * kb][2], dk[2 * kb][3]),
-                              pack2<T>(dk[2 * kb + 1][0], dk[2 * kb + 1][1]),
-                              pack2<T>(dk[2 * kb + 1][2], dk[2 * kb + 1][3])};
-#pragma unroll
-      for (int np = 0; np < S::NT / 2; ++np) {  // B[j][c] = w_J[j][c], dO_J[j][c] for columns 16 np..
-        uint32_t bw[4], bg[4];
-        const int off = (j0 + 16 * kb) * LDT + bk_off + 16 * np;
-        ldsm_x4_trans(bw, wj + off);
-        ldsm_x4_trans(bg, gj + off);
-        const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
-        const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
-        mma_16816<T>(acc[2 * np], ax, bw0);
-        mma_16816<T>(acc[2 * np + 1], ax, bw1);
-        mma_16816<T>(acc[2 * np], ap, bg0);
-        mma_16816<T>(acc[2 * np + 1], ap, bg1);
-      }
+      uint32_t ax[4], ap[4];
+      a_from_c<T>(ax, s[2 * kb], s[2 * kb + 1]);
+      a_from_c<T>(ap, dk[2 * kb], dk[2 * kb + 1]);
+      const int off = (j0 + 16 * kb) * LDT + bk_off;  // B[j][c] = w_J[j][c], dO_J[j][c]
+      mma_stacked<T, S::NT>(acc, ax, ap, wj + off, gj + off);
     }
   }
 }
@@ -636,19 +641,8 @@ __global__ void __launch_bounds__(kThreads) mssa_bwd_mma_head_kernel(MssaParams<
           uint32_t ax[4], ap[4];  // A[j][i] = X[i][j], Pq[i][j] for rows i in 16 kb..
           ldsm_x4_trans(ax, xs + 16 * kb * S::LDX + at_off);
           ldsm_x4_trans(ap, pqs + 16 * kb * S::LDX + at_off);
-#pragma unroll
-          for (int np = 0; np < NT / 2; ++np) {  // B[i][c] = w_I[i][c], dO_I[i][c]
-            uint32_t bw[4], bg[4];
-            const int off = 16 * kb * S::LDT + bk_off + 16 * np;
-            ldsm_x4_trans(bw, tile_w(ti) + off);
-            ldsm_x4_trans(bg, tile_g(ti) + off);
-            const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
-            const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
-            mma_16816<T>(acc_j[2 * np], ax, bw0);
-            mma_16816<T>(acc_j[2 * np + 1], ax, bw1);
-            mma_16816<T>(acc_j[2 * np], ap, bg0);
-            mma_16816<T>(acc_j[2 * np + 1], ap, bg1);
-          }
+          const int off = 16 * kb * S::LDT + bk_off;  // B[i][c] = w_I[i][c], dO_I[i][c]
+          mma_stacked<T, NT>(acc_j, ax, ap, tile_w(ti) + off, tile_g(ti) + off);
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
