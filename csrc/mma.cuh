@@ -119,4 +119,14 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif  // CK_HOST_EMULATION
 
+// d0 += a b0, d1 += a b1: one 16x16x16 product as two m16n8k16, b the registers of an ldmatrix.x4 B load ({0, 1}
+// and {2, 3}: the 8-column tiles n0.. and n0 + 8..).
+template <typename T>
+__device__ __forceinline__ void mma_16x16(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[4]) {
+  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  mma_16816<T>(d0, a, b0);
+  mma_16816<T>(d1, a, b1);
+}
+
 }  // namespace ck

@@ -260,6 +260,21 @@ struct WmmaLayout {
   static_assert(P % 16 == 0, "P must be a multiple of 16");
 };
 
+// acc[f] += Ad W_f + Ap G_f, i.e. [Ad | Ap] [W; G], for the 16-column blocks f of W and G: 16 rows of two row-major
+// [k][n] tiles of stride LD (the wmma counterpart of mma_stacked).
+template <int LD, typename FragB, typename FragA, typename FragC, int NF, typename T>
+__device__ __forceinline__ void wmma_stacked(FragC (&acc)[NF], const FragA& ad, const FragA& ap, const T* w,
+                                             const T* g) {
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    FragB bw, bg;
+    nvcuda::wmma::load_matrix_sync(bw, w + 16 * f, LD);
+    nvcuda::wmma::load_matrix_sync(bg, g + 16 * f, LD);
+    nvcuda::wmma::mma_sync(acc[f], ad, bw, acc[f]);
+    nvcuda::wmma::mma_sync(acc[f], ap, bg, acc[f]);
+  }
+}
+
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads) mssa_bwd_wmma_kernel(MssaParams<T> prm) {
 #if CK_TENSOR_CORE_ARCH
@@ -356,14 +371,7 @@ __global__ void __launch_bounds__(kThreads) mssa_bwd_wmma_kernel(MssaParams<T> p
       FragA ad, ap;
       wmma::load_matrix_sync(ad, ds16 + r0 * LDH + kk, LDH);
       wmma::load_matrix_sync(ap, pk16 + r0 * LDH + kk, LDH);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        FragBRow bw, bg;  // B[k'][c'] = w_j[kk + k'][16f + c']
-        wmma::load_matrix_sync(bw, wj + kk * LDT + 16 * f, LDT);
-        wmma::load_matrix_sync(bg, gj + kk * LDT + 16 * f, LDT);
-        wmma::mma_sync(acc[f], ad, bw, acc[f]);
-        wmma::mma_sync(acc[f], ap, bg, acc[f]);
-      }
+      wmma_stacked<LDT, FragBRow>(acc, ad, ap, wj + kk * LDT, gj + kk * LDT);  // B = w_j, dO_j rows kk..
     }
   }
 
@@ -461,12 +469,8 @@ __device__ __forceinline__ void mma_stacked(float (&acc)[NT][4], const uint32_t 
     uint32_t bw[4], bg[4];
     ldsm_x4_trans(bw, w + 16 * np);
     ldsm_x4_trans(bg, g + 16 * np);
-    const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
-    const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
-    mma_16816<T>(acc[2 * np], ax, bw0);
-    mma_16816<T>(acc[2 * np + 1], ax, bw1);
-    mma_16816<T>(acc[2 * np], ap, bg0);
-    mma_16816<T>(acc[2 * np + 1], ap, bg1);
+    mma_16x16<T>(acc[2 * np], acc[2 * np + 1], ax, bw);
+    mma_16x16<T>(acc[2 * np], acc[2 * np + 1], ap, bg);
   }
 }
 
@@ -498,14 +502,9 @@ __device__ __forceinline__ void pair_rows(float (&acc)[P / 8][4], const T* wi, c
         const int off = (j0 + 16 * np) * LDT + bn_off + 16 * kk;
         ldsm_x4(bw, wj + off);
         ldsm_x4(bg, gj + off);
-        const uint32_t bw0[2] = {bw[0], bw[1]}, bw1[2] = {bw[2], bw[3]};
-        const uint32_t bg0[2] = {bg[0], bg[1]}, bg1[2] = {bg[2], bg[3]};
-        mma_16816<T>(s[2 * np], aw, bw0);
-        mma_16816<T>(s[2 * np + 1], aw, bw1);
-        mma_16816<T>(dq[2 * np], ag, bw0);
-        mma_16816<T>(dq[2 * np + 1], ag, bw1);
-        mma_16816<T>(dk[2 * np], aw, bg0);
-        mma_16816<T>(dk[2 * np + 1], aw, bg1);
+        mma_16x16<T>(s[2 * np], s[2 * np + 1], aw, bw);
+        mma_16x16<T>(dq[2 * np], dq[2 * np + 1], ag, bw);
+        mma_16x16<T>(dk[2 * np], dk[2 * np + 1], aw, bg);
       }
     }
     // Element (row g + 8 (e / 2), key j0 + 8 nt + 2t + e % 2): s <- X, dk <- Pk, dq <- Pq.
