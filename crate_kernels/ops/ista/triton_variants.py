@@ -1,5 +1,6 @@
 """ISTA kernel variants: alternative Triton kernels for triton_v1's backward (same math and launcher signature,
-registered with ``register_variant``; ``crate_kernels.ops.kernel_variants()`` lists them).
+registered with ``register_variant``; ``crate_kernels.ops.kernel_variants()`` lists them). A variant kernel takes its
+v1 counterpart's arguments, so its signature repeats v1's.
 
     backward "bytemask"  v1's dx and dM kernels with the packed mask read as a (rows, cols / 8) uint8 tile per
                          K step, an operand the pipeliner loads ahead like the others, and expanded to bits in

@@ -1,5 +1,6 @@
 """MSSA kernel variants: alternative Triton kernels for triton_v1's forward and backward (same math, same launcher
-signatures, registered with ``register_variant``; ``crate_kernels.ops.kernel_variants()`` lists them).
+signatures, registered with ``register_variant``; ``crate_kernels.ops.kernel_variants()`` lists them). A variant
+kernel takes its v1 counterpart's arguments, so its signature and the triton_common names it imports repeat v1's.
 
     forward  "tail"       v1's loop with tails cut to size: full BLOCK_N key blocks unmasked, then one key block of
                           TAIL_N = next_pow2(N mod BLOCK_N) (>= 16) columns; the last row block of a head runs as a
