@@ -126,7 +126,14 @@ def shutdown() -> None:
     group still alive when the interpreter finalises (DDP wrappers sit in reference cycles) aborted a torchrun
     worker with 'terminate called without an active exception' in 5 of 20 two-process ``--eval`` runs here.
     Collecting the cycles after destroy_process_group frees the group, joining those threads, while Python runs.
+
+    The group's last reference must not be a DDP reducer's: the collection would destroy the group holding the GIL,
+    its destructor waiting for a gloo thread that needs the GIL to free a just-finished collective's tensors (a
+    deadlock, seen in 2 of about 70 runs of tests/test_distributed.py on a loaded 2-core machine). So the group is
+    held here across the collection and released last, by pybind, which lets go of the GIL while it is destroyed.
     """
     if dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
         dist.destroy_process_group()
         gc.collect()
+        del group
