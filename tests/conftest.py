@@ -16,6 +16,12 @@ os.environ.setdefault("CRATE_KERNELS_CACHE", tempfile.mkdtemp(prefix="crate_kern
 
 import pytest  # noqa: E402
 
+# pytest-xdist workers (scripts/test.sh runs two) share the cores: each computes on its share, as torch's default of
+# one thread per core in every worker oversubscribes them (see one_thread below)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED_SHIFT_VAR = "CRATE_TEST_SEED_SHIFT"
 
