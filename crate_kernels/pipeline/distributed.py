@@ -125,12 +125,11 @@ def shutdown() -> None:
     gloo's worker threads drop each finished collective, which releases Python-owned tensors under the GIL; a
     group still alive when the interpreter finalises (DDP wrappers sit in reference cycles) aborted a torchrun
     worker with 'terminate called without an active exception' in 5 of 20 two-process ``--eval`` runs here.
-    Collecting the cycles after destroy_process_group frees the group, joining those threads, while Python runs.
-
-    The group's last reference must not be a DDP reducer's: the collection would destroy the group holding the GIL,
-    its destructor waiting for a gloo thread that needs the GIL to free a just-finished collective's tensors (a
-    deadlock, seen in 2 of about 70 runs of tests/test_distributed.py on a loaded 2-core machine). So the group is
-    held here across the collection and released last, by pybind, which lets go of the GIL while it is destroyed.
+    So the cycles are collected after destroy_process_group, and the group is freed, joining those threads, while
+    Python runs. Its last reference must not be a DDP reducer's: the collection would then destroy the group holding
+    the GIL, its destructor waiting for a gloo thread that needs the GIL to free a just-finished collective's tensors
+    (a deadlock, seen in 2 of about 70 runs of tests/test_distributed.py on a loaded 2-core machine). The group is
+    held here across the collection and released last, by its Python wrapper, which lets go of the GIL meanwhile.
     """
     if dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
