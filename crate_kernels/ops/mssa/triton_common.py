@@ -30,8 +30,8 @@ ROW_BYTES_LARGE = 512
 
 def autotune_args(tiles, prune) -> dict:
     """triton.autotune's arguments for a kernel over these (BLOCK_M, BLOCK_N, warps, stages) ``tiles`` (their first
-    config alone under the interpreter, which cannot tune), keyed by TUNING_KEY, the configs ``prune(configs,
-    named_args, **kwargs)`` keeps tried."""
+    config alone under the interpreter, which cannot tune), keyed by TUNING_KEY; the autotuner tries the configs
+    that ``prune(configs, named_args, **kwargs)`` keeps."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in tiles
