@@ -253,26 +253,25 @@ def _time(fns: dict[str, Callable], device: torch.device) -> dict[str, float]:
     budget = CUDA_BUDGET_S if device.type == "cuda" else CPU_BUDGET_S
     reps = max(3, min(100, int(budget / max(sum(first.values()), 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in names}
+    calls = [name for r in range(reps) for name in names[r % len(names):] + names[:r % len(names)]]  # rotated rounds
     if device.type == "cuda":
         flush = _l2_flush_buffer(device)
         events = []
-        for r in range(reps):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]()
-                end.record()
-                events.append((name, start, end))
+        for name in calls:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events.append((name, start, end))
         torch.cuda.synchronize(device)
         for name, start, end in events:
             times[name].append(start.elapsed_time(end))
     else:
-        for r in range(reps):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        for name in calls:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
